@@ -1,0 +1,162 @@
+"""Options as Docker passes them, parsed into typed values: pure, no I/O."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Mapping, Optional
+
+from .errors import FanError
+
+DEFAULT_OVERLAY = IPv4Network("250.0.0.0/8")
+DEFAULT_UNDERLAY = "default/16"
+ENCAPS = ("auto", "ipip", "vxlan")
+MTU_OPTION = "com.docker.network.driver.mtu"
+NETWORK_OPTIONS = ("underlay", "encap", "host_reserve", MTU_OPTION)
+IPAM_OPTIONS = ("underlay",)
+# Linux interface names: at most 15 bytes, no '/', no whitespace.
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+MIN_MTU = 576
+
+
+def parse_cidr(text: str, what: str) -> IPv4Network:
+    try:
+        return IPv4Network(text, strict=False)
+    except (ValueError, TypeError):
+        raise FanError(f"{what} {text!r} is not an IPv4 CIDR such as 250.0.0.0/8") from None
+
+
+@dataclass(frozen=True)
+class UnderlaySpec:
+    """`172.30.0.0/16`, `eth0/16` or `default/16`, as fanctl writes an underlay."""
+    text: str
+    prefixlen: int
+    network: Optional[IPv4Network] = None   # address-block form
+    interface: Optional[str] = None         # interface form; "default" = default route's
+
+    @classmethod
+    def parse(cls, text: str) -> "UnderlaySpec":
+        if not isinstance(text, str) or text.count("/") != 1:
+            raise FanError(
+                f"underlay {text!r} is malformed: write an address block (172.30.0.0/16), "
+                "an interface with a prefix length (eth0/16) or default/16")
+        head, length = text.split("/")
+        if not length.isdigit() or not 1 <= int(length) <= 30:
+            raise FanError(f"underlay {text!r}: prefix length must be a number from 1 to 30")
+        try:
+            IPv4Address(head)
+        except ValueError:
+            if not _IFNAME.match(head):
+                raise FanError(
+                    f"underlay {text!r}: {head!r} is neither an IPv4 address nor a valid "
+                    "interface name") from None
+            return cls(text=text, prefixlen=int(length), interface=head)
+        return cls(text=text, prefixlen=int(length), network=parse_cidr(text, "underlay"))
+
+
+@dataclass(frozen=True)
+class Interface:
+    name: str
+    mtu: int
+    addresses: tuple  # of IPv4Interface
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the host's network looks like: read by `host.read_facts`, used here."""
+    interfaces: tuple  # of Interface
+    default_interface: Optional[str]
+    routes: tuple  # of IPv4Network, the main table's destinations other than default
+
+    def interface(self, name: str) -> Interface:
+        for iface in self.interfaces:
+            if iface.name == name:
+                return iface
+        known = ", ".join(sorted(i.name for i in self.interfaces))
+        raise FanError(f"unknown interface {name!r} in underlay; this host has: {known}")
+
+
+@dataclass(frozen=True)
+class Underlay:
+    """The underlay as resolved on this host: our address in it and the link it is on."""
+    network: IPv4Network
+    address: IPv4Address
+    interface: str
+    mtu: int
+
+
+def resolve_underlay(spec: UnderlaySpec, facts: HostFacts) -> Underlay:
+    if spec.network is not None:
+        for iface in facts.interfaces:
+            for addr in iface.addresses:
+                if addr.ip in spec.network:
+                    return Underlay(spec.network, addr.ip, iface.name, iface.mtu)
+        raise FanError(
+            f"underlay {spec.text} matches no address on this host: give the block that "
+            "holds one of this host's addresses, or an interface (eth0/16)")
+    name = spec.interface
+    if name == "default":
+        if facts.default_interface is None:
+            raise FanError(
+                f"underlay {spec.text}: this host has no default route; name the "
+                "underlay explicitly (--ipam-opt underlay=172.30.0.0/16 or eth0/16)")
+        name = facts.default_interface
+    iface = facts.interface(name)
+    if not iface.addresses:
+        raise FanError(f"underlay {spec.text}: interface {name} has no IPv4 address")
+    addr: IPv4Interface = iface.addresses[0]
+    network = IPv4Network((addr.ip, spec.prefixlen), strict=False)
+    return Underlay(network, addr.ip, iface.name, iface.mtu)
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    """The `-o KEY=VALUE` options of `docker network create -d fan`."""
+    underlay: Optional[UnderlaySpec] = None
+    encap: str = "auto"
+    host_reserve: int = 1
+    mtu: Optional[int] = None
+
+    @classmethod
+    def parse(cls, generic: Mapping) -> "NetworkOptions":
+        generic = generic or {}
+        if not isinstance(generic, Mapping):
+            raise FanError("network options must be a map of KEY=VALUE")
+        _reject_unknown(generic, NETWORK_OPTIONS, "network option", "-o")
+        underlay = generic.get("underlay")
+        encap = str(generic.get("encap", "auto"))
+        if encap not in ENCAPS:
+            raise FanError(f"encap {encap!r} is not one of: {', '.join(ENCAPS)}")
+        host_reserve = _int_option(generic, "host_reserve", 1, minimum=1)
+        mtu = _int_option(generic, MTU_OPTION, None, minimum=MIN_MTU)
+        return cls(
+            underlay=UnderlaySpec.parse(str(underlay)) if underlay is not None else None,
+            encap=encap, host_reserve=host_reserve, mtu=mtu)
+
+
+def parse_ipam_options(options: Optional[Mapping]) -> Optional[UnderlaySpec]:
+    """The `--ipam-opt` options: only the underlay, which decides the slice."""
+    options = options or {}
+    if not isinstance(options, Mapping):
+        raise FanError("IPAM options must be a map of KEY=VALUE")
+    _reject_unknown(options, IPAM_OPTIONS, "IPAM option", "--ipam-opt")
+    if "underlay" in options:
+        return UnderlaySpec.parse(str(options["underlay"]))
+    return None
+
+
+def _reject_unknown(options: Mapping, known, what: str, flag: str) -> None:
+    unknown = sorted(str(k) for k in options if k not in known)
+    if unknown:
+        raise FanError(
+            f"unknown {what} {', '.join(repr(k) for k in unknown)}; "
+            f"the fan driver accepts {flag} {', '.join(known)}")
+
+
+def _int_option(options: Mapping, key: str, default, minimum: int):
+    if key not in options:
+        return default
+    value = str(options[key])
+    if not value.isdigit() or int(value) < minimum:
+        raise FanError(f"option {key}={value!r} must be a whole number of at least {minimum}")
+    return int(value)

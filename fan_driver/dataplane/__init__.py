@@ -1,0 +1,109 @@
+"""The kernel side of a fan network: bridge, veths, tunnel mapping, firewall.
+
+`Dataplane` states intent (ensure a network, attach an endpoint) and every step
+is idempotent, so the same calls create a network, repair it after a crash and
+restore it after a reboot. How the tunnel finds a peer is one of the
+mechanisms in MAPPINGS; picking one is a single line in `choose`.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Iterable, Set
+
+from pyroute2 import AsyncIPRoute
+
+from ..errors import FanError
+from ..host import KernelFeatures
+from ..model import Endpoint
+from .ebpf import EbpfMapping
+from .firewall import Firewall, network_rules
+from .netlink import Links
+from .plan import ENCAPS, IPIP, VXLAN, Encap, NetworkPlan
+
+log = logging.getLogger(__name__)
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+
+MAPPINGS = {m.name: m for m in (EbpfMapping(),)}
+
+
+def choose(encap: str, features: KernelFeatures) -> tuple[Encap, str]:
+    """The encapsulation and peer mapping for a request of `encap` on this kernel."""
+    if encap == "auto":
+        chosen = IPIP if features.ipip else VXLAN
+    else:
+        chosen = ENCAPS[encap]
+    if not getattr(features, chosen.name):
+        raise FanError(
+            f"this kernel cannot create {chosen.name} devices; use encap=auto or "
+            f"encap={'vxlan' if chosen is IPIP else 'ipip'}")
+    if not features.ebpf:
+        raise FanError("this kernel cannot load the fan's eBPF tunnel program "
+                       "(bpf(2) with tc clsact is needed); run `fan-driver check`")
+    return chosen, "ebpf"
+
+
+class Dataplane:
+    def __init__(self, ipr: AsyncIPRoute, firewall: Firewall):
+        self.links = Links(ipr)
+        self.firewall = firewall
+
+    def _rules(self, plan: NetworkPlan):
+        return network_rules(plan, MAPPINGS[plan.mapping].tunnel_device(plan))
+
+    async def ensure_network(self, plan: NetworkPlan) -> None:
+        """Bridge, tunnel and rules; on failure, whatever was done is undone."""
+        async with AsyncExitStack() as undo:
+            undo.push_async_callback(self.remove_network, plan, ())
+            await self.links.ensure_bridge(plan.bridge, plan.gateway, plan.mtu, plan.mark)
+            await MAPPINGS[plan.mapping].ensure(self.links, plan)
+            await self.firewall.ensure(self._rules(plan))
+            undo.pop_all()
+        _enable_forwarding()
+
+    async def ensure_rules(self, plan: NetworkPlan) -> None:
+        await self.firewall.ensure(self._rules(plan))
+
+    async def remove_network(self, plan: NetworkPlan, endpoint_ids: Iterable[str]) -> None:
+        for endpoint_id in endpoint_ids:
+            await self.detach(endpoint_id)
+        await self.firewall.remove(self._rules(plan))
+        await MAPPINGS[plan.mapping].remove(self.links, plan)
+        await self.links.delete(plan.bridge)
+
+    async def attach(self, plan: NetworkPlan, endpoint_id: str, mac: str) -> None:
+        bridge = await self.links.index(plan.bridge)
+        if bridge is None:
+            raise FanError(f"bridge {plan.bridge} of network {plan.network_id[:12]} is missing; "
+                           "restart fan-driver to restore it")
+        await self.links.ensure_veth(Endpoint.host_ifname(endpoint_id),
+                                     Endpoint.container_ifname(endpoint_id),
+                                     plan.mtu, mac, bridge, plan.mark)
+
+    async def detach(self, endpoint_id: str) -> None:
+        await self.links.delete(Endpoint.host_ifname(endpoint_id))
+
+    async def remove_orphans(self, plans: Iterable[NetworkPlan], endpoint_ids: Set[str]) -> None:
+        """Delete marked interfaces and rules that no network in the state accounts for."""
+        plans = list(plans)
+        wanted = {Endpoint.host_ifname(e) for e in endpoint_ids}
+        wanted |= {p.bridge for p in plans} | {MAPPINGS[p.mapping].tunnel_device(p) for p in plans}
+        for name in await self.links.marked():
+            if name not in wanted:
+                log.warning("removing orphan interface %s", name)
+                await self.links.delete(name)
+        known = {p.mark.split()[-1] for p in plans}
+        for short in await self.firewall.marked_networks() - known:
+            log.warning("removing orphan firewall rules of network %s", short)
+            await self.firewall.remove_marked(short)
+
+
+def _enable_forwarding() -> None:
+    """The fan routes between bridge and tunnel. dockerd turns forwarding on too;
+    inside a managed plugin /proc/sys is read-only, so only warn."""
+    try:
+        if IP_FORWARD.read_text().strip() != "1":
+            IP_FORWARD.write_text("1")
+    except OSError as exc:
+        log.warning("cannot turn on IPv4 forwarding (%s): containers cannot leave the host", exc)

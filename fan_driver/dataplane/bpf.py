@@ -1,0 +1,236 @@
+"""The Fan's outer-address rule as a tc eBPF program, for stock kernels.
+
+Canonical's Fan needs an Ubuntu-only kernel patch that computes a tunnel
+packet's outer destination from its inner one. Upstream kernels can do the same
+with a tunnel device in "external" (collect_md) mode plus a tc egress program
+that calls bpf_skb_set_tunnel_key: constant per-host state instead of one
+route/neighbour/FDB entry per peer. The program is assembled here from raw
+instructions so that no compiler (clang) is needed at run time.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import re
+import socket
+import struct
+import sys
+from typing import Dict, List, Tuple, Union
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..errors import FanError
+from ..fanmap import FanMap
+
+# --- instruction encoding (include/uapi/linux/bpf.h, bpf_common.h) ----------
+LDX, ST, STX, ALU, JMP, JMP32, ALU64 = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
+W, B, DW = 0x00, 0x10, 0x18
+MEM = 0x60
+K, X = 0x00, 0x08
+ADD, OR, AND, RSH, MOV, END = 0x00, 0x40, 0x50, 0x70, 0xB0, 0xD0
+TO_BE = 0x08
+JA, JNE, CALL, EXIT = 0x00, 0x50, 0x80, 0x90
+R0, R1, R2, R3, R4, R6, R7, R8, FP = 0, 1, 2, 3, 4, 6, 7, 8, 10
+
+HELPER_SKB_SET_TUNNEL_KEY = 21
+HELPER_SKB_LOAD_BYTES = 26
+TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT = -1, 0, 2
+SKB_PROTOCOL = 16        # offsetof(struct __sk_buff, protocol)
+IP_DADDR = 16            # offset of the destination address in an IPv4 header
+KEY_SIZE = 44            # sizeof(struct bpf_tunnel_key) with local_ipv6
+KEY_OFF, BUF_OFF = -48, -56  # stack slots: the key (48 bytes zeroed), 4-byte read buffer
+KEY_ID, KEY_REMOTE, KEY_TTL = 0, 4, 21  # offsets of tunnel_id, remote_ipv4, tunnel_ttl
+
+Insn = Tuple[int, int, int, int, Union[int, str]]  # code, dst, src, off|label, imm
+
+
+def _s32(value: int) -> int:
+    """Immediates are signed 32-bit: 250.0.0.0 must be passed as a negative."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
+def _encode(insns: List[Insn]) -> bytes:
+    """Resolve jump labels and pack each instruction into its 8 bytes."""
+    labels, real = {}, []
+    for insn in insns:
+        if insn[0] is None:                 # a label marks the next real instruction
+            labels[insn[4]] = len(real)
+        else:
+            real.append(insn)
+    out = []
+    for pc, (code, dst, src, off, imm) in enumerate(real):
+        if isinstance(off, str):            # a jump: the offset counts from the next insn
+            off = labels[off] - pc - 1
+        # the dst/src nibbles are a C bitfield, whose order follows the byte order
+        regs = (src << 4 | dst) if sys.byteorder == "little" else (dst << 4 | src)
+        out.append(struct.pack("=BBhi", code, regs, off, _s32(imm)))
+    return b"".join(out)
+
+
+def fan_program(fan: FanMap, vni: int, inner_ip_offset: int) -> bytes:
+    """The instructions that set each packet's tunnel key by the fan rule.
+
+    Packets that are not IPv4 or not in fan.overlay get TC_ACT_UNSPEC, not a
+    drop: several fan networks share one tunnel device, each with its own
+    filter, and UNSPEC lets tc hand the packet to the next one.
+    """
+    if not 0 <= vni < 1 << 24:
+        raise FanError(f"VNI {vni} is out of range 0..16777215")
+    mask = int(fan.overlay.netmask)
+    prog: List[Insn] = [
+        (ALU64 | MOV | X, R6, R1, 0, 0),                       # r6 = skb (r1 is clobbered by calls)
+        (LDX | W | MEM, R0, R6, 0 + SKB_PROTOCOL, 0),          # r0 = skb->protocol (__be16 as loaded)
+        (JMP32 | JNE | K, R0, 0, "unspec", socket.htons(0x0800)),
+        # bpf_skb_load_bytes(skb, offset, fp-56, 4): the verifier needs no bounds proofs
+        (ALU64 | MOV | X, R1, R6, 0, 0),
+        (ALU64 | MOV | K, R2, 0, 0, inner_ip_offset + IP_DADDR),
+        (ALU64 | MOV | X, R3, FP, 0, 0),
+        (ALU64 | ADD | K, R3, 0, 0, BUF_OFF),
+        (ALU64 | MOV | K, R4, 0, 0, 4),
+        (JMP | CALL, 0, 0, 0, HELPER_SKB_LOAD_BYTES),
+        (JMP | JNE | K, R0, 0, "unspec", 0),                   # too short to be IPv4: not ours
+        (LDX | W | MEM, R7, FP, BUF_OFF, 0),
+        # the packet holds network byte order; the arithmetic (and the helper) want host order
+        (ALU | END | TO_BE, R7, 0, 0, 32),
+        (ALU | MOV | X, R8, R7, 0, 0),
+        (ALU | AND | K, R8, 0, 0, mask),
+        # JMP32 compares the low 32 bits: a 64-bit compare would sign-extend 250.0.0.0
+        (JMP32 | JNE | K, R8, 0, "unspec", int(fan.overlay.network_address)),
+        (ALU | AND | K, R7, 0, 0, ~mask & 0xFFFFFFFF),
+    ]
+    if fan.shift:
+        prog.append((ALU | RSH | K, R7, 0, 0, fan.shift))
+    prog += [(ALU | OR | K, R7, 0, 0, int(fan.underlay.network_address))]
+    # a zeroed struct bpf_tunnel_key: unused fields (tos, flags, label, local) must be 0
+    prog += [(ALU64 | MOV | K, R1, 0, 0, 0)]
+    prog += [(STX | DW | MEM, FP, R1, KEY_OFF + 8 * i, 0) for i in range(-KEY_OFF // 8)]
+    prog += [
+        (ST | W | MEM, FP, 0, KEY_OFF + KEY_ID, vni),
+        # remote_ipv4 is in host byte order: the helper does the htonl itself
+        (STX | W | MEM, FP, R7, KEY_OFF + KEY_REMOTE, 0),
+        (ST | B | MEM, FP, 0, KEY_OFF + KEY_TTL, 64),
+        (ALU64 | MOV | X, R1, R6, 0, 0),
+        (ALU64 | MOV | X, R2, FP, 0, 0),
+        (ALU64 | ADD | K, R2, 0, 0, KEY_OFF),
+        (ALU64 | MOV | K, R3, 0, 0, KEY_SIZE),
+        (ALU64 | MOV | K, R4, 0, 0, 0),
+        (JMP | CALL, 0, 0, 0, HELPER_SKB_SET_TUNNEL_KEY),
+        (JMP | JNE | K, R0, 0, "shot", 0),
+        (ALU64 | MOV | K, R0, 0, 0, TC_ACT_OK),
+        (JMP | EXIT, 0, 0, 0, 0),
+        (None, 0, 0, 0, "shot"),
+        (ALU64 | MOV | K, R0, 0, 0, TC_ACT_SHOT),
+        (JMP | EXIT, 0, 0, 0, 0),
+        (None, 0, 0, 0, "unspec"),
+        (ALU64 | MOV | K, R0, 0, 0, TC_ACT_UNSPEC),
+        (JMP | EXIT, 0, 0, 0, 0),
+    ]
+    return _encode(prog)
+
+
+# --- loading: bpf(2) through ctypes ------------------------------------------
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_SCHED_CLS = 3
+_NR_BPF = {"x86_64": 321, "aarch64": 280, "arm64": 280, "ppc64le": 361, "s390x": 351,
+           "riscv64": 280, "armv7l": 386}
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _prog_load(insns: bytes, name: str, log: ctypes.Array | None) -> Tuple[int, int]:
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(b"GPL")  # bpf_skb_set_tunnel_key is GPL-only
+    # union bpf_attr, BPF_PROG_LOAD part, up to and including prog_name[16]
+    attr = ctypes.create_string_buffer(struct.pack(
+        "=IIQQIIQII16s", BPF_PROG_TYPE_SCHED_CLS, len(insns) // 8,
+        ctypes.addressof(code), ctypes.addressof(lic),
+        1 if log is not None else 0, len(log) if log is not None else 0,
+        ctypes.addressof(log) if log is not None else 0, 0, 0,
+        re.sub(r"[^A-Za-z0-9_.]", "_", name)[:15].encode()), 64)
+    fd = _libc.syscall(_NR_BPF[platform.machine()], BPF_PROG_LOAD, attr, 64)
+    return fd, ctypes.get_errno()
+
+
+def load_program(insns: bytes, name: str) -> int:
+    """Load a SCHED_CLS program and return its fd; FanError with the verifier log."""
+    if platform.machine() not in _NR_BPF:
+        raise FanError(f"eBPF dataplane: unknown bpf(2) syscall number on {platform.machine()}")
+    fd, err = _prog_load(insns, name, None)
+    if fd >= 0:
+        return fd
+    # Retry with a log only on failure, as libbpf does: a log that overflows its
+    # buffer fails the load on recent kernels even for a valid program.
+    log = ctypes.create_string_buffer(1 << 20)
+    fd, err = _prog_load(insns, name, log)
+    if fd >= 0:
+        return fd
+    text = log.value.decode(errors="replace").strip()
+    raise FanError(f"loading eBPF program {name!r} failed: {os.strerror(err)} "
+                   f"(errno {err}); verifier log:\n{text or '(empty)'}")
+
+
+def close(fd: int) -> None:
+    """Drop our reference; an attached tc filter keeps the program alive."""
+    os.close(fd)
+
+
+# --- attaching: tc clsact egress through pyroute2 ----------------------------
+EGRESS = 0xFFFFFFF3   # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS): "ffff:fff3"
+INGRESS = 0xFFFFFFF2
+FILTER_HANDLE = 1     # fixed, so "replace" swaps the program instead of adding a second one
+
+
+async def attach_egress(ipr, ifindex: int, prog_fd: int, name: str, pref: int) -> None:
+    """Put the program on the device's egress at `pref`, replacing what is there."""
+    try:
+        await ipr.tc("add", "clsact", ifindex)
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise FanError(f"cannot add clsact qdisc on ifindex {ifindex}: {e}") from e
+    try:
+        # pyroute2's "bpf" plugin packs prio and protocol (ETH_P_ALL) into tcm_info
+        await ipr.tc("replace-filter", "bpf", ifindex, FILTER_HANDLE, parent=EGRESS,
+                     prio=pref, fd=prog_fd, name=name, direct_action=True)
+    except NetlinkError as e:
+        raise FanError(f"cannot attach eBPF filter {name!r} at pref {pref} "
+                       f"on ifindex {ifindex}: {e}") from e
+
+
+async def _filters(ipr, ifindex: int, parent: int):
+    async for msg in await ipr.get_filters(index=ifindex, parent=parent):
+        yield msg
+
+
+async def egress_filters(ipr, ifindex: int) -> Dict[int, str]:
+    """pref -> name of the bpf filters at egress: what a restarted plugin finds."""
+    found: Dict[int, str] = {}
+    async for msg in _filters(ipr, ifindex, EGRESS):
+        opts = msg.get_attr("TCA_OPTIONS")
+        # the kernel also sends one header message per pref, without options
+        if msg.get_attr("TCA_KIND") == "bpf" and opts is not None:
+            found[msg["info"] >> 16] = opts.get_attr("TCA_BPF_NAME") or ""
+    return found
+
+
+async def detach_egress(ipr, ifindex: int, pref: int) -> None:
+    """Remove the filter at `pref`, then the clsact qdisc if nothing else uses it."""
+    try:
+        # protocol 0 in tcm_info matches whatever protocol the filter was added with
+        await ipr.tc("del-filter", index=ifindex, parent=EGRESS, info=pref << 16)
+    except NetlinkError as e:
+        if e.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+            raise FanError(f"cannot detach eBPF filter at pref {pref}: {e}") from e
+    for parent in (EGRESS, INGRESS):
+        try:
+            async for _ in _filters(ipr, ifindex, parent):
+                return          # someone's filter remains: keep the qdisc
+        except NetlinkError:
+            return              # device or qdisc already gone
+    try:
+        await ipr.tc("del", "clsact", ifindex)
+    except NetlinkError as e:
+        if e.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+            raise FanError(f"cannot remove clsact qdisc on ifindex {ifindex}: {e}") from e

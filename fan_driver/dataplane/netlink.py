@@ -1,0 +1,107 @@
+"""Idempotent pyroute2 helpers: each one tolerates "already there" and "already
+gone", and refuses to touch an interface that does not carry our mark."""
+from __future__ import annotations
+
+import errno
+from ipaddress import IPv4Interface, IPv4Network
+from typing import Dict, Optional
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..errors import FanError
+from .plan import MARK
+
+GONE = (errno.ENODEV, errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
+
+
+class Links:
+    def __init__(self, ipr: AsyncIPRoute):
+        self.ipr = ipr
+
+    async def index(self, name: str) -> Optional[int]:
+        found = await self.ipr.link_lookup(ifname=name)
+        return found[0] if found else None
+
+    async def marked(self) -> Dict[str, str]:
+        """name -> mark of every interface we created."""
+        result = {}
+        async for link in await self.ipr.get_links():
+            alias = link.get("ifalias") or ""
+            if alias == MARK or alias.startswith(MARK + " "):
+                result[link.get("ifname")] = alias
+        return result
+
+    async def claim(self, name: str, kind: str, mark: str, **spec) -> int:
+        """Create the link, or adopt it if it exists with our mark; refuse a stranger's."""
+        index = await self.index(name)
+        if index is None:
+            await self.ipr.link("add", ifname=name, kind=kind, **spec)
+            index = await self.index(name)
+        else:
+            alias = await self._alias(index)
+            if not (alias or "").startswith(MARK):
+                raise FanError(
+                    f"interface {name} already exists and was not made by fan-driver; "
+                    "remove it or choose another overlay")
+        await self.ipr.link("set", index=index, ifalias=mark)
+        return index
+
+    async def _alias(self, index: int) -> Optional[str]:
+        async for link in await self.ipr.get_links(index):
+            return link.get("ifalias")
+        return None
+
+    async def mtu(self, index: int) -> int:
+        async for link in await self.ipr.get_links(index):
+            return link.get("mtu")
+        return 0
+
+    async def ensure_bridge(self, name: str, gateway: IPv4Interface, mtu: int, mark: str) -> int:
+        index = await self.claim(name, "bridge", mark, mtu=mtu)
+        await self.ipr.link("set", index=index, mtu=mtu, state="up")
+        await self.ensure_address(index, gateway)
+        return index
+
+    async def ensure_address(self, index: int, address: IPv4Interface) -> None:
+        try:
+            await self.ipr.addr("add", index=index, address=str(address.ip),
+                                prefixlen=address.network.prefixlen)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+
+    async def ensure_veth(self, host_name: str, peer_name: str, mtu: int, mac: str,
+                          bridge_index: int, mark: str) -> None:
+        index = await self.index(host_name)
+        if index is None:
+            await self.ipr.link("add", ifname=host_name, kind="veth", mtu=mtu,
+                                peer={"ifname": peer_name, "address": mac, "mtu": mtu})
+            index = await self.index(host_name)
+        await self.ipr.link("set", index=index, ifalias=mark, master=bridge_index, state="up")
+
+    async def delete(self, name: str) -> None:
+        """Delete an interface we made; a missing one is already deleted."""
+        index = await self.index(name)
+        if index is None:
+            return
+        if not (await self._alias(index) or "").startswith(MARK):
+            raise FanError(f"refusing to delete {name}: it was not made by fan-driver")
+        try:
+            await self.ipr.link("del", index=index)
+        except NetlinkError as exc:
+            if exc.code not in GONE:
+                raise
+
+    async def ensure_route(self, dst: IPv4Network, oif: int, **extra) -> None:
+        try:
+            await self.ipr.route("replace", dst=str(dst), oif=oif, **extra)
+        except NetlinkError as exc:
+            raise FanError(f"cannot add route {dst}: {exc}") from exc
+
+    async def remove_route(self, dst: IPv4Network, oif: int) -> None:
+        try:
+            await self.ipr.route("del", dst=str(dst), oif=oif)
+        except NetlinkError as exc:
+            if exc.code not in GONE:
+                raise

@@ -1,0 +1,149 @@
+"""The IpamDriver: each host hands out addresses from its own slice of the overlay.
+
+Docker asks for the pool before the network exists and shows the IPAM only the
+`--ipam-opt` options, so the slice is decided here, from the underlay given
+there or the plugin's default.
+"""
+from __future__ import annotations
+
+import logging
+from ipaddress import IPv4Address, IPv4Interface
+from typing import Awaitable, Callable, Optional
+
+from .config import DEFAULT_OVERLAY, HostFacts, UnderlaySpec, parse_cidr, parse_ipam_options, resolve_underlay
+from .errors import FanError, NotFound
+from .fanmap import FanMap
+from .ledger import Ledger
+from .model import Pool, pool_id, short_id
+
+log = logging.getLogger(__name__)
+
+ADDRESS_SPACE = "fan"
+GATEWAY_REQUEST = "com.docker.network.gateway"
+GATEWAY = "gateway"
+
+
+def reserved(pool: Pool) -> set:
+    """The slice's network and broadcast addresses and the host's first N (gateway .1 among them)."""
+    net = pool.host_slice.slice
+    first = int(net.network_address)
+    return {IPv4Address(first + i) for i in range(pool.host_reserve + 1)} | {net.broadcast_address}
+
+
+def capacity(pool: Pool) -> int:
+    return pool.host_slice.slice.num_addresses - len(reserved(pool))
+
+
+def allocate(pool: Pool, requested: Optional[IPv4Address]) -> IPv4Address:
+    """Lowest free address, or exactly the one asked for. Addresses are reused
+    freely: an endpoint's MAC follows its IP, so peers' caches stay right."""
+    net = pool.host_slice.slice
+    excluded = reserved(pool)
+    if requested is not None:
+        if requested not in net:
+            raise FanError(f"address {requested} is outside this host's fan slice {net}; "
+                           f"choose one in {net}")
+        if requested in excluded:
+            raise FanError(f"address {requested} is reserved for the host in slice {net} "
+                           f"(host_reserve={pool.host_reserve}); choose another")
+        if str(requested) in pool.addresses:
+            raise FanError(f"address {requested} is already in use in slice {net}")
+        return requested
+    for host in net.hosts():
+        if host not in excluded and str(host) not in pool.addresses:
+            return host
+    raise FanError(f"fan slice {net} is full: all {capacity(pool)} container addresses are "
+                   "in use; remove containers or give the fan a larger slice per host")
+
+
+class IpamDriver:
+    def __init__(self, ledger: Ledger, read_facts: Callable[[], Awaitable[HostFacts]],
+                 default_underlay: UnderlaySpec):
+        self.ledger = ledger
+        self.read_facts = read_facts
+        self.default_underlay = default_underlay
+
+    async def capabilities(self) -> dict:
+        return {"RequiresMACAddress": False, "RequiresRequestReplay": False}
+
+    async def default_address_spaces(self) -> dict:
+        return {"LocalDefaultAddressSpace": ADDRESS_SPACE,
+                "GlobalDefaultAddressSpace": ADDRESS_SPACE}
+
+    async def request_pool(self, pool: str, sub_pool: str, options: dict, v6: bool) -> dict:
+        if v6:
+            raise FanError("the fan is IPv4 only; create the network without --ipv6 "
+                           "and without an IPv6 --subnet")
+        if sub_pool:
+            raise FanError(f"--ip-range {sub_pool} is not supported: on the fan each host's "
+                           "range is decided by its underlay address")
+        overlay = parse_cidr(pool, "subnet") if pool else DEFAULT_OVERLAY
+        spec = parse_ipam_options(options) or self.default_underlay
+        pid = pool_id(overlay)
+        async with self.ledger.change() as state:
+            for other_id, other in state.pools.items():
+                if overlay.overlaps(parse_cidr(other.overlay, "overlay")):
+                    nid = state.network_of_pool(other_id)
+                    owner = f"fan network {short_id(nid)}" if nid else "another fan network"
+                    raise FanError(f"overlay {overlay} overlaps {other.overlay} of {owner}; "
+                                   "each fan network needs its own overlay")
+            facts = await self.read_facts()
+            underlay = resolve_underlay(spec, facts)
+            fan = FanMap(overlay, underlay.network)
+            for route in facts.routes:
+                if route.overlaps(overlay):
+                    raise FanError(f"overlay {overlay} overlaps route {route} already on this "
+                                   "host; pick an overlay that no local network uses")
+            state.pools[pid] = Pool(
+                overlay=str(overlay), underlay=str(underlay.network),
+                underlay_address=str(underlay.address), interface=underlay.interface,
+                mtu=underlay.mtu, addresses={})
+            log.info("pool %s: host %s owns slice %s", overlay, underlay.address,
+                     fan.slice_for(underlay.address))
+        return {"PoolID": pid, "Pool": str(overlay), "Data": {}}
+
+    async def release_pool(self, pid: str) -> dict:
+        async with self.ledger.change() as state:
+            # Docker releases the pool before DeleteNetwork, which still needs it
+            # and removes it then.
+            if pid in state.pools and state.network_of_pool(pid) is None:
+                del state.pools[pid]
+        return {}
+
+    async def request_address(self, pid: str, address: str, options: Optional[dict]) -> dict:
+        options = options or {}
+        async with self.ledger.change() as state:
+            pool = self._pool(state, pid)
+            slice_ = pool.host_slice
+            if options.get("RequestAddressType") == GATEWAY_REQUEST:
+                if address and IPv4Address(address.split("/")[0]) != slice_.gateway.ip:
+                    raise FanError(f"the fan's gateway is always {slice_.gateway.ip}; "
+                                   "drop --gateway")
+                pool.addresses[str(slice_.gateway.ip)] = GATEWAY
+                return {"Address": str(slice_.gateway), "Data": {}}
+            requested = _parse_address(address) if address else None
+            chosen = allocate(pool, requested)
+            pool.addresses[str(chosen)] = ""
+        return {"Address": str(IPv4Interface((chosen, slice_.slice.prefixlen))), "Data": {}}
+
+    async def release_address(self, pid: str, address: str) -> dict:
+        async with self.ledger.change() as state:
+            pool = state.pools.get(pid)
+            if pool is not None:
+                pool.addresses.pop(str(_parse_address(address)), None)
+        return {}
+
+    @staticmethod
+    def _pool(state, pid: str) -> Pool:
+        try:
+            return state.pools[pid]
+        except KeyError:
+            raise NotFound(f"no fan pool {pid!r}; was the network created with "
+                           "--ipam-driver fan?") from None
+
+
+def _parse_address(text: str) -> IPv4Address:
+    try:
+        return IPv4Address(str(text).split("/")[0])
+    except ValueError:
+        raise FanError(f"{text!r} is not an IPv4 address") from None

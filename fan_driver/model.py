@@ -1,0 +1,94 @@
+"""The plugin's state: pools, networks and endpoints, and their JSON form. Pure."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Dict, Optional
+
+from .fanmap import FanMap, HostSlice
+
+# Pools are keyed by their overlay: two fan networks can never share one.
+POOL_PREFIX = "fan:"
+ENDPOINT_IFNAME_PREFIX = "fve"
+
+
+def pool_id(overlay: IPv4Network) -> str:
+    return POOL_PREFIX + str(overlay)
+
+
+def short_id(docker_id: str) -> str:
+    """Docker's short form of a network or endpoint ID."""
+    return docker_id[:12]
+
+
+@dataclass
+class Pool:
+    """An overlay given out by the IPAM: this host's slice of it and what is taken."""
+    overlay: str
+    underlay: str            # the underlay block, e.g. 172.30.0.0/16
+    underlay_address: str    # this host's address in it
+    interface: str           # the link the underlay is on
+    mtu: int                 # that link's MTU
+    host_reserve: int = 1
+    # address -> owner ("gateway", or the endpoint that holds it, "" until known)
+    addresses: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def host_slice(self) -> HostSlice:
+        fan = FanMap(IPv4Network(self.overlay), IPv4Network(self.underlay))
+        return HostSlice(fan, IPv4Address(self.underlay_address))
+
+
+@dataclass
+class Endpoint:
+    address: str             # a.b.c.d/len
+    mac: str
+
+    @staticmethod
+    def host_ifname(endpoint_id: str) -> str:
+        return ENDPOINT_IFNAME_PREFIX + endpoint_id[:12]
+
+    @staticmethod
+    def container_ifname(endpoint_id: str) -> str:
+        return "fvc" + endpoint_id[:12]
+
+
+@dataclass
+class Network:
+    pool_id: str
+    encap: str               # ipip | vxlan
+    mapping: str             # how peers are found: ebpf | routes | kernel
+    mtu: int
+    tc_pref: int             # the priority of this network's filter on a shared tunnel
+    endpoints: Dict[str, Endpoint] = field(default_factory=dict)
+
+
+@dataclass
+class State:
+    pools: Dict[str, Pool] = field(default_factory=dict)
+    networks: Dict[str, Network] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"version": 1, "pools": {k: asdict(v) for k, v in self.pools.items()},
+                "networks": {k: asdict(v) for k, v in self.networks.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "State":
+        networks = {}
+        for nid, raw in data.get("networks", {}).items():
+            eps = {eid: Endpoint(**ep) for eid, ep in raw.pop("endpoints", {}).items()}
+            networks[nid] = Network(endpoints=eps, **raw)
+        pools = {pid: Pool(**raw) for pid, raw in data.get("pools", {}).items()}
+        return cls(pools=pools, networks=networks)
+
+    def network_of_pool(self, pid: str) -> Optional[str]:
+        for nid, net in self.networks.items():
+            if net.pool_id == pid:
+                return nid
+        return None
+
+
+def mac_for(address: IPv4Interface) -> str:
+    """A MAC derived from the IP, as Docker's bridge does: a reused address keeps
+    its MAC, so stale neighbour entries elsewhere stay right."""
+    return "0e:fa:" + ":".join(f"{b:02x}" for b in address.ip.packed)

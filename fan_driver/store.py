@@ -1,0 +1,67 @@
+"""The one home of the plugin's state: a JSON file in the state directory.
+
+Every change is written whole to a temporary file, fsynced and renamed over the
+old one, so a crash leaves either the old state or the new one, never a mix.
+A lock file keeps a second plugin process off the same directory.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+from .errors import FanError
+from .model import State
+
+STATE_FILE = "state.json"
+LOCK_FILE = "lock"
+
+
+class Store:
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._lock_fd = None
+
+    def open(self) -> State:
+        """Take the directory's lock and read the state (empty when new)."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FanError(
+                f"another fan-driver is already using state directory {self.directory}; "
+                "stop it or give --state-dir another directory") from None
+        self._lock_fd = fd
+        return self.load()
+
+    def load(self) -> State:
+        path = self.directory / STATE_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return State()
+        except ValueError as exc:
+            raise FanError(f"state file {path} is corrupt ({exc}); move it aside to start empty") from exc
+        return State.from_json(data)
+
+    def save(self, state: State) -> None:
+        path = self.directory / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(state.to_json(), f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
