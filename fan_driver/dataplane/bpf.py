@@ -29,16 +29,18 @@ LDX, ST, STX, ALU, JMP, JMP32, ALU64 = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
 W, B, DW = 0x00, 0x10, 0x18
 MEM = 0x60
 K, X = 0x00, 0x08
-ADD, OR, AND, RSH, MOV, END = 0x00, 0x40, 0x50, 0x70, 0xB0, 0xD0
+ADD, OR, AND, RSH, XOR, MOV, END = 0x00, 0x40, 0x50, 0x70, 0xA0, 0xB0, 0xD0
 TO_BE = 0x08
-JA, JNE, CALL, EXIT = 0x00, 0x50, 0x80, 0x90
-R0, R1, R2, R3, R4, R6, R7, R8, FP = 0, 1, 2, 3, 4, 6, 7, 8, 10
+JNE, CALL, EXIT = 0x50, 0x80, 0x90
+R0, R1, R2, R3, R4, R5, R6, R7, R8, FP = 0, 1, 2, 3, 4, 5, 6, 7, 8, 10
 
+HELPER_SKB_STORE_BYTES = 9
 HELPER_SKB_SET_TUNNEL_KEY = 21
 HELPER_SKB_LOAD_BYTES = 26
 TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT = -1, 0, 2
 SKB_PROTOCOL = 16        # offsetof(struct __sk_buff, protocol)
 IP_DADDR = 16            # offset of the destination address in an IPv4 header
+ETH_SRC_LAST = 11        # last byte of the inner Ethernet source MAC
 KEY_SIZE = 44            # sizeof(struct bpf_tunnel_key) with local_ipv6
 KEY_OFF, BUF_OFF = -48, -56  # stack slots: the key (48 bytes zeroed), 4-byte read buffer
 KEY_ID, KEY_REMOTE, KEY_TTL = 0, 4, 21  # offsets of tunnel_id, remote_ipv4, tunnel_ttl
@@ -70,27 +72,32 @@ def _encode(insns: List[Insn]) -> bytes:
     return b"".join(out)
 
 
+def _bytes_call(helper: int, offset: int, size: int) -> List[Insn]:
+    """helper(skb, offset, fp + BUF_OFF, size[, flags 0]): bpf_skb_load/store_bytes.
+
+    The helpers bounds-check for us, so the verifier needs no packet-pointer proofs."""
+    return [(ALU64 | MOV | X, R1, R6, 0, 0), (ALU64 | MOV | K, R2, 0, 0, offset),
+            (ALU64 | MOV | X, R3, FP, 0, 0), (ALU64 | ADD | K, R3, 0, 0, BUF_OFF),
+            (ALU64 | MOV | K, R4, 0, 0, size), (ALU64 | MOV | K, R5, 0, 0, 0),
+            (JMP | CALL, 0, 0, 0, helper)]
+
+
 def fan_program(fan: FanMap, vni: int, inner_ip_offset: int) -> bytes:
     """The instructions that set each packet's tunnel key by the fan rule.
 
     Packets that are not IPv4 or not in fan.overlay get TC_ACT_UNSPEC, not a
     drop: several fan networks share one tunnel device, each with its own
-    filter, and UNSPEC lets tc hand the packet to the next one.
+    filter, and UNSPEC lets tc hand the packet to the next one. On an L2
+    tunnel (inner_ip_offset 14) the inner source MAC is also changed: see below.
     """
     if not 0 <= vni < 1 << 24:
         raise FanError(f"VNI {vni} is out of range 0..16777215")
     mask = int(fan.overlay.netmask)
     prog: List[Insn] = [
         (ALU64 | MOV | X, R6, R1, 0, 0),                       # r6 = skb (r1 is clobbered by calls)
-        (LDX | W | MEM, R0, R6, 0 + SKB_PROTOCOL, 0),          # r0 = skb->protocol (__be16 as loaded)
+        (LDX | W | MEM, R0, R6, SKB_PROTOCOL, 0),              # skb->protocol, a __be16 as loaded
         (JMP32 | JNE | K, R0, 0, "unspec", socket.htons(0x0800)),
-        # bpf_skb_load_bytes(skb, offset, fp-56, 4): the verifier needs no bounds proofs
-        (ALU64 | MOV | X, R1, R6, 0, 0),
-        (ALU64 | MOV | K, R2, 0, 0, inner_ip_offset + IP_DADDR),
-        (ALU64 | MOV | X, R3, FP, 0, 0),
-        (ALU64 | ADD | K, R3, 0, 0, BUF_OFF),
-        (ALU64 | MOV | K, R4, 0, 0, 4),
-        (JMP | CALL, 0, 0, 0, HELPER_SKB_LOAD_BYTES),
+        *_bytes_call(HELPER_SKB_LOAD_BYTES, inner_ip_offset + IP_DADDR, 4),
         (JMP | JNE | K, R0, 0, "unspec", 0),                   # too short to be IPv4: not ours
         (LDX | W | MEM, R7, FP, BUF_OFF, 0),
         # the packet holds network byte order; the arithmetic (and the helper) want host order
@@ -104,6 +111,18 @@ def fan_program(fan: FanMap, vni: int, inner_ip_offset: int) -> bytes:
     if fan.shift:
         prog.append((ALU | RSH | K, R7, 0, 0, fan.shift))
     prog += [(ALU | OR | K, R7, 0, 0, int(fan.underlay.network_address))]
+    if inner_ip_offset >= 14:
+        # Every host's fan device has the same MAC and NOARP, so frames go out
+        # addressed to that MAC and every peer accepts them as its own. But the
+        # frame's source is that MAC too, and vxlan_rcv drops frames whose source
+        # is the receiving device's own MAC (loop protection): flip one bit of it.
+        prog += _bytes_call(HELPER_SKB_LOAD_BYTES, ETH_SRC_LAST, 1)
+        prog += [(JMP | JNE | K, R0, 0, "unspec", 0),
+                 (LDX | B | MEM, R0, FP, BUF_OFF, 0),
+                 (ALU | XOR | K, R0, 0, 0, 1),
+                 (STX | B | MEM, FP, R0, BUF_OFF, 0)]
+        prog += _bytes_call(HELPER_SKB_STORE_BYTES, ETH_SRC_LAST, 1)
+        prog += [(JMP | JNE | K, R0, 0, "shot", 0)]
     # a zeroed struct bpf_tunnel_key: unused fields (tos, flags, label, local) must be 0
     prog += [(ALU64 | MOV | K, R1, 0, 0, 0)]
     prog += [(STX | DW | MEM, FP, R1, KEY_OFF + 8 * i, 0) for i in range(-KEY_OFF // 8)]
@@ -118,6 +137,7 @@ def fan_program(fan: FanMap, vni: int, inner_ip_offset: int) -> bytes:
         (ALU64 | MOV | K, R3, 0, 0, KEY_SIZE),
         (ALU64 | MOV | K, R4, 0, 0, 0),
         (JMP | CALL, 0, 0, 0, HELPER_SKB_SET_TUNNEL_KEY),
+        # without a key the device would drop it anyway; SHOT says so in the stats
         (JMP | JNE | K, R0, 0, "shot", 0),
         (ALU64 | MOV | K, R0, 0, 0, TC_ACT_OK),
         (JMP | EXIT, 0, 0, 0, 0),
@@ -134,8 +154,7 @@ def fan_program(fan: FanMap, vni: int, inner_ip_offset: int) -> bytes:
 # --- loading: bpf(2) through ctypes ------------------------------------------
 BPF_PROG_LOAD = 5
 BPF_PROG_TYPE_SCHED_CLS = 3
-_NR_BPF = {"x86_64": 321, "aarch64": 280, "arm64": 280, "ppc64le": 361, "s390x": 351,
-           "riscv64": 280, "armv7l": 386}
+_NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
@@ -199,15 +218,15 @@ async def attach_egress(ipr, ifindex: int, prog_fd: int, name: str, pref: int) -
                        f"on ifindex {ifindex}: {e}") from e
 
 
-async def _filters(ipr, ifindex: int, parent: int):
-    async for msg in await ipr.get_filters(index=ifindex, parent=parent):
-        yield msg
+async def _filters(ipr, ifindex: int, parent: int) -> list:
+    # read dumps to the end: a half-read dump would be left on the caller's socket
+    return [msg async for msg in await ipr.get_filters(index=ifindex, parent=parent)]
 
 
 async def egress_filters(ipr, ifindex: int) -> Dict[int, str]:
     """pref -> name of the bpf filters at egress: what a restarted plugin finds."""
     found: Dict[int, str] = {}
-    async for msg in _filters(ipr, ifindex, EGRESS):
+    for msg in await _filters(ipr, ifindex, EGRESS):
         opts = msg.get_attr("TCA_OPTIONS")
         # the kernel also sends one header message per pref, without options
         if msg.get_attr("TCA_KIND") == "bpf" and opts is not None:
@@ -216,21 +235,18 @@ async def egress_filters(ipr, ifindex: int) -> Dict[int, str]:
 
 
 async def detach_egress(ipr, ifindex: int, pref: int) -> None:
-    """Remove the filter at `pref`, then the clsact qdisc if nothing else uses it."""
+    """Remove our filter at `pref`, then the clsact qdisc if nothing else uses it."""
     try:
-        # protocol 0 in tcm_info matches whatever protocol the filter was added with
-        await ipr.tc("del-filter", index=ifindex, parent=EGRESS, info=pref << 16)
+        if pref in await egress_filters(ipr, ifindex):
+            # kind "bpf" makes the kernel refuse to delete another tool's filter at
+            # this pref; protocol 0 in tcm_info matches the one it was added with
+            await ipr.tc("del-filter", "bpf", ifindex, parent=EGRESS, info=pref << 16)
+        if await _filters(ipr, ifindex, EGRESS) or await _filters(ipr, ifindex, INGRESS):
+            return              # some filter remains (ours or another tool's): keep the qdisc
+        # deleting a clsact that is not there gives EINVAL, too vague to ignore: look first
+        if "clsact" in [q.get_attr("TCA_KIND") async for q in await ipr.get_qdiscs(ifindex)]:
+            await ipr.tc("del", "clsact", ifindex)
     except NetlinkError as e:
-        if e.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
-            raise FanError(f"cannot detach eBPF filter at pref {pref}: {e}") from e
-    for parent in (EGRESS, INGRESS):
-        try:
-            async for _ in _filters(ipr, ifindex, parent):
-                return          # someone's filter remains: keep the qdisc
-        except NetlinkError:
-            return              # device or qdisc already gone
-    try:
-        await ipr.tc("del", "clsact", ifindex)
-    except NetlinkError as e:
-        if e.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
-            raise FanError(f"cannot remove clsact qdisc on ifindex {ifindex}: {e}") from e
+        if e.code not in (errno.ENOENT, errno.ENODEV):   # already gone: fine
+            raise FanError(f"cannot detach eBPF filter at pref {pref} "
+                           f"on ifindex {ifindex}: {e}") from e

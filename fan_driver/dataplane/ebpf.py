@@ -8,6 +8,8 @@ No per-peer routes, neighbour or FDB entries exist.
 The VXLAN device is NOARP and has the same MAC on every host: with NOARP the
 kernel uses the device's own MAC as the next hop's, and since every host's
 device has that MAC the receiving device takes the frame as addressed to it.
+(The program flips a bit of the inner source MAC, because VXLAN drops frames
+whose source is its own MAC as loops.) Learning is off: no FDB entries appear.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ class EbpfMapping:
 
     async def _ensure_device(self, links: Links, plan: NetworkPlan) -> int:
         if plan.encap.name == "vxlan":
-            spec = dict(vxlan_collect_metadata=1, vxlan_port=VXLAN_PORT,
+            spec = dict(vxlan_collect_metadata=1, vxlan_learning=0, vxlan_port=VXLAN_PORT,
                         address=SHARED_VXLAN_MAC)
         else:
             spec = dict(ipip_collect_metadata=True)
