@@ -15,7 +15,7 @@ MTU_OPTION = "com.docker.network.driver.mtu"
 NETWORK_OPTIONS = ("underlay", "encap", "host_reserve", MTU_OPTION)
 IPAM_OPTIONS = ("underlay",)
 # Linux interface names: at most 15 bytes, no '/', no whitespace.
-_IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+_IFNAME = re.compile(r"[A-Za-z0-9_.:-]{1,15}")
 MIN_MTU = 576
 
 
@@ -41,12 +41,12 @@ class UnderlaySpec:
                 f"underlay {text!r} is malformed: write an address block (172.30.0.0/16), "
                 "an interface with a prefix length (eth0/16) or default/16")
         head, length = text.split("/")
-        if not length.isdigit() or not 1 <= int(length) <= 30:
+        if not _is_number(length) or not 1 <= int(length) <= 30:
             raise FanError(f"underlay {text!r}: prefix length must be a number from 1 to 30")
         try:
             IPv4Address(head)
         except ValueError:
-            if not _IFNAME.match(head):
+            if not _IFNAME.fullmatch(head):
                 raise FanError(
                     f"underlay {text!r}: {head!r} is neither an IPv4 address nor a valid "
                     "interface name") from None
@@ -157,6 +157,11 @@ def _int_option(options: Mapping, key: str, default, minimum: int):
     if key not in options:
         return default
     value = str(options[key])
-    if not value.isdigit() or int(value) < minimum:
+    if not _is_number(value) or int(value) < minimum:
         raise FanError(f"option {key}={value!r} must be a whole number of at least {minimum}")
     return int(value)
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²', which int() refuses."""
+    return re.fullmatch(r"[0-9]{1,9}", text) is not None

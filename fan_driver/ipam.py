@@ -116,7 +116,7 @@ class IpamDriver:
             pool = self._pool(state, pid)
             slice_ = pool.host_slice
             if options.get("RequestAddressType") == GATEWAY_REQUEST:
-                if address and IPv4Address(address.split("/")[0]) != slice_.gateway.ip:
+                if address and _parse_address(address) != slice_.gateway.ip:
                     raise FanError(f"the fan's gateway is always {slice_.gateway.ip}; "
                                    "drop --gateway")
                 pool.addresses[str(slice_.gateway.ip)] = GATEWAY

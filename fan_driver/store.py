@@ -40,12 +40,12 @@ class Store:
     def load(self) -> State:
         path = self.directory / STATE_FILE
         try:
-            data = json.loads(path.read_text())
+            return State.from_json(json.loads(path.read_text()))
         except FileNotFoundError:
             return State()
-        except ValueError as exc:
-            raise FanError(f"state file {path} is corrupt ({exc}); move it aside to start empty") from exc
-        return State.from_json(data)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise FanError(f"state file {path} is corrupt ({exc!r}); move it aside to "
+                           "start empty") from exc
 
     def save(self, state: State) -> None:
         path = self.directory / STATE_FILE

@@ -1,0 +1,128 @@
+"""The state file: atomic saves, loud failures on corruption, one process per directory."""
+import json
+
+import pytest
+
+from fan_driver.errors import FanError
+from fan_driver.model import Endpoint, Network, Pool, State
+from fan_driver.store import STATE_FILE, Store
+
+
+def sample_state() -> State:
+    pid = "fan:250.0.0.0/8"
+    return State(
+        pools={pid: Pool(overlay="250.0.0.0/8", underlay="172.30.0.0/16",
+                         underlay_address="172.30.0.28", interface="eth0", mtu=1500,
+                         host_reserve=3,
+                         addresses={"250.0.28.1": "gateway", "250.0.28.4": "e" * 64})},
+        networks={"n" * 64: Network(
+            pool_id=pid, encap="vxlan", mapping="ebpf", mtu=1450, tc_pref=1,
+            endpoints={"e" * 64: Endpoint(address="250.0.28.4/24",
+                                          mac="0e:fa:fa:00:1c:04")})})
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = Store(tmp_path / "state")
+    yield store
+    store.close()
+
+
+def test_open_on_a_new_directory_gives_empty_state(store):
+    assert store.open() == State()
+    assert store.directory.is_dir()
+
+
+def test_save_then_load_round_trip(store):
+    store.open()
+    store.save(sample_state())
+
+    assert store.load() == sample_state()
+
+
+def test_round_trip_through_a_new_process(store, tmp_path):
+    store.open()
+    store.save(sample_state())
+    store.close()
+
+    again = Store(tmp_path / "state")
+    try:
+        assert again.open() == sample_state()
+    finally:
+        again.close()
+
+
+def test_save_replaces_the_whole_file_and_leaves_no_temporary(store):
+    store.open()
+    store.save(sample_state())
+    store.save(State())
+
+    assert store.load() == State()
+    assert sorted(p.name for p in store.directory.iterdir()) == ["lock", STATE_FILE]
+    assert json.loads((store.directory / STATE_FILE).read_text())["version"] == 1
+
+
+def test_a_save_that_fails_midway_leaves_the_old_file(store):
+    store.open()
+    store.save(sample_state())
+    before = (store.directory / STATE_FILE).read_bytes()
+    broken = sample_state()
+    broken.pools["fan:250.0.0.0/8"].addresses["250.0.28.9"] = object()   # not JSON
+
+    with pytest.raises(TypeError):
+        store.save(broken)
+
+    assert (store.directory / STATE_FILE).read_bytes() == before
+    assert store.load() == sample_state()
+
+
+@pytest.mark.parametrize("text", ['{"pools": {', "", "not json", b"\xff\xfe{}"])
+def test_corrupt_file_is_a_fan_error_naming_the_file(store, text):
+    store.directory.mkdir(parents=True)
+    path = store.directory / STATE_FILE
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+
+    with pytest.raises(FanError) as err:
+        store.open()
+
+    assert "corrupt" in str(err.value)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("text", [
+    "[]",
+    "null",
+    '{"pools": {"fan:250.0.0.0/8": {"overlay": "250.0.0.0/8"}}}',
+], ids=["list", "null", "pool-missing-fields"])
+def test_json_of_the_wrong_shape_is_reported_as_corrupt(store, text):
+    store.directory.mkdir(parents=True)
+    (store.directory / STATE_FILE).write_text(text)
+
+    # store.load only turns JSON syntax errors into FanError: these raise
+    # AttributeError / TypeError out of State.from_json instead.
+    with pytest.raises(FanError, match="corrupt"):
+        store.load()
+
+
+def test_second_open_on_the_same_directory_is_refused_while_the_first_holds_it(store):
+    store.open()
+    second = Store(store.directory)
+
+    with pytest.raises(FanError) as err:
+        second.open()
+
+    assert "another fan-driver is already using state directory" in str(err.value)
+    assert str(store.directory) in str(err.value)
+
+
+def test_directory_can_be_opened_again_after_close(store):
+    store.open()
+    store.close()
+    second = Store(store.directory)
+    try:
+        assert second.open() == State()
+    finally:
+        second.close()
