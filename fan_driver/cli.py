@@ -43,10 +43,10 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "serve":
-            logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+            # Other libraries (pyroute2 logs every netlink message) stay at warnings.
+            logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                                 format="%(levelname)s %(name)s: %(message)s")
-            # pyroute2 logs every netlink message at debug level: far too much.
-            logging.getLogger("pyroute2").setLevel(logging.WARNING)
+            log.setLevel(args.log_level.upper())
             asyncio.run(serve(args))
         else:
             show(Path(args.state_dir))
