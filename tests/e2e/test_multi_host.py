@@ -1,0 +1,192 @@
+"""Containers on different hosts reach each other over the fan.
+
+Hosts are network namespaces on one underlay switch, each with its own dockerd
+and its own plugin process, and every host runs the same `docker network
+create`. Nothing on a host is told about any other host.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harness import Dockerd, PluginProcess, ensure_busybox
+
+pytestmark = pytest.mark.e2e
+
+CREATE = ["network", "create", "-d", "fan", "--ipam-driver", "fan", "--subnet", "250.0.0.0/8"]
+EXTRA_HOSTS = {"h27": "172.30.0.27/16", "h59": "172.30.5.9/16"}
+LATE_HOST = ("h7200", "172.30.7.200/16")
+SLICES = {"h27": "250.0.27.", "h28": "250.0.28.", "h59": "250.5.9.", "h7200": "250.7.200."}
+# Container -> its host (routed: -1) -> the peer host (routed: -1) -> container.
+TTL_ACROSS = 62
+
+
+@dataclass
+class FanHost:
+    name: str
+    host: object
+    dockerd: Dockerd
+
+    @property
+    def container(self) -> str:
+        return f"fan-on-{self.name}"
+
+    def run_container(self, net: str = "fan") -> str:
+        self.dockerd.cli("run", "-d", "--name", self.container, "--net", net,
+                         "busybox", "sleep", "3600")
+        out = self.dockerd.cli("inspect", self.container).stdout
+        return json.loads(out)[0]["NetworkSettings"]["Networks"][net]["IPAddress"]
+
+    def exec(self, *cmd, check=True):
+        return self.dockerd.cli("exec", self.container, *cmd, check=check)
+
+    def kernel_objects(self) -> dict:
+        run = self.host.run
+        return {
+            "routes": len(run(["ip", "route", "show", "table", "all"]).stdout.splitlines()),
+            "permanent neighbours": len(run(["ip", "neigh", "show", "nud", "permanent"])
+                                        .stdout.splitlines()),
+            "fdb entries on fan-vxlan": len(run(["bridge", "fdb", "show", "dev", "fan-vxlan"])
+                                            .stdout.splitlines()),
+        }
+
+
+def start_host(lab, name, address, workdirs, started):
+    host = lab.add_host(name, address)
+    work = Path(tempfile.mkdtemp(prefix=f"fanlab-{name}-"))
+    workdirs.append(work)
+    plugin = PluginProcess(host, socket_path=work / "fan.sock", state_dir=work / "state",
+                           log_path=work / "plugin.log")
+    plugin.start()
+    dockerd = Dockerd(host).start()
+    started.append((dockerd, plugin))
+    ensure_busybox(dockerd)
+    return FanHost(name, host, dockerd)
+
+
+@pytest.fixture(scope="module")
+def fan_hosts(lab, lab_host, dockerd, plugin):
+    workdirs, started = [], []
+    hosts = [FanHost("h28", lab_host, dockerd)]
+    try:
+        hosts += [start_host(lab, n, a, workdirs, started) for n, a in EXTRA_HOSTS.items()]
+        for h in hosts:
+            h.dockerd.cli(*CREATE, "fan")
+        yield hosts, (lambda n, a: start_host(lab, n, a, workdirs, started))
+    finally:
+        dockerd.cli("rm", "-f", "fan-on-h28", check=False)
+        dockerd.cli("network", "rm", "fan", check=False)
+        for extra_dockerd, extra_plugin in started:
+            extra_dockerd.close()
+            extra_plugin.close()
+        for work in workdirs:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def containers(fan_hosts):
+    hosts, _ = fan_hosts
+    return {h.name: h.run_container() for h in hosts}
+
+
+def test_each_host_has_its_own_slice(fan_hosts, containers):
+    for name, address in containers.items():
+        assert address.startswith(SLICES[name])
+
+
+@pytest.mark.parametrize("src,dst", list(itertools.permutations(["h27", "h28", "h59"], 2)))
+def test_ping_between_hosts_is_routed(fan_hosts, containers, src, dst):
+    hosts = {h.name: h for h in fan_hosts[0]}
+    out = hosts[src].exec("ping", "-c", "2", "-W", "3", containers[dst]).stdout
+    assert f"ttl={TTL_ACROSS}" in out, out
+
+
+def transfer(sender: FanHost, receiver: FanHost, sender_address: str, megabytes: int = 10):
+    """Random bytes over TCP from one container to another (busybox httpd serves,
+    wget fetches); checksums compared."""
+    sender.exec("sh", "-c", "mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/data "
+                f"bs=1M count={megabytes} 2>/dev/null")
+    sender.dockerd.cli("exec", "-d", sender.container, "httpd", "-f", "-p", "8080",
+                       "-h", "/tmp/www")
+    try:
+        sent = sender.exec("md5sum", "/tmp/www/data").stdout.split()[0]
+        for _ in range(20):   # httpd needs a moment to listen
+            got = receiver.exec("wget", "-q", "-O", "/tmp/in",
+                                f"http://{sender_address}:8080/data", check=False)
+            if got.returncode == 0:
+                break
+            receiver.exec("sleep", "0.2")
+        assert got.returncode == 0, got.stderr
+        size = int(receiver.exec("sh", "-c", "wc -c < /tmp/in").stdout)
+        received = receiver.exec("md5sum", "/tmp/in").stdout.split()[0]
+    finally:
+        sender.exec("pkill", "httpd", check=False)   # inside the container only
+    assert (size, received) == (megabytes << 20, sent)
+
+
+@pytest.mark.parametrize("src,dst", list(itertools.permutations(["h27", "h28", "h59"], 2)))
+def test_10mb_transfer_between_hosts_arrives_intact(fan_hosts, containers, src, dst):
+    hosts = {h.name: h for h in fan_hosts[0]}
+    transfer(hosts[src], hosts[dst], containers[src])
+
+
+def test_large_packets_do_not_vanish(fan_hosts, containers):
+    h27 = fan_hosts[0][0 if fan_hosts[0][0].name == "h27" else 1]
+    # Larger than the fan MTU (1450): fragmented by the sender, never dropped.
+    out = h27.exec("ping", "-c", "2", "-W", "3", "-s", "4000", containers["h59"]).stdout
+    assert "2 packets received" in out
+
+
+def test_no_per_peer_state(fan_hosts, containers):
+    for h in fan_hosts[0]:
+        objects = h.kernel_objects()
+        assert objects["permanent neighbours"] == 0 and objects["fdb entries on fan-vxlan"] == 0
+        routes = h.host.run(["ip", "route", "show", "root", "250.0.0.0/8"]).stdout
+        assert len(routes.splitlines()) == 2, routes   # the overlay and this host's slice
+        print(h.name, objects)
+
+
+def test_host_added_later_is_reachable_without_touching_the_others(fan_hosts, containers):
+    hosts, add_host = fan_hosts
+    before = {h.name: h.host.run(["ip", "route", "show", "table", "all"]).stdout for h in hosts}
+    late = add_host(*LATE_HOST)
+    late.dockerd.cli(*CREATE, "fan")
+    late_address = late.run_container()
+    assert late_address.startswith(SLICES[late.name])
+    for h in hosts:
+        h.exec("ping", "-c", "1", "-W", "3", late_address)
+        late.exec("ping", "-c", "1", "-W", "3", containers[h.name])
+        assert h.host.run(["ip", "route", "show", "table", "all"]).stdout == before[h.name]
+    late.dockerd.cli("rm", "-f", late.container)
+    late.dockerd.cli("network", "rm", "fan")
+
+
+def test_two_fan_networks_side_by_side_and_removing_one(fan_hosts, containers):
+    hosts = fan_hosts[0]
+    for h in hosts:
+        h.dockerd.cli("network", "create", "-d", "fan", "--ipam-driver", "fan",
+                      "--subnet", "240.0.0.0/8", "fan240")
+    try:
+        second = {}
+        for h in hosts:
+            h.dockerd.cli("run", "-d", "--name", f"f240-{h.name}", "--net", "fan240",
+                          "busybox", "sleep", "3600")
+            out = h.dockerd.cli("inspect", f"f240-{h.name}").stdout
+            second[h.name] = json.loads(out)[0]["NetworkSettings"]["Networks"]["fan240"]["IPAddress"]
+        a, b = hosts[0], hosts[1]
+        a.dockerd.cli("exec", f"f240-{a.name}", "ping", "-c", "1", "-W", "3", second[b.name])
+        a.exec("ping", "-c", "1", "-W", "3", containers[b.name])
+    finally:
+        for h in hosts:
+            h.dockerd.cli("rm", "-f", f"f240-{h.name}", check=False)
+            h.dockerd.cli("network", "rm", "fan240", check=False)
+    for h in hosts:
+        assert "240.0.0.0/8" not in h.host.run(["ip", "route"]).stdout
+    hosts[0].exec("ping", "-c", "1", "-W", "3", containers[hosts[1].name])
+    hosts[1].exec("ping", "-c", "1", "-W", "3", containers[hosts[2].name])
