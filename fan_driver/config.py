@@ -11,8 +11,12 @@ from .errors import FanError
 DEFAULT_OVERLAY = IPv4Network("250.0.0.0/8")
 DEFAULT_UNDERLAY = "default/16"
 ENCAPS = ("auto", "ipip", "vxlan")
+# How a host finds the underlay address of a peer's slice: the kernel's fan map
+# (Ubuntu's patch), an eBPF program, or one route (and for VXLAN neighbour and
+# FDB entry) per peer.
+MAPPINGS = ("auto", "kernel", "ebpf", "routes")
 MTU_OPTION = "com.docker.network.driver.mtu"
-NETWORK_OPTIONS = ("underlay", "encap", "host_reserve", MTU_OPTION)
+NETWORK_OPTIONS = ("underlay", "encap", "mapping", "host_reserve", MTU_OPTION)
 IPAM_OPTIONS = ("underlay",)
 # Linux interface names: at most 15 bytes, no '/', no whitespace.
 _IFNAME = re.compile(r"[A-Za-z0-9_.:-]{1,15}")
@@ -114,6 +118,7 @@ class NetworkOptions:
     """The `-o KEY=VALUE` options of `docker network create -d fan`."""
     underlay: Optional[UnderlaySpec] = None
     encap: str = "auto"
+    mapping: str = "auto"
     host_reserve: int = 1
     mtu: Optional[int] = None
 
@@ -127,11 +132,14 @@ class NetworkOptions:
         encap = str(generic.get("encap", "auto"))
         if encap not in ENCAPS:
             raise FanError(f"encap {encap!r} is not one of: {', '.join(ENCAPS)}")
+        mapping = str(generic.get("mapping", "auto"))
+        if mapping not in MAPPINGS:
+            raise FanError(f"mapping {mapping!r} is not one of: {', '.join(MAPPINGS)}")
         host_reserve = _int_option(generic, "host_reserve", 1, minimum=1)
         mtu = _int_option(generic, MTU_OPTION, None, minimum=MIN_MTU)
         return cls(
             underlay=UnderlaySpec.parse(str(underlay)) if underlay is not None else None,
-            encap=encap, host_reserve=host_reserve, mtu=mtu)
+            encap=encap, mapping=mapping, host_reserve=host_reserve, mtu=mtu)
 
 
 def parse_ipam_options(options: Optional[Mapping]) -> Optional[UnderlaySpec]:

@@ -58,7 +58,8 @@ class NetworkDriver:
                                f"in slice {pool.host_slice.slice}")
             pool.host_reserve = opts.host_reserve
             encap, mapping = choose(
-                opts.encap if opts.encap != "auto" else self.default_encap, self.features)
+                opts.encap if opts.encap != "auto" else self.default_encap, opts.mapping,
+                self.features)
             state.networks[network_id] = Network(
                 pool_id=pid, encap=encap.name, mapping=mapping,
                 mtu=self._mtu(opts, pool.mtu, encap.overhead, pool.interface),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Iterable, Set
+from typing import Iterable, Set, Tuple
 
 from pyroute2 import AsyncIPRoute
 
@@ -18,6 +18,7 @@ from ..errors import FanError
 from ..host import KernelFeatures
 from ..model import Endpoint
 from .ebpf import EbpfMapping
+from .routes import RoutesMapping
 from .firewall import Firewall, network_rules
 from .netlink import Links
 from .plan import ENCAPS, IPIP, VXLAN, Encap, NetworkPlan
@@ -25,23 +26,32 @@ from .plan import ENCAPS, IPIP, VXLAN, Encap, NetworkPlan
 log = logging.getLogger(__name__)
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
-MAPPINGS = {m.name: m for m in (EbpfMapping(),)}
+MAPPINGS = {m.name: m for m in (EbpfMapping(), RoutesMapping())}
 
 
-def choose(encap: str, features: KernelFeatures) -> tuple[Encap, str]:
-    """The encapsulation and peer mapping for a request of `encap` on this kernel."""
-    if encap == "auto":
-        chosen = IPIP if features.ipip else VXLAN
-    else:
-        chosen = ENCAPS[encap]
+def choose(encap: str, mapping: str, features: KernelFeatures) -> Tuple[Encap, str]:
+    """The encapsulation and peer mapping for a request on this kernel: the
+    kernel's own fan map where present, else eBPF, else per-peer routes; IPIP
+    where the kernel has it (20 bytes of overhead against VXLAN's 50)."""
+    if mapping == "auto":
+        mapping = next(m for m in ("kernel", "ebpf", "routes")
+                       if m in MAPPINGS and _mapping_supported(m, features))
+    elif mapping not in MAPPINGS:
+        raise FanError(f"mapping={mapping} is not available in this version of fan-driver; "
+                       f"use one of: {', '.join(sorted(MAPPINGS))} or auto")
+    elif not _mapping_supported(mapping, features):
+        raise FanError(f"this kernel cannot do mapping={mapping} ({features.describe()}); "
+                       "use mapping=auto, and run `fan-driver check` for details")
+    chosen = (IPIP if features.ipip else VXLAN) if encap == "auto" else ENCAPS[encap]
     if not getattr(features, chosen.name):
         raise FanError(
             f"this kernel cannot create {chosen.name} devices; use encap=auto or "
             f"encap={'vxlan' if chosen is IPIP else 'ipip'}")
-    if not features.ebpf:
-        raise FanError("this kernel cannot load the fan's eBPF tunnel program "
-                       "(bpf(2) with tc clsact is needed); run `fan-driver check`")
-    return chosen, "ebpf"
+    return chosen, mapping
+
+
+def _mapping_supported(mapping: str, features: KernelFeatures) -> bool:
+    return {"kernel": features.fan_map, "ebpf": features.ebpf, "routes": True}[mapping]
 
 
 class Dataplane:

@@ -77,5 +77,5 @@ class EbpfMapping:
             spec = dict(ipip_collect_metadata=True)
         index = await links.claim(plan.encap.device, plan.encap.name, MARK, mtu=plan.mtu, **spec)
         mtu = max(plan.mtu, await links.mtu(index))
-        await links.ipr.link("set", index=index, mtu=mtu, arp=False, state="up")
+        await links.set_up(index, mtu=mtu, arp=False)
         return index

@@ -36,7 +36,10 @@ class Links:
         """Create the link, or adopt it if it exists with our mark; refuse a stranger's."""
         index = await self.index(name)
         if index is None:
-            await self.ipr.link("add", ifname=name, kind=kind, **spec)
+            try:
+                await self.ipr.link("add", ifname=name, kind=kind, **spec)
+            except NetlinkError as exc:
+                raise FanError(f"cannot create {kind} device {name}: {exc.args[-1]}") from exc
             index = await self.index(name)
         else:
             alias = await self._alias(index)
@@ -57,9 +60,15 @@ class Links:
             return link.get("mtu")
         return 0
 
+    async def set_up(self, index: int, **spec) -> None:
+        try:
+            await self.ipr.link("set", index=index, state="up", **spec)
+        except NetlinkError as exc:
+            raise FanError(f"cannot bring up interface {index}: {exc.args[-1]}") from exc
+
     async def ensure_bridge(self, name: str, gateway: IPv4Interface, mtu: int, mark: str) -> int:
         index = await self.claim(name, "bridge", mark, mtu=mtu)
-        await self.ipr.link("set", index=index, mtu=mtu, state="up")
+        await self.set_up(index, mtu=mtu)
         await self.ensure_address(index, gateway)
         return index
 

@@ -7,6 +7,7 @@ create`. Nothing on a host is told about any other host.
 from __future__ import annotations
 
 import itertools
+import time
 import json
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ LATE_HOST = ("h7200", "172.30.7.200/16")
 SLICES = {"h27": "250.0.27.", "h28": "250.0.28.", "h59": "250.5.9.", "h7200": "250.7.200."}
 # Container -> its host (routed: -1) -> the peer host (routed: -1) -> container.
 TTL_ACROSS = 62
+PEERS_IN_20 = 4094 - 1   # usable hosts of a /20 underlay, less this one
 
 
 @dataclass
@@ -190,3 +192,55 @@ def test_two_fan_networks_side_by_side_and_removing_one(fan_hosts, containers):
         assert "240.0.0.0/8" not in h.host.run(["ip", "route"]).stdout
     hosts[0].exec("ping", "-c", "1", "-W", "3", containers[hosts[1].name])
     hosts[1].exec("ping", "-c", "1", "-W", "3", containers[hosts[2].name])
+
+
+def ping_until(host: FanHost, container: str, address: str, seconds: float = 60) -> str:
+    """Per-peer state is programmed in the background: wait for it, boundedly."""
+    deadline = time.monotonic() + seconds
+    while True:
+        result = host.dockerd.cli("exec", container, "ping", "-c", "1", "-W", "1", address,
+                                  check=False)
+        if result.returncode == 0 or time.monotonic() > deadline:
+            assert result.returncode == 0, f"{address} unreachable after {seconds} s"
+            return result.stdout
+
+
+def test_per_peer_routes_mapping_over_vxlan(fan_hosts, containers):
+    """mapping=routes: flannel's per-peer route, neighbour and FDB entries (a /20
+    underlay keeps the peer count, 4,094, quick to program)."""
+    hosts = fan_hosts[0]
+    create = ["network", "create", "-d", "fan", "--ipam-driver", "fan", "--subnet", "240.0.0.0/8",
+              "--ipam-opt", "underlay=172.30.0.0/20", "-o", "mapping=routes", "-o", "encap=vxlan",
+              "fanr"]
+    addresses = {}
+    try:
+        for h in hosts:
+            started = time.monotonic()
+            h.dockerd.cli(*create)
+            print(h.name, f"network create {time.monotonic() - started:.2f} s")
+            h.dockerd.cli("run", "-d", "--name", f"fr-{h.name}", "--net", "fanr",
+                          "busybox", "sleep", "3600")
+            out = h.dockerd.cli("inspect", f"fr-{h.name}").stdout
+            addresses[h.name] = json.loads(out)[0]["NetworkSettings"]["Networks"]["fanr"]["IPAddress"]
+        for src, dst in itertools.permutations(hosts, 2):
+            out = ping_until(src, f"fr-{src.name}", addresses[dst.name])
+            assert f"ttl={TTL_ACROSS}" in out
+        device = f"fanr-{0xf00000:06x}"
+        for h in hosts:
+            deadline = time.monotonic() + 180
+            while True:   # programming goes on in the background
+                counts = {what: len(h.host.run(cmd).stdout.splitlines()) for what, cmd in {
+                    "routes": ["ip", "route", "show", "dev", device],
+                    "neighbours": ["ip", "neigh", "show", "dev", device, "nud", "permanent"],
+                    "fdb": ["bridge", "fdb", "show", "dev", device]}.items()}
+                if counts["routes"] >= PEERS_IN_20 or time.monotonic() > deadline:
+                    break
+                time.sleep(2)
+            print(h.name, counts)
+            assert counts == {"routes": PEERS_IN_20, "neighbours": PEERS_IN_20, "fdb": PEERS_IN_20}
+    finally:
+        for h in hosts:
+            h.dockerd.cli("rm", "-f", f"fr-{h.name}", check=False)
+            h.dockerd.cli("network", "rm", "fanr", check=False)
+    for h in hosts:
+        assert "fanr-" not in h.host.run(["ip", "-o", "link"]).stdout
