@@ -16,6 +16,9 @@ from .errors import FanError
 # LXD and fanctl insist on at least 8 bits of room for containers per host.
 MIN_CONTAINER_BITS = 8
 IFNAME_MAX = 15
+# "This network", loopback, link-local, multicast and the limited broadcast.
+UNUSABLE = tuple(IPv4Network(n) for n in
+                 ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "255.255.255.255/32"))
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,10 @@ class FanMap:
     underlay: IPv4Network
 
     def __post_init__(self) -> None:
+        for unusable in UNUSABLE:
+            if self.overlay.overlaps(unusable):
+                raise FanError(f"overlay {self.overlay} overlaps {unusable}, whose addresses "
+                               "cannot be given to containers; use e.g. 250.0.0.0/8")
         if self.overlay.overlaps(self.underlay):
             raise FanError(
                 f"overlay {self.overlay} overlaps underlay {self.underlay}: "

@@ -18,6 +18,7 @@ from ..errors import FanError
 from ..host import KernelFeatures
 from ..model import Endpoint
 from .ebpf import EbpfMapping
+from .kernel_fanmap import KernelMapping
 from .routes import RoutesMapping
 from .firewall import Firewall, network_rules
 from .netlink import Links
@@ -26,7 +27,7 @@ from .plan import ENCAPS, IPIP, VXLAN, Encap, NetworkPlan
 log = logging.getLogger(__name__)
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
-MAPPINGS = {m.name: m for m in (EbpfMapping(), RoutesMapping())}
+MAPPINGS = {m.name: m for m in (KernelMapping(), EbpfMapping(), RoutesMapping())}
 
 
 def choose(encap: str, mapping: str, features: KernelFeatures) -> Tuple[Encap, str]:

@@ -11,11 +11,11 @@ makes is removed at teardown.
 """
 from .dockerd import Dockerd, DockerdError, docker_cli_path
 from .images import ensure_busybox, import_tarball
-from .netlab import Host, Lab, netns_list
+from .netlab import Host, Lab, netns_list, private_prefix
 from .plugin import PluginError, PluginProcess, plugin_available
 from .procs import CommandError, run_cmd
 
-__all__ = ["Lab", "Host", "netns_list", "Dockerd", "DockerdError", "docker_cli_path",
+__all__ = ["Lab", "Host", "netns_list", "private_prefix", "Dockerd", "DockerdError", "docker_cli_path",
            "ensure_busybox", "import_tarball", "PluginProcess", "PluginError",
            "plugin_available", "CommandError", "run_cmd", "missing_requirements"]
 

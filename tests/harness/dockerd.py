@@ -34,8 +34,9 @@ from pathlib import Path
 
 from . import unixhttp
 from .netlab import Host, shell_join
-from .procs import (CommandError, cmdline, env_with_sbin, kill_pids, ns_inode, pids_in_ns, run_cmd,
-                    stop_popen, tail, with_descendants)
+from .procs import (CommandError, cmdline, env_with_sbin, kill_pids,
+                    mountinfo, ns_inode, pids_in_ns, remove_cgroup_trees, run_cmd, stop_popen,
+                    tail, with_descendants)
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 DEFAULT_NETWORKS = {"bridge", "host", "none"}
@@ -51,31 +52,10 @@ def docker_cli_path() -> str:
     raise FileNotFoundError("no docker CLI found (apt-get install docker.io)")
 
 
-def _mountinfo() -> list[dict]:
-    entries = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, post = line.rstrip("\n").split(" - ", 1)
-            pre_fields, post_fields = pre.split(), post.split()
-            entries.append({
-                "mountpoint": pre_fields[4].replace("\\040", " "),
-                "mount_opts": pre_fields[5].split(","),
-                "fstype": post_fields[0],
-                "source": post_fields[1],
-                "super_opts": post_fields[2] if len(post_fields) > 2 else "",
-            })
-    return entries
-
-
-def cgroup_hierarchies() -> list[str]:
-    """Mountpoints of the host's cgroup (v1) and cgroup2 filesystems."""
-    return [m["mountpoint"] for m in _mountinfo() if m["fstype"] in ("cgroup", "cgroup2")]
-
-
 def cgroup_mount_commands() -> list[str]:
     """Shell commands that rebuild the host's /sys/fs/cgroup in a fresh /sys."""
     cmds = []
-    for m in _mountinfo():
+    for m in mountinfo():
         mp = m["mountpoint"]
         if mp != CGROUP_ROOT and not mp.startswith(CGROUP_ROOT + "/"):
             continue
@@ -135,7 +115,7 @@ class Dockerd:
         self.cli_path = docker_cli_path()
         self.cli_config.mkdir()
         # Safety net: the lab stops us before deleting the namespace.
-        host.lab.add_cleanup(self.close)
+        host.lab.add_cleanup(self.close, host)
 
     # -- process ------------------------------------------------------------------
 
@@ -316,22 +296,14 @@ class Dockerd:
     def _unmount_leftovers(self) -> None:
         # Normally none: dockerd's mounts die with its mount namespace.
         prefix = str(self.tmpdir) + "/"
-        mounts = [m["mountpoint"] for m in _mountinfo()
+        mounts = [m["mountpoint"] for m in mountinfo()
                   if m["mountpoint"].startswith(prefix)]
         for mp in sorted(mounts, key=len, reverse=True):
             if run_cmd(["umount", mp], check=False).returncode != 0:
                 run_cmd(["umount", "-l", mp], check=False)
 
     def _remove_cgroups(self) -> None:
-        for hierarchy in cgroup_hierarchies():
-            top = Path(hierarchy + self.cgroup_parent)
-            if not top.is_dir():
-                continue
-            for dirpath, _dirs, _files in os.walk(top, topdown=False):
-                try:
-                    os.rmdir(dirpath)       # a cgroup dir goes with its control files
-                except OSError:
-                    pass
+        remove_cgroup_trees(self.cgroup_parent.lstrip("/"))
 
     def __repr__(self) -> str:
         return f"Dockerd(host={self.host.name}, pid={self.pid}, socket={self.socket})"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -23,9 +24,11 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .procs import cmdline, env_with_sbin, kill_pids, run_cmd, with_descendants
+from .procs import (cmdline, env_with_sbin, kill_pids, pid_alive, remove_cgroup_trees, run_cmd,
+                    with_descendants)
 
 NETNS_ETC = Path("/etc/netns")
+NETNS_RUN = Path("/run/netns")
 LOCK_DIR = Path("/run/lock") if Path("/run/lock").is_dir() else Path("/tmp")
 BRIDGE = "br0"
 
@@ -50,26 +53,28 @@ def remove_stale_tmpdirs(argvs) -> None:
                 top = tmp / path.relative_to(tmp).parts[0]
                 if top.name.startswith("fanlab-"):
                     tops.add(top)
-    hierarchies = [line.split()[4] for line in open("/proc/self/mountinfo")
-                   if line.split(" - ", 1)[1].split()[0] in ("cgroup", "cgroup2")]
     for top in tops:
         shutil.rmtree(top, ignore_errors=True)
-        for hierarchy in hierarchies:
-            cgroup = Path(hierarchy) / top.name
-            if cgroup.is_dir():
-                for dirpath, _dirs, _files in os.walk(cgroup, topdown=False):
-                    try:
-                        os.rmdir(dirpath)
-                    except OSError:
-                        pass
+        remove_cgroup_trees(top.name)
+
+
+def private_prefix(tag: str = "") -> str:
+    """A lab prefix owned by this process: `fanlab-p<pid>-<tag>-`. Namespaces
+    with such a prefix whose process is gone are purged when any Lab is made."""
+    return f"fanlab-p{os.getpid()}-{tag}-" if tag else f"fanlab-p{os.getpid()}-"
+
+
+_PRIVATE = re.compile(r"^fanlab-p(\d+)-")
 
 
 def netns_list() -> list[str]:
-    out = run_cmd(["ip", "-j", "netns", "list"], check=False).stdout.strip()
+    """Named network namespaces: the entries of /run/netns, which is what
+    `ip netns list` reads (that command can fail while another process is
+    deleting a namespace)."""
     try:
-        return [entry["name"] for entry in json.loads(out or "[]")]
-    except ValueError:
-        return [line.split()[0] for line in out.splitlines() if line.strip()]
+        return sorted(os.listdir(NETNS_RUN))
+    except FileNotFoundError:
+        return []
 
 
 def netns_pids(ns: str) -> list[int]:
@@ -196,10 +201,14 @@ class Lab:
         self.outside: Host | None = None
         self._namespaces: list[str] = []
         self._etc_dirs: list[Path] = []
-        self._cleanups: list[Callable[[], None]] = []
+        self._cleanups: list[tuple[Host | None, Callable[[], None]]] = []
         self._ports = 0
+        self._purge_dead_private_labs()
         self._lock = _PrefixLock(prefix)
+        started = time.monotonic()
         self._lock.acquire(lock_timeout)
+        # Another test run on this machine with the same prefix makes us wait.
+        self.lock_wait_seconds = time.monotonic() - started
         try:
             self._add_netns(self.switch)
             sw = ["ip", "-n", self.switch]
@@ -277,11 +286,47 @@ class Lab:
     def namespaces(self) -> list[str]:
         return list(self._namespaces)
 
-    def add_cleanup(self, fn: Callable[[], None]) -> None:
-        """Run fn at close(), before the namespaces go (newest first)."""
-        self._cleanups.append(fn)
+    def add_cleanup(self, fn: Callable[[], None], host: Host | None = None) -> None:
+        """Run fn at close() (newest first), or at remove_host(host) if given,
+        before the namespaces go."""
+        self._cleanups.append((host, fn))
+
+    def remove_host(self, name: str) -> None:
+        """Take one host out of the lab: its cleanups (dockerd, plugin), its
+        processes, its namespace (with its veth pair) and /etc/netns entry."""
+        host = self.hosts.pop(name)
+        errors = self._run_cleanups(lambda h: h is host)
+        self._remove_netns(host.name)
+        self._namespaces.remove(host.name)
+        shutil.rmtree(host.etc_dir, ignore_errors=True)
+        self._etc_dirs.remove(host.etc_dir)
+        if errors:
+            raise RuntimeError(f"removing host {name}: " + "; ".join(errors))
+
+    def _run_cleanups(self, select) -> list[str]:
+        errors = []
+        for entry in reversed(list(self._cleanups)):
+            host, fn = entry
+            if select(host):
+                self._cleanups.remove(entry)
+                try:
+                    fn()
+                except Exception as exc:    # keep tearing down; report at the end
+                    errors.append(f"{fn!r}: {exc}")
+        return errors
 
     # -- tearing down -------------------------------------------------------------
+
+    def _purge_dead_private_labs(self) -> None:
+        for ns in netns_list():
+            match = _PRIVATE.match(ns)
+            if match and not pid_alive(int(match.group(1))):
+                self._remove_netns(ns, stale=True)
+                shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
+        for lock in LOCK_DIR.glob("fanlab-p*lab.lock"):
+            match = _PRIVATE.match(lock.name)
+            if match and not pid_alive(int(match.group(1))):
+                lock.unlink(missing_ok=True)
 
     def _remove_netns(self, ns: str, stale: bool = False) -> None:
         # Processes keep a namespace alive after `ip netns del`: end them first,
@@ -294,13 +339,9 @@ class Lab:
             remove_stale_tmpdirs(argvs)
 
     def close(self) -> None:
-        errors = []
-        while self._cleanups:
-            fn = self._cleanups.pop()
-            try:
-                fn()
-            except Exception as exc:    # keep tearing down; report at the end
-                errors.append(f"{fn!r}: {exc}")
+        """Idempotent. Raises RuntimeError naming what could not be removed."""
+        errors = self._run_cleanups(lambda host: True)
+        ours = set(self._namespaces)
         for ns in reversed(self._namespaces):
             self._remove_netns(ns)
         self._namespaces.clear()
@@ -312,12 +353,10 @@ class Lab:
             NETNS_ETC.rmdir()
         except OSError:
             pass
-        self._lock.release()
-        left = [ns for ns in netns_list() if ns == self.switch or ns in
-                {h.name for h in self.hosts.values()} |
-                ({self.outside.name} if self.outside else set())]
+        left = sorted(ours & set(netns_list()))
         if left:
             errors.append(f"namespaces left behind: {left}")
+        self._lock.release()
         if errors:
             raise RuntimeError("lab teardown: " + "; ".join(errors))
 

@@ -66,7 +66,7 @@ class PluginProcess:
         self.start_seconds: float | None = None
         self.proc: subprocess.Popen | None = None
         self._log = None
-        host.lab.add_cleanup(self.close)
+        host.lab.add_cleanup(self.close, host)
 
     @property
     def spec_path(self) -> Path:

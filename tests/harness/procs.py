@@ -148,3 +148,37 @@ def tail(path: str | Path, lines: int = 40, width: int = 400) -> str:
     return "\n".join(line if len(line) <= width else
                      f"{line[:width]} ...[{len(line) - width} more chars]"
                      for line in text.splitlines()[-lines:])
+
+
+def mountinfo() -> list[dict]:
+    entries = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, post = line.rstrip("\n").split(" - ", 1)
+            pre_fields, post_fields = pre.split(), post.split()
+            entries.append({
+                "mountpoint": pre_fields[4].replace("\\040", " "),
+                "mount_opts": pre_fields[5].split(","),
+                "fstype": post_fields[0],
+                "source": post_fields[1],
+                "super_opts": post_fields[2] if len(post_fields) > 2 else "",
+            })
+    return entries
+
+
+def cgroup_hierarchies() -> list[str]:
+    """Mountpoints of the host's cgroup (v1) and cgroup2 filesystems."""
+    return [m["mountpoint"] for m in mountinfo() if m["fstype"] in ("cgroup", "cgroup2")]
+
+
+def remove_cgroup_trees(name: str) -> None:
+    """rmdir /<hierarchy>/<name> and everything below it, in every cgroup
+    hierarchy (a cgroup directory goes with its control files once empty)."""
+    for hierarchy in cgroup_hierarchies():
+        top = Path(hierarchy) / name
+        if top.is_dir():
+            for dirpath, _dirs, _files in os.walk(top, topdown=False):
+                try:
+                    os.rmdir(dirpath)
+                except OSError:
+                    pass

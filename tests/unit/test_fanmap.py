@@ -6,7 +6,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fan_driver.errors import FanError
-from fan_driver.fanmap import IFNAME_MAX, FanMap, HostSlice, bridge_name
+from fan_driver.fanmap import IFNAME_MAX, UNUSABLE, FanMap, HostSlice, bridge_name
 
 
 def fan(overlay: str, underlay: str) -> FanMap:
@@ -109,11 +109,15 @@ def test_peers_are_every_other_host_with_its_slice():
 @st.composite
 def fans(draw):
     """A valid fan: overlay /O, underlay /U, O + (32 - U) <= 24, no overlap."""
-    o = draw(st.integers(min_value=1, max_value=24))
+    o = draw(st.integers(min_value=4, max_value=24))
     u = draw(st.integers(min_value=o + 8, max_value=32))
-    overlay = IPv4Network((draw(st.integers(0, 2**32 - 1)), o), strict=False)
+    # Overlays come from the unicast ranges a container address can be in.
+    base = draw(st.integers(0x01000000, 0x7EFFFFFF) | st.integers(0x80000000, 0xDFFFFFFF)
+                | st.integers(0xF0000000, 0xFEFFFFFF))
+    overlay = IPv4Network((base, o), strict=False)
     underlay = IPv4Network((draw(st.integers(0, 2**32 - 1)), u), strict=False)
     assume(not overlay.overlaps(underlay))
+    assume(not any(overlay.overlaps(n) for n in UNUSABLE))
     return FanMap(overlay, underlay)
 
 
@@ -176,3 +180,9 @@ def test_property_bridge_name_is_a_valid_interface_name(data):
     assert name.startswith("fan-")
     assert 1 <= len(name) <= IFNAME_MAX
     assert "/" not in name and not any(c.isspace() for c in name)
+
+
+@pytest.mark.parametrize("overlay", ["230.0.0.0/8", "127.0.0.0/8", "0.0.0.0/8", "224.0.0.0/3"])
+def test_overlay_without_container_addresses_is_refused(overlay):
+    with pytest.raises(FanError, match="cannot be given to containers"):
+        FanMap(IPv4Network(overlay), IPv4Network("172.30.0.0/16"))

@@ -1,0 +1,100 @@
+"""Peers found by the kernel itself: Ubuntu's Fan patch.
+
+On a patched kernel (/proc/sys/net/fan/version exists) a tunnel device with no
+remote address can carry a "fan map", and the kernel computes every packet's
+outer destination from its inner one. pyroute2 does not know the attribute, so
+the RTM_NEWLINK message is built here by hand; everything after creation (mark,
+MTU, up, route) goes through pyroute2 as usual.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+from ..errors import FanError
+from ..fanmap import FanMap
+from .netlink import Links
+from .plan import MARK, VXLAN_PORT, NetworkPlan
+
+RTM_NEWLINK = 16
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+NLMSG_ERROR = 2
+IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO = 3, 4, 18
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+NLA_F_NESTED = 0x8000
+# Tunnel attributes (ipip: IFLA_IPTUN_*, vxlan: IFLA_VXLAN_*).
+IPIP_ATTRS = {"link": 1, "local": 2, "ttl": 4}
+VXLAN_ATTRS = {"id": 1, "link": 3, "local": 4, "ttl": 5, "port": 15}
+FAN_MAP = 33          # IFLA_IPTUN_FAN_MAP and IFLA_VXLAN_FAN_MAP alike
+FAN_MAPPING = 1       # IFLA_FAN_MAPPING
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _nested(kind: int, *attrs: bytes) -> bytes:
+    return _attr(kind | NLA_F_NESTED, b"".join(attrs))
+
+
+def fan_mapping(fan: FanMap) -> bytes:
+    """struct ifla_fan_map { __be32 underlay; __be32 overlay; __u16 underlay_prefix;
+    __u16 overlay_prefix; }"""
+    return (fan.underlay.network_address.packed + fan.overlay.network_address.packed
+            + struct.pack("=HH", fan.underlay.prefixlen, fan.overlay.prefixlen))
+
+
+def newlink_message(name: str, plan: NetworkPlan, underlay_index: int, seq: int = 1) -> bytes:
+    """The whole RTM_NEWLINK request for a fan-mapped tunnel device. Pure."""
+    local = plan.underlay_address.packed
+    fan_map = _nested(FAN_MAP, _attr(FAN_MAPPING, fan_mapping(plan.host.fan)))
+    if plan.encap.name == "ipip":
+        data = [_attr(IPIP_ATTRS["link"], struct.pack("=I", underlay_index)),
+                _attr(IPIP_ATTRS["local"], local),
+                _attr(IPIP_ATTRS["ttl"], struct.pack("=B", 64)), fan_map]
+    else:
+        data = [_attr(VXLAN_ATTRS["id"], struct.pack("=I", plan.vni)),
+                _attr(VXLAN_ATTRS["link"], struct.pack("=I", underlay_index)),
+                _attr(VXLAN_ATTRS["local"], local),
+                _attr(VXLAN_ATTRS["port"], struct.pack("!H", VXLAN_PORT)), fan_map]
+    body = (struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
+            + _attr(IFLA_IFNAME, name.encode() + b"\0")
+            + _attr(IFLA_MTU, struct.pack("=I", plan.mtu))
+            + _nested(IFLA_LINKINFO, _attr(IFLA_INFO_KIND, plan.encap.name.encode() + b"\0"),
+                      _nested(IFLA_INFO_DATA, *data)))
+    flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+    return struct.pack("=IHHII", 16 + len(body), RTM_NEWLINK, flags, seq, 0) + body
+
+
+def _send(message: bytes) -> None:
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.bind((0, 0))
+        sock.send(message)
+        reply = sock.recv(65536)
+    kind = struct.unpack_from("=H", reply, 4)[0]
+    error = struct.unpack_from("=i", reply, 16)[0] if kind == NLMSG_ERROR else 0
+    if error:
+        raise FanError(f"the kernel refused a fan-mapped tunnel device: {os.strerror(-error)}")
+
+
+class KernelMapping:
+    name = "kernel"
+
+    def tunnel_device(self, plan: NetworkPlan) -> str:
+        return f"fanm-{plan.vni:06x}"
+
+    async def ensure(self, links: Links, plan: NetworkPlan) -> None:
+        device = self.tunnel_device(plan)
+        index = await links.index(device)
+        if index is None:
+            _send(newlink_message(device, plan, await links.index(plan.underlay_interface)))
+            index = await links.index(device)
+        await links.claim(device, plan.encap.name, MARK)
+        await links.set_up(index, mtu=plan.mtu)
+        await links.ensure_route(plan.overlay, index)
+
+    async def remove(self, links: Links, plan: NetworkPlan) -> None:
+        await links.delete(self.tunnel_device(plan))   # its route goes with it
+
