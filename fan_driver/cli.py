@@ -36,6 +36,9 @@ def parse_args(argv):
     for cmd in (serve, show):
         cmd.add_argument("--state-dir",
                          default=os.environ.get("FAN_STATE_DIR", DEFAULT_STATE_DIR))
+    from . import check
+    check.add_arguments(sub.add_parser(
+        "check", help="what this host supports and what the plugin would do here"))
     return parser.parse_args(argv)
 
 
@@ -48,6 +51,9 @@ def main(argv=None) -> int:
                                 format="%(levelname)s %(name)s: %(message)s")
             log.setLevel(args.log_level.upper())
             asyncio.run(serve(args))
+        elif args.command == "check":
+            from . import check
+            return check.run(args)
         else:
             show(Path(args.state_dir))
     except FanError as exc:
@@ -62,11 +68,13 @@ async def serve(args) -> None:
     from . import host, server
     from .dataplane import Dataplane, ebpf
     from .dataplane.firewall import Firewall
+    from .faults import Faults
     from .ipam import IpamDriver
     from .ledger import Ledger
     from .network import NetworkDriver
 
     default_underlay = UnderlaySpec.parse(args.default_underlay)
+    faults = Faults.from_env()   # FAN_CRASH_AT, for crash tests; a no-op when unset
     store = Store(Path(args.state_dir))
     state = store.open()
     async with AsyncIPRoute() as ipr:
@@ -78,8 +86,8 @@ async def serve(args) -> None:
             return host.read_facts(ipr)
 
         network = NetworkDriver(ledger, Dataplane(ipr, Firewall()), features, read_facts,
-                                args.default_encap)
-        ipam = IpamDriver(ledger, read_facts, default_underlay)
+                                args.default_encap, faults=faults)
+        ipam = IpamDriver(ledger, read_facts, default_underlay, network=network, faults=faults)
         await network.restore()
         runner = await server.start(server.make_app(network, ipam), Path(args.socket))
         log.info("serving on %s, state in %s", args.socket, args.state_dir)

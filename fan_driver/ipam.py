@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from ipaddress import IPv4Address, IPv4Interface
-from typing import Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from .config import DEFAULT_OVERLAY, HostFacts, UnderlaySpec, parse_cidr, parse_ipam_options, resolve_underlay
 from .errors import FanError, NotFound
 from .fanmap import FanMap
+from .faults import NO_FAULTS, Faults
 from .ledger import Ledger
 from .model import Pool, pool_id, short_id
 
@@ -58,10 +59,15 @@ def allocate(pool: Pool, requested: Optional[IPv4Address]) -> IPv4Address:
 
 class IpamDriver:
     def __init__(self, ledger: Ledger, read_facts: Callable[[], Awaitable[HostFacts]],
-                 default_underlay: UnderlaySpec):
+                 default_underlay: UnderlaySpec, network: Any = None,
+                 faults: Faults = NO_FAULTS):
         self.ledger = ledger
         self.read_facts = read_facts
         self.default_underlay = default_underlay
+        # The NetworkDriver: removes the network or endpoint of a pool or address
+        # that Docker releases while they still hold it (see release_*).
+        self.network = network
+        self.faults = faults
 
     async def capabilities(self) -> dict:
         return {"RequiresMACAddress": False, "RequiresRequestReplay": False}
@@ -81,7 +87,10 @@ class IpamDriver:
         spec = parse_ipam_options(options) or self.default_underlay
         pid = pool_id(overlay)
         async with self.ledger.change() as state:
-            for other_id, other in state.pools.items():
+            for other_id, other in list(state.pools.items()):
+                if other.unclaimed and state.network_of_pool(other_id) is None:
+                    del state.pools[other_id]   # its request's reply was lost in a crash
+                    continue
                 if overlay.overlaps(parse_cidr(other.overlay, "overlay")):
                     nid = state.network_of_pool(other_id)
                     owner = f"fan network {short_id(nid)}" if nid else "another fan network"
@@ -94,20 +103,33 @@ class IpamDriver:
                 if route.overlaps(overlay):
                     raise FanError(f"overlay {overlay} overlaps route {route} already on this "
                                    "host; pick an overlay that no local network uses")
+            for iface in facts.interfaces:
+                for addr in iface.addresses:
+                    if addr.ip in overlay:
+                        raise FanError(f"overlay {overlay} holds address {addr.ip} of "
+                                       f"{iface.name} on this host; pick an overlay that no "
+                                       "local network uses")
             state.pools[pid] = Pool(
                 overlay=str(overlay), underlay=str(underlay.network),
                 underlay_address=str(underlay.address), interface=underlay.interface,
                 mtu=underlay.mtu, addresses={})
             log.info("pool %s: host %s owns slice %s", overlay, underlay.address,
                      fan.slice_for(underlay.address))
+        self.faults.check("request_pool:after_state")
         return {"PoolID": pid, "Pool": str(overlay), "Data": {}}
 
     async def release_pool(self, pid: str) -> dict:
         async with self.ledger.change() as state:
-            # Docker releases the pool before DeleteNetwork, which still needs it
-            # and removes it then.
-            if pid in state.pools and state.network_of_pool(pid) is None:
-                del state.pools[pid]
+            nid = state.network_of_pool(pid)
+            if nid is None:
+                state.pools.pop(pid, None)
+            elif self.network is not None:
+                # Docker releases a network's pool once it is done with the network:
+                # just before DeleteNetwork when removing it (and it ignores
+                # DeleteNetwork's errors), or when it gave up creating it (because
+                # CreateNetwork failed, if only as far as Docker could tell).
+                await self.network.remove_network(state, nid)
+        self.faults.check("release_pool:after_state")
         return {}
 
     async def request_address(self, pid: str, address: str, options: Optional[dict]) -> dict:
@@ -119,18 +141,34 @@ class IpamDriver:
                 if address and _parse_address(address) != slice_.gateway.ip:
                     raise FanError(f"the fan's gateway is always {slice_.gateway.ip}; "
                                    "drop --gateway")
-                pool.addresses[str(slice_.gateway.ip)] = GATEWAY
-                return {"Address": str(slice_.gateway), "Data": {}}
-            requested = _parse_address(address) if address else None
-            chosen = allocate(pool, requested)
-            pool.addresses[str(chosen)] = ""
-        return {"Address": str(IPv4Interface((chosen, slice_.slice.prefixlen))), "Data": {}}
+                chosen = slice_.gateway
+                pool.addresses[str(chosen.ip)] = GATEWAY
+            else:
+                requested = _parse_address(address) if address else None
+                chosen = IPv4Interface((allocate(pool, requested), slice_.slice.prefixlen))
+                pool.addresses[str(chosen.ip)] = ""
+        self.faults.check("request_address:after_state")
+        return {"Address": str(chosen), "Data": {}}
 
     async def release_address(self, pid: str, address: str) -> dict:
+        ip = str(_parse_address(address))
         async with self.ledger.change() as state:
             pool = state.pools.get(pid)
-            if pool is not None:
-                pool.addresses.pop(str(_parse_address(address)), None)
+            if pool is None:
+                return {}
+            owner = pool.addresses.get(ip)
+            nid = state.network_of_pool(pid)
+            if (self.network is not None and nid is not None and owner
+                    and owner in state.networks[nid].endpoints):
+                # DeleteEndpoint normally lets go of the address first. An endpoint
+                # that still holds it is one Docker gave up on: its CreateEndpoint
+                # failed as far as Docker could tell (the plugin crashed before
+                # answering), or its DeleteEndpoint did (Docker ignores that).
+                log.warning("address %s released while endpoint %s holds it: removing "
+                            "the endpoint", ip, short_id(owner))
+                await self.network.remove_endpoint(state, nid, owner)
+            pool.addresses.pop(ip, None)
+        self.faults.check("release_address:after_state")
         return {}
 
     @staticmethod
@@ -143,7 +181,8 @@ class IpamDriver:
 
 
 def _parse_address(text: str) -> IPv4Address:
+    """`a.b.c.d`, as Docker sends it, or `a.b.c.d/len` (a valid length)."""
     try:
-        return IPv4Address(str(text).split("/")[0])
+        return IPv4Interface(str(text)).ip
     except ValueError:
-        raise FanError(f"{text!r} is not an IPv4 address") from None
+        raise FanError(f"{str(text)[:80]!r} is not an IPv4 address") from None

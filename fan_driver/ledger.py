@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -15,18 +14,26 @@ class Ledger:
         self.store = store
         self.state = state
         self._lock = asyncio.Lock()
+        # What the state file holds: a change that fails goes back to it.
+        self._saved = state.to_json()
 
     @asynccontextmanager
     async def change(self) -> AsyncIterator[State]:
         """Serialise a request; keep its changes only if it succeeds, and save them."""
         async with self._lock:
-            snapshot = copy.deepcopy(self.state)
             try:
                 yield self.state
-                self.store.save(self.state)
+                self._saved = self.store.save(self.state)
             except BaseException:
-                self.state = snapshot
+                self.state = State.from_json(self._saved)
                 raise
+
+    def commit(self) -> None:
+        """Inside change(): save now. Removals call it before touching the kernel,
+        so that a crash or a failure after it leaves only kernel objects that no
+        state accounts for (restore() removes them), never state without them."""
+        assert self._lock.locked(), "commit() outside change()"
+        self._saved = self.store.save(self.state)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[State]:

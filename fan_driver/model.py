@@ -1,7 +1,7 @@
 """The plugin's state: pools, networks and endpoints, and their JSON form. Pure."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Dict, Optional
 
@@ -10,6 +10,10 @@ from .fanmap import FanMap, HostSlice
 # Pools are keyed by their overlay: two fan networks can never share one.
 POOL_PREFIX = "fan:"
 ENDPOINT_IFNAME_PREFIX = "fve"
+# The owner of an address that was handed out but not yet used by an endpoint
+# when the plugin (re)started: Docker either claims it within its retries or
+# never will (the reply was lost in a crash), so it is released after a while.
+UNCLAIMED = "unclaimed"
 
 
 def pool_id(overlay: IPv4Network) -> str:
@@ -30,8 +34,11 @@ class Pool:
     interface: str           # the link the underlay is on
     mtu: int                 # that link's MTU
     host_reserve: int = 1
-    # address -> owner ("gateway", or the endpoint that holds it, "" until known)
+    # address -> owner ("gateway", the endpoint that holds it, "" until known,
+    # UNCLAIMED after a restart)
     addresses: Dict[str, str] = field(default_factory=dict)
+    # Handed out before a restart and no network uses it yet: released after a while.
+    unclaimed: bool = False
 
     @property
     def host_slice(self) -> HostSlice:
@@ -69,16 +76,25 @@ class State:
     networks: Dict[str, Network] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"version": 1, "pools": {k: asdict(v) for k, v in self.pools.items()},
-                "networks": {k: asdict(v) for k, v in self.networks.items()}}
+        """A copy as plain data (by hand: dataclasses.asdict is ten times slower,
+        and this runs on every change)."""
+        return {"version": 1,
+                "pools": {k: dict(vars(p), addresses=dict(p.addresses))
+                          for k, p in self.pools.items()},
+                "networks": {k: dict(vars(n), endpoints={e: dict(vars(ep))
+                                                         for e, ep in n.endpoints.items()})
+                             for k, n in self.networks.items()}}
 
     @classmethod
     def from_json(cls, data: dict) -> "State":
+        """The state in `data`, sharing nothing with it."""
         networks = {}
         for nid, raw in data.get("networks", {}).items():
+            raw = dict(raw)
             eps = {eid: Endpoint(**ep) for eid, ep in raw.pop("endpoints", {}).items()}
             networks[nid] = Network(endpoints=eps, **raw)
-        pools = {pid: Pool(**raw) for pid, raw in data.get("pools", {}).items()}
+        pools = {pid: Pool(**dict(raw, addresses=dict(raw.get("addresses", {}))))
+                 for pid, raw in data.get("pools", {}).items()}
         return cls(pools=pools, networks=networks)
 
     def network_of_pool(self, pid: str) -> Optional[str]:

@@ -1,7 +1,9 @@
 """The NetworkDriver: turns Docker's network and endpoint calls into a fan on this host."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 from ipaddress import IPv4Interface
 from typing import Awaitable, Callable, Optional
 
@@ -9,14 +11,16 @@ from .config import HostFacts, NetworkOptions, parse_cidr, resolve_underlay
 from .dataplane import Dataplane, choose
 from .dataplane.plan import ENCAPS, NetworkPlan
 from .errors import FanError, NotFound
+from .faults import NO_FAULTS, Faults
 from .host import KernelFeatures
-from .ipam import ADDRESS_SPACE
+from .ipam import ADDRESS_SPACE, GATEWAY
 from .ledger import Ledger
-from .model import Endpoint, Network, State, mac_for, pool_id, short_id
+from .model import UNCLAIMED, Endpoint, Network, State, mac_for, pool_id, short_id
 
 log = logging.getLogger(__name__)
 
 GENERIC_OPTIONS = "com.docker.network.generic"
+MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 CREATE_HINT = ("docker network create -d fan --ipam-driver fan --subnet 250.0.0.0/8 "
                "[--ipam-opt underlay=172.30.0.0/16] NAME")
 
@@ -30,13 +34,20 @@ def plan_for(state: State, network_id: str) -> NetworkPlan:
 
 
 class NetworkDriver:
+    # Docker retries a call for 30 s; after a restart, whatever was in flight at
+    # the crash is claimed or released by Docker well within this time.
+    UNCLAIMED_GRACE = 30.0
+
     def __init__(self, ledger: Ledger, dataplane: Dataplane, features: KernelFeatures,
-                 read_facts: Callable[[], Awaitable[HostFacts]], default_encap: str = "auto"):
+                 read_facts: Callable[[], Awaitable[HostFacts]], default_encap: str = "auto",
+                 faults: Faults = NO_FAULTS):
         self.ledger = ledger
         self.dataplane = dataplane
         self.features = features
         self.read_facts = read_facts
         self.default_encap = default_encap
+        self.faults = faults
+        self._sweep: Optional[asyncio.Task] = None
 
     async def capabilities(self) -> dict:
         return {"Scope": "local", "ConnectivityScope": "global"}
@@ -57,6 +68,7 @@ class NetworkDriver:
                 raise FanError(f"host_reserve={opts.host_reserve} leaves no container address "
                                f"in slice {pool.host_slice.slice}")
             pool.host_reserve = opts.host_reserve
+            pool.unclaimed = False
             encap, mapping = choose(
                 opts.encap if opts.encap != "auto" else self.default_encap, opts.mapping,
                 self.features)
@@ -67,6 +79,8 @@ class NetworkDriver:
                             - {n.tc_pref for n in state.networks.values()}))
             plan = plan_for(state, network_id)
             await self.dataplane.ensure_network(plan)
+            self.faults.check("create_network:after_kernel")
+        self.faults.check("create_network:after_state")
         log.info("network %s: bridge %s slice %s over %s via %s/%s, mtu %d",
                  short_id(network_id), plan.bridge, plan.slice, pool.underlay,
                  encap.name, mapping, plan.mtu)
@@ -75,8 +89,12 @@ class NetworkDriver:
     @staticmethod
     def _claim_pool(state: State, ipv4_data: list) -> str:
         data = ipv4_data[0] if ipv4_data else {}
-        if not isinstance(data, dict):
-            raise FanError("IPv4Data must be a list of objects")
+        if not isinstance(data, dict) or not isinstance(data.get("Pool", ""), str):
+            raise FanError("IPv4Data must be a list of objects with a Pool string")
+        if data.get("AuxAddresses"):
+            raise FanError("--aux-address is not supported on a fan network: each host hands "
+                           "out its own slice; keep addresses for the host with "
+                           "-o host_reserve=N instead")
         pid = pool_id(parse_cidr(data.get("Pool", ""), "subnet")) if data.get("Pool") else ""
         if data.get("AddressSpace") != ADDRESS_SPACE or pid not in state.pools:
             raise FanError(
@@ -110,14 +128,23 @@ class NetworkDriver:
 
     async def delete_network(self, network_id: str) -> dict:
         async with self.ledger.change() as state:
-            if network_id not in state.networks:
-                return {}
-            plan = plan_for(state, network_id)
-            net = state.networks.pop(network_id)
-            await self.dataplane.remove_network(plan, list(net.endpoints))
-            state.pools.pop(net.pool_id, None)
-        log.info("network %s removed", short_id(network_id))
+            if network_id in state.networks:
+                await self.remove_network(state, network_id)
         return {}
+
+    async def remove_network(self, state: State, network_id: str) -> None:
+        """Forget a network and its pool, then remove its kernel objects; the
+        caller holds the ledger (change()). The IPAM calls this too when Docker
+        releases the pool: Docker does that just before DeleteNetwork (whose
+        errors it ignores) or when it gave up creating the network."""
+        plan = plan_for(state, network_id)
+        net = state.networks.pop(network_id)
+        state.pools.pop(net.pool_id, None)
+        self.ledger.commit()
+        self.faults.check("delete_network:after_state")
+        await self.dataplane.remove_network(plan, list(net.endpoints))
+        self.faults.check("delete_network:after_kernel")
+        log.info("network %s removed", short_id(network_id))
 
     async def create_endpoint(self, network_id: str, endpoint_id: str,
                               interface: Optional[dict]) -> dict:
@@ -128,27 +155,42 @@ class NetworkDriver:
             net = self._network(state, network_id)
             plan = plan_for(state, network_id)
             address = _endpoint_address(interface.get("Address"), plan)
-            mac = interface.get("MacAddress") or mac_for(address)
-            await self.dataplane.attach(plan, endpoint_id, mac)
-            net.endpoints[endpoint_id] = Endpoint(address=str(address), mac=mac)
             pool = state.pools[net.pool_id]
+            owner = pool.addresses.get(str(address.ip))
+            if owner not in (None, "", UNCLAIMED, endpoint_id):
+                raise FanError(f"address {address.ip} is already used by "
+                               f"{owner if owner == GATEWAY else 'endpoint ' + short_id(owner)}")
+            mac = _mac(interface.get("MacAddress")) or mac_for(address)
+            await self.dataplane.attach(plan, endpoint_id, mac)
+            self.faults.check("create_endpoint:after_kernel")
+            net.endpoints[endpoint_id] = Endpoint(address=str(address), mac=mac)
             pool.addresses[str(address.ip)] = endpoint_id
+        self.faults.check("create_endpoint:after_state")
         log.info("endpoint %s on %s: %s", short_id(endpoint_id), short_id(network_id), address)
         return {"Interface": {} if interface.get("MacAddress") else {"MacAddress": mac}}
 
     async def delete_endpoint(self, network_id: str, endpoint_id: str) -> dict:
         async with self.ledger.change() as state:
             net = state.networks.get(network_id)
-            if net is None or endpoint_id not in net.endpoints:
-                return {}
-            await self.dataplane.detach(endpoint_id)
-            endpoint = net.endpoints.pop(endpoint_id)
-            addresses = state.pools[net.pool_id].addresses
-            ip = str(IPv4Interface(endpoint.address).ip)
-            if addresses.get(ip) == endpoint_id:
-                addresses[ip] = ""   # Docker releases the address itself next
-        log.info("endpoint %s removed", short_id(endpoint_id))
+            if net is not None and endpoint_id in net.endpoints:
+                await self.remove_endpoint(state, network_id, endpoint_id)
         return {}
+
+    async def remove_endpoint(self, state: State, network_id: str, endpoint_id: str) -> None:
+        """Forget an endpoint, then delete its veth; the caller holds the ledger.
+        Its address stays taken until Docker releases it (the IPAM calls this
+        too, when Docker releases an address an endpoint still holds)."""
+        net = state.networks[network_id]
+        endpoint = net.endpoints.pop(endpoint_id)
+        addresses = state.pools[net.pool_id].addresses
+        ip = str(IPv4Interface(endpoint.address).ip)
+        if addresses.get(ip) == endpoint_id:
+            addresses[ip] = ""   # Docker releases the address itself next
+        self.ledger.commit()
+        self.faults.check("delete_endpoint:after_state")
+        await self.dataplane.detach(endpoint_id)
+        self.faults.check("delete_endpoint:after_kernel")
+        log.info("endpoint %s removed", short_id(endpoint_id))
 
     async def endpoint_info(self, network_id: str, endpoint_id: str) -> dict:
         async with self.ledger.read() as state:
@@ -160,25 +202,60 @@ class NetworkDriver:
         async with self.ledger.read() as state:
             self._endpoint(state, network_id, endpoint_id)
             plan = plan_for(state, network_id)
-            # Rules are cheap to check, and something may have flushed them.
-            await self.dataplane.ensure_rules(plan)
+        # Rules are cheap to check, and something may have flushed them. Outside
+        # the ledger: other requests need not wait for iptables (the firewall
+        # serialises its own changes; Docker never removes a network while an
+        # endpoint on it joins).
+        await self.dataplane.ensure_rules(plan)
+        self.faults.check("join:after_kernel")
         return {"InterfaceName": {"SrcName": Endpoint.container_ifname(endpoint_id),
                                   "DstPrefix": "eth"},
                 "Gateway": str(plan.gateway.ip), "StaticRoutes": [],
                 "DisableGatewayService": False}
 
     async def leave(self, network_id: str, endpoint_id: str) -> dict:
+        self.faults.check("leave:before_reply")
         return {}
 
     async def restore(self) -> None:
-        """After a restart or a reboot: make the kernel match the state, both ways."""
-        async with self.ledger.read() as state:
+        """After a restart or a reboot: make the kernel match the state, both ways
+        (remove what no state accounts for, make again what the state holds), and
+        release, after a grace period, what was handed out and not yet used when
+        the plugin stopped: a reply lost in a crash is one Docker never saw."""
+        async with self.ledger.change() as state:
+            unclaimed = _mark_unclaimed(state)
             plans = [plan_for(state, nid) for nid in state.networks]
             endpoints = {eid for net in state.networks.values() for eid in net.endpoints}
             await self.dataplane.remove_orphans(plans, endpoints)
+            self.faults.check("restore:after_orphans")
             for plan in plans:
-                await self.dataplane.ensure_network(plan)
+                try:
+                    await self.dataplane.ensure_network(plan, undo_on_failure=False)
+                    await self.dataplane.reattach(plan, state.networks[plan.network_id].endpoints)
+                except FanError as exc:   # serve the others; requests on it will say so
+                    log.error("network %s cannot be restored: %s", short_id(plan.network_id), exc)
+                    continue
+                self.faults.check("restore:after_network")
                 log.info("network %s restored: bridge %s", short_id(plan.network_id), plan.bridge)
+        if unclaimed:
+            log.warning("%s handed out before the restart and not in use yet: released in "
+                        "%.0f s unless Docker uses them", ", ".join(unclaimed),
+                        self.UNCLAIMED_GRACE)
+            self._sweep = asyncio.get_running_loop().create_task(
+                self._release_unclaimed(self.UNCLAIMED_GRACE))
+
+    async def _release_unclaimed(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        async with self.ledger.change() as state:
+            for pid, pool in list(state.pools.items()):
+                if pool.unclaimed and state.network_of_pool(pid) is None:
+                    del state.pools[pid]
+                    log.warning("released pool %s: no network used it", pid)
+                    continue
+                for ip, owner in list(pool.addresses.items()):
+                    if owner == UNCLAIMED:
+                        del pool.addresses[ip]
+                        log.warning("released address %s: no endpoint used it", ip)
 
     @staticmethod
     def _network(state: State, network_id: str) -> Network:
@@ -195,10 +272,35 @@ class NetworkDriver:
                            f"{short_id(network_id)}") from None
 
 
+def _mark_unclaimed(state: State) -> list:
+    """Mark pools without a network and addresses without an endpoint; say which."""
+    marked = []
+    for pid, pool in state.pools.items():
+        if state.network_of_pool(pid) is None:
+            pool.unclaimed = True
+            marked.append(f"pool {pid}")
+        for ip, owner in pool.addresses.items():
+            if owner in ("", UNCLAIMED):
+                pool.addresses[ip] = UNCLAIMED
+                marked.append(f"address {ip}")
+    return marked
+
+
+def _mac(text) -> Optional[str]:
+    if not text:
+        return None
+    if not isinstance(text, str) or not MAC.fullmatch(text) or int(text[:2], 16) & 1:
+        raise FanError(f"endpoint MAC address {str(text)[:40]!r} is not a unicast MAC "
+                       "address such as 0e:fa:fa:00:1c:02")
+    return text.lower()
+
+
 def _endpoint_address(text: Optional[str], plan: NetworkPlan) -> IPv4Interface:
     if not text:
         raise FanError("the endpoint has no address: fan networks take addresses from "
                        f"the fan IPAM; create the network with: {CREATE_HINT}")
+    if not isinstance(text, str):
+        raise FanError(f"endpoint address {text!r} is not an IPv4 address")
     try:
         address = IPv4Interface(text)
     except ValueError:

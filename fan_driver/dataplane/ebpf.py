@@ -20,9 +20,10 @@ from ..errors import FanError
 from ..fanmap import FanMap
 from . import bpf
 from .netlink import Links
-from .plan import MARK, VXLAN_PORT, NetworkPlan
+from .plan import ENCAPS, MARK, VXLAN_PORT, NetworkPlan
 
 SHARED_VXLAN_MAC = "0e:fa:00:00:00:01"
+PROGRAM_PREFIX = "fan_"
 log = logging.getLogger(__name__)
 
 
@@ -65,9 +66,30 @@ class EbpfMapping:
     def tunnel_device(self, plan: NetworkPlan) -> str:
         return plan.encap.device
 
+    async def remove_orphans(self, links: Links, plans) -> None:
+        """On each shared device, the filters and overlay routes of networks that
+        `plans` (this mapping's networks in the state) do not account for: left
+        by a crash between the kernel work and the state write."""
+        for encap in ENCAPS.values():
+            index = await links.index(encap.device)
+            if index is None:
+                continue
+            ours = [p for p in plans if p.encap.name == encap.name]
+            prefs = {p.tc_pref for p in ours}
+            for pref, name in (await bpf.egress_filters(links.ipr, index)).items():
+                if pref not in prefs and name.startswith(PROGRAM_PREFIX):
+                    log.warning("removing orphan eBPF filter %s (pref %d) on %s",
+                                name, pref, encap.device)
+                    await bpf.detach_egress(links.ipr, index, pref)
+            overlays = {p.overlay for p in ours}
+            for dst in await links.routes_on(index):
+                if dst not in overlays:
+                    log.warning("removing orphan route %s on %s", dst, encap.device)
+                    await links.remove_route(dst, index)
+
     @staticmethod
     def _program_name(plan: NetworkPlan) -> str:
-        return f"fan_{plan.network_id[:8]}"
+        return f"{PROGRAM_PREFIX}{plan.network_id[:8]}"
 
     async def _ensure_device(self, links: Links, plan: NetworkPlan) -> int:
         if plan.encap.name == "vxlan":

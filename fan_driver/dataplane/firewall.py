@@ -43,6 +43,8 @@ def network_rules(plan: NetworkPlan, tunnel_device: str) -> List[Rule]:
 class Firewall:
     def __init__(self, binary: str = "iptables"):
         self.binary = binary
+        # Checking a rule and adding it are two commands: one change at a time.
+        self._lock = asyncio.Lock()
 
     async def _run(self, table: str, *args: str) -> Tuple[int, str]:
         try:
@@ -69,16 +71,22 @@ class Firewall:
                 await self._must(table, "-I", builtin, "1", "-j", chain)
 
     async def ensure(self, rules: Sequence[Rule]) -> None:
-        await self._ensure_chains()
-        for table, chain, spec in rules:
-            if (await self._run(table, "-C", chain, *spec))[0] != 0:
-                await self._must(table, "-A", chain, *spec)
+        async with self._lock:
+            await self._ensure_chains()
+            for table, chain, spec in rules:
+                if (await self._run(table, "-C", chain, *spec))[0] != 0:
+                    await self._must(table, "-A", chain, *spec)
 
     async def remove(self, rules: Sequence[Rule]) -> None:
-        for table, chain, spec in rules:
-            while (await self._run(table, "-D", chain, *spec))[0] == 0:
-                pass
-        await self._drop_empty_chains()
+        async with self._lock:
+            for table, chain, spec in rules:
+                while (await self._run(table, "-D", chain, *spec))[0] == 0:
+                    pass
+            await self._drop_empty_chains()
+
+    async def drop_empty_chains(self) -> None:
+        async with self._lock:
+            await self._drop_empty_chains()
 
     async def _drop_empty_chains(self) -> None:
         for table, builtin, chain in CHAINS:
@@ -101,10 +109,12 @@ class Firewall:
 
     async def remove_marked(self, short_network_id: str) -> None:
         """Remove every rule in our chains that carries this network's mark."""
-        for table, _, chain in CHAINS:
-            code, out = await self._run(table, "-S", chain)
-            for line in out.splitlines() if code == 0 else ():
-                if f'--comment "fan-driver {short_network_id}"' in line and line.startswith("-A"):
-                    await self._run(table, "-D", *shlex.split(line[3:]))
-        await self._drop_empty_chains()
+        async with self._lock:
+            for table, _, chain in CHAINS:
+                code, out = await self._run(table, "-S", chain)
+                for line in out.splitlines() if code == 0 else ():
+                    if (f'--comment "fan-driver {short_network_id}"' in line
+                            and line.startswith("-A")):
+                        await self._run(table, "-D", *shlex.split(line[3:]))
+            await self._drop_empty_chains()
 

@@ -98,3 +98,6 @@ class KernelMapping:
     async def remove(self, links: Links, plan: NetworkPlan) -> None:
         await links.delete(self.tunnel_device(plan))   # its route goes with it
 
+    async def remove_orphans(self, links: Links, plans) -> None:
+        """Nothing is shared: an orphan's device goes as an orphan interface."""
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 from ipaddress import IPv4Interface, IPv4Network
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -13,6 +13,12 @@ from ..errors import FanError
 from .plan import MARK
 
 GONE = (errno.ENODEV, errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
+MAIN_TABLE = 254
+
+
+def is_ours(alias: Optional[str]) -> bool:
+    """Whether an interface alias is our mark ("fan-driver" or "fan-driver <network>")."""
+    return alias == MARK or (alias or "").startswith(MARK + " ")
 
 
 class Links:
@@ -27,8 +33,8 @@ class Links:
         """name -> mark of every interface we created."""
         result = {}
         async for link in await self.ipr.get_links():
-            alias = link.get("ifalias") or ""
-            if alias == MARK or alias.startswith(MARK + " "):
+            alias = link.get("ifalias")
+            if is_ours(alias):
                 result[link.get("ifname")] = alias
         return result
 
@@ -42,8 +48,7 @@ class Links:
                 raise FanError(f"cannot create {kind} device {name}: {exc.args[-1]}") from exc
             index = await self.index(name)
         else:
-            alias = await self._alias(index)
-            if not (alias or "").startswith(MARK):
+            if not is_ours(await self._alias(index)):
                 raise FanError(
                     f"interface {name} already exists and was not made by fan-driver; "
                     "remove it or choose another overlay")
@@ -83,6 +88,9 @@ class Links:
     async def ensure_veth(self, host_name: str, peer_name: str, mtu: int, mac: str,
                           bridge_index: int, mark: str) -> None:
         index = await self.index(host_name)
+        if index is not None and not is_ours(await self._alias(index)):
+            raise FanError(f"interface {host_name} already exists and was not made by "
+                           "fan-driver; remove it")
         if index is None:
             await self.ipr.link("add", ifname=host_name, kind="veth", mtu=mtu,
                                 peer={"ifname": peer_name, "address": mac, "mtu": mtu})
@@ -94,7 +102,7 @@ class Links:
         index = await self.index(name)
         if index is None:
             return
-        if not (await self._alias(index) or "").startswith(MARK):
+        if not is_ours(await self._alias(index)):
             raise FanError(f"refusing to delete {name}: it was not made by fan-driver")
         try:
             await self.ipr.link("del", index=index)
@@ -107,6 +115,12 @@ class Links:
             await self.ipr.route("replace", dst=str(dst), oif=oif, **extra)
         except NetlinkError as exc:
             raise FanError(f"cannot add route {dst}: {exc}") from exc
+
+    async def routes_on(self, index: int) -> List[IPv4Network]:
+        """Destinations of the main table's IPv4 routes through a device."""
+        return [IPv4Network((route.get("dst") or "0.0.0.0", route["dst_len"]))
+                async for route in await self.ipr.get_routes(family=2, oif=index,
+                                                             table=MAIN_TABLE)]
 
     async def remove_route(self, dst: IPv4Network, oif: int) -> None:
         try:

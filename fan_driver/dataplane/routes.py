@@ -92,6 +92,18 @@ class RoutesMapping:
                 if exc.code not in (errno.ESRCH, errno.ENOENT):
                     raise
 
+    async def remove_orphans(self, links: Links, plans) -> None:
+        """The IPIP device is shared: remove peer routes of overlays that no
+        network in `plans` (this mapping's, from the state) holds. A VXLAN
+        network has a device of its own, removed as an orphan interface."""
+        index = await links.index(IPIP_DEVICE)
+        if index is None:
+            return
+        overlays = [p.overlay for p in plans if p.encap.name == "ipip"]
+        for dst in await links.routes_on(index):
+            if not any(dst.subnet_of(overlay) for overlay in overlays):
+                await links.remove_route(dst, index)
+
     async def _ensure_device(self, links: Links, plan: NetworkPlan) -> int:
         underlay = await links.index(plan.underlay_interface)
         local = str(plan.underlay_address)

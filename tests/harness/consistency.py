@@ -1,0 +1,168 @@
+"""Does the plugin's state match the kernel and Docker? One check, used after
+crashes, restarts and load: it compares three views of one lab host.
+
+    state   the plugin's state.json
+    docker  fan networks, their running endpoints and addresses (docker network inspect)
+    kernel  interfaces carrying our mark, bridge ports, routes through the fan's
+            tunnel devices, eBPF filters on them, iptables rules with our comment
+
+check() raises AssertionError naming every mismatch and returns counts.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+
+MARK = "fan-driver"
+SHARED_TUNNELS = ("fan-vxlan", "fan-ipip")
+UNCLAIMED = "unclaimed"
+
+
+def read_state(state_dir: Path) -> dict:
+    path = Path(state_dir) / "state.json"
+    if not path.exists():
+        return {"pools": {}, "networks": {}}
+    return json.loads(path.read_text())
+
+
+def docker_view(dockerd) -> dict:
+    """{network id: {"name", "subnet", "endpoints": {endpoint id: ip}}} for fan networks."""
+    ids = dockerd.cli("network", "ls", "-q", "--no-trunc", "--filter", "driver=fan").stdout.split()
+    view = {}
+    if not ids:
+        return view
+    for net in json.loads(dockerd.cli("network", "inspect", *ids).stdout):
+        endpoints = {c["EndpointID"]: str(IPv4Interface(c["IPv4Address"]).ip)
+                     for c in (net.get("Containers") or {}).values()}
+        view[net["Id"]] = {"name": net["Name"], "endpoints": endpoints,
+                           "subnet": net["IPAM"]["Config"][0]["Subnet"]}
+    return view
+
+
+def kernel_view(host) -> dict:
+    links = json.loads(host.run(["ip", "-j", "-d", "link", "show"]).stdout)
+    by_index = {link["ifindex"]: link for link in links}
+    marked = {link["ifname"]: link.get("ifalias", "") for link in links
+              if link.get("ifalias") == MARK or str(link.get("ifalias", "")).startswith(MARK + " ")}
+    ports = {}
+    for link in links:
+        if "master" in link:
+            ports.setdefault(link["master"], set()).add(link["ifname"])
+    routes = {}
+    for route in json.loads(host.run(["ip", "-4", "-j", "route", "show", "table", "all"]).stdout):
+        dev = route.get("dev", "")
+        if dev.startswith("fan"):
+            routes.setdefault(dev, []).append(route["dst"])
+    filters = {}
+    for dev in SHARED_TUNNELS:
+        if dev in marked:
+            out = host.run(["tc", "-j", "filter", "show", "dev", dev, "egress"]).stdout
+            filters[dev] = sorted({f["pref"] for f in json.loads(out or "[]") if f.get("kind") == "bpf"
+                                   and "options" in f})
+    saved = host.run(["iptables-save"]).stdout.splitlines()
+    rules = [line for line in saved if f'--comment "{MARK} ' in line]
+    chains = [line for line in saved if line.startswith(":FAN-") or "-j FAN-" in line]
+    named = [link["ifname"] for link in links if link["ifname"].startswith(("fve", "fvc"))]
+    return {"marked": marked, "ports": ports, "routes": routes, "filters": filters,
+            "rules": rules, "chains": chains, "fv_links": named, "by_index": by_index}
+
+
+def bridge_name(slice_net) -> str:
+    octets = str(slice_net.network_address).split(".")
+    return "fan-" + "-".join(octets[:max(1, (slice_net.prefixlen + 7) // 8)])
+
+
+def check(plugin, dockerd, host, allow_unclaimed: bool = False) -> dict:
+    """Assert that state, Docker and kernel agree; return counts of what is there.
+    allow_unclaimed: addresses and pools marked "unclaimed" at a restart may
+    still wait for their grace period to end."""
+    state, docker, kernel = read_state(plugin.state_dir), docker_view(dockerd), kernel_view(host)
+    problems = []
+
+    def expect(cond, what):
+        if not cond:
+            problems.append(what)
+
+    nets, pools = state["networks"], state["pools"]
+    expect(set(nets) == set(docker),
+           f"fan networks: state {sorted(n[:12] for n in nets)} docker "
+           f"{sorted(n[:12] for n in docker)}")
+    wanted_links, all_ips = set(), []
+    for nid, net in nets.items():
+        pool = pools.get(net["pool_id"])
+        expect(pool is not None, f"network {nid[:12]}: pool {net['pool_id']} missing")
+        if pool is None:
+            continue
+        eps = {eid: str(IPv4Interface(ep["address"]).ip) for eid, ep in net["endpoints"].items()}
+        all_ips += list(eps.values())
+        if nid in docker:
+            expect(eps == docker[nid]["endpoints"],
+                   f"network {nid[:12]} endpoints: state {_short(eps)} docker "
+                   f"{_short(docker[nid]['endpoints'])}")
+        gateway = [ip for ip, owner in pool["addresses"].items() if owner == "gateway"]
+        expect(len(gateway) == 1, f"pool {net['pool_id']}: gateways {gateway}")
+        held = {ip: owner for ip, owner in pool["addresses"].items() if owner != "gateway"}
+        extra = {ip: o for ip, o in held.items() if o not in eps or eps[o] != ip}
+        if allow_unclaimed:
+            extra = {ip: o for ip, o in extra.items() if o != UNCLAIMED}
+        expect(not extra, f"pool {net['pool_id']}: addresses held by no endpoint: {extra}")
+        expect(set(held) >= set(eps.values()),
+               f"pool {net['pool_id']}: endpoint addresses not allocated: "
+               f"{set(eps.values()) - set(held)}")
+        # the bridge and its ports
+        overlay = net["pool_id"].split(":", 1)[1]
+        ov, ul = IPv4Network(overlay), IPv4Network(pool["underlay"])
+        host_bits = 32 - ul.prefixlen
+        number = int(IPv4Address(pool["underlay_address"])) & int(ul.hostmask)
+        slice_ = IPv4Network((int(ov.network_address) | (number << (32 - ov.prefixlen - host_bits)),
+                              ov.prefixlen + host_bits))
+        bridge = bridge_name(slice_)
+        wanted_links.add(bridge)
+        veths = {"fve" + eid[:12] for eid in eps}
+        wanted_links |= veths
+        expect(bridge in kernel["marked"], f"bridge {bridge} missing or unmarked")
+        expect(kernel["ports"].get(bridge, set()) == veths,
+               f"bridge {bridge} ports {sorted(kernel['ports'].get(bridge, set()))} "
+               f"!= endpoints {sorted(veths)}")
+        expect(sum(1 for r in kernel["rules"] if f'"{MARK} {nid[:12]}"' in r) == 4,
+               f"network {nid[:12]}: rules {[r for r in kernel['rules'] if nid[:12] in r]}")
+    if not allow_unclaimed:
+        lonely = [pid for pid in pools if pid not in {n["pool_id"] for n in nets.values()}]
+        expect(not lonely, f"pools without a network: {lonely}")
+    dupes = [ip for ip, n in Counter(all_ips).items() if n > 1]
+    docker_ips = [ip for n in docker.values() for ip in n["endpoints"].values()]
+    dupes += [ip for ip, n in Counter(docker_ips).items() if n > 1]
+    expect(not dupes, f"addresses held twice: {dupes}")
+    # tunnels: one shared device per encapsulation in use, one route and one
+    # filter per network on it
+    tunnels = {name for name in kernel["marked"] if name in SHARED_TUNNELS}
+    wanted_links |= tunnels
+    expect(bool(tunnels) == bool(nets), f"tunnel devices {sorted(tunnels)} for {len(nets)} networks")
+    overlays = sorted(n["pool_id"].split(":", 1)[1] for n in nets.values())
+    routed = sorted(dst for dev in tunnels for dst in kernel["routes"].get(dev, []))
+    expect(routed == overlays, f"overlay routes {routed} != {overlays}")
+    prefs = sorted(n["tc_pref"] for n in nets.values())
+    filtered = sorted(p for dev in tunnels for p in kernel["filters"].get(dev, []))
+    expect(filtered == prefs, f"eBPF filter prefs {filtered} != {prefs}")
+    stray_routes = {dev: r for dev, r in kernel["routes"].items()
+                    if dev not in tunnels and dev not in wanted_links}
+    expect(not stray_routes, f"routes through devices no network owns: {stray_routes}")
+    expect(set(kernel["marked"]) == wanted_links,
+           f"marked interfaces: orphans {sorted(set(kernel['marked']) - wanted_links)}, "
+           f"missing {sorted(wanted_links - set(kernel['marked']))}")
+    expect(set(kernel["fv_links"]) <= wanted_links,
+           f"endpoint interfaces left in the host: {sorted(set(kernel['fv_links']) - wanted_links)}")
+    expect(len(kernel["rules"]) == 4 * len(nets), f"{len(kernel['rules'])} marked rules for "
+           f"{len(nets)} networks: {kernel['rules']}")
+    if not nets:
+        expect(not kernel["chains"], f"our chains left: {kernel['chains']}")
+    assert not problems, "state, Docker and kernel disagree:\n  " + "\n  ".join(problems)
+    return {"networks": len(nets), "endpoints": len(all_ips),
+            "addresses": sum(len(p["addresses"]) for p in pools.values()),
+            "interfaces": len(kernel["marked"]), "rules": len(kernel["rules"])}
+
+
+def _short(eps: dict) -> dict:
+    return {eid[:12]: ip for eid, ip in sorted(eps.items())}
