@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 GENERIC_OPTIONS = "com.docker.network.generic"
 MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 CREATE_HINT = ("docker network create -d fan --ipam-driver fan --subnet 250.0.0.0/8 "
-               "[--ipam-opt underlay=172.30.0.0/16] NAME")
+               "[--ipam-opt underlay=172.30.0.0/16] NAME (with the managed plugin on "
+               "Docker 20.10: -d fan:latest --ipam-driver fan:latest)")
 
 
 def plan_for(state: State, network_id: str) -> NetworkPlan:
