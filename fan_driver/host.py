@@ -69,7 +69,9 @@ async def _can_create(ipr: AsyncIPRoute, kind: str, extra: dict) -> bool:
     try:
         await ipr.link("add", ifname=name, kind=kind, **extra)
     except NetlinkError as exc:
+        if exc.code == errno.EEXIST:   # an equivalent device exists: the kind is there
+            return True
         log.debug("kernel cannot create %s devices: %s", kind, exc)
-        return exc.code == errno.EEXIST
+        return False
     await ipr.link("del", ifname=name)
     return True

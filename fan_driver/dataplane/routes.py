@@ -19,7 +19,7 @@ import asyncio
 import errno
 import logging
 from ipaddress import IPv4Address, IPv4Network
-from typing import Dict
+from typing import Dict, Set
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -54,12 +54,17 @@ class RoutesMapping:
 
     def __init__(self):
         self._programming: Dict[str, asyncio.Task] = {}
+        # Networks on the shared IPIP device: restore() ensures every network at
+        # start-up, so this is complete without reading tens of thousands of routes.
+        self._ipip_networks: Set[str] = set()
 
     def tunnel_device(self, plan: NetworkPlan) -> str:
         return IPIP_DEVICE if plan.encap.name == "ipip" else f"fanr-{plan.vni:06x}"
 
     async def ensure(self, links: Links, plan: NetworkPlan) -> None:
         index = await self._ensure_device(links, plan)
+        if plan.encap.name == "ipip":
+            self._ipip_networks.add(plan.network_id)
         task = self._programming.get(plan.network_id)
         if task is None or task.done():
             self._programming[plan.network_id] = asyncio.create_task(
@@ -81,10 +86,11 @@ class RoutesMapping:
         if plan.encap.name == "vxlan":
             await links.delete(device)   # takes its routes, neighbours and FDB entries along
             return
-        ours, others = await self._routes_on(links, index, plan.overlay)
-        if not others:
+        self._ipip_networks.discard(plan.network_id)
+        if not self._ipip_networks:
             await links.delete(device)   # fast: the kernel drops all its routes at once
             return
+        ours, _ = await self._routes_on(links, index, plan.overlay)
         for dst in ours:   # another network shares the device: only our routes go
             try:
                 await links.ipr.route("del", dst=str(dst), oif=index)
