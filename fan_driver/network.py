@@ -308,4 +308,10 @@ def _endpoint_address(text: Optional[str], plan: NetworkPlan) -> IPv4Interface:
         raise FanError(f"endpoint address {text!r} is not an IPv4 address") from None
     if address.ip not in plan.slice:
         raise FanError(f"endpoint address {address} is outside this host's slice {plan.slice}")
+    if address.network.prefixlen != plan.slice.prefixlen:
+        raise FanError(f"endpoint address {text} must carry the slice's prefix length "
+                       f"/{plan.slice.prefixlen}, as the fan IPAM gives it")
+    if address.ip in (plan.slice.network_address, plan.slice.broadcast_address):
+        raise FanError(f"endpoint address {address.ip} is the network or broadcast address "
+                       f"of slice {plan.slice}")
     return address

@@ -57,7 +57,7 @@ WITH_FIELDS = ["NetworkDriver.CreateNetwork", "NetworkDriver.CreateEndpoint",
                "IpamDriver.RequestAddress"] + REMOVALS
 ALL_METHODS = BODY_IGNORED + WITH_FIELDS
 
-EXAMPLES = settings(max_examples=120, deadline=None, derandomize=False,
+EXAMPLES = settings(max_examples=120, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
 
@@ -213,7 +213,7 @@ bad_cidr = st.one_of(
 # the gateway, taken by the container, the broadcast address.
 bad_address = st.one_of(
     st.sampled_from(["250.0.29.5", "250.1.28.5/24", "250.0.28.0", "250.0.28.1", "250.0.28.255",
-                     "10.0.0.1", "999.1.1.1", "250.0.28.5/33", "::1", "250.0.28", ""]),
+                     "10.0.0.1", "999.1.1.1", "250.0.28.5/33", "::1", "250.0.28"]),
     hostile_text.filter(lambda t: t and not _is_cidr(t)), not_of(str).filter(lambda v: v != ""))
 hostile_options = st.one_of(
     st.dictionaries(hostile_text.filter(lambda k: k not in ("underlay",)), st.text(max_size=10),
