@@ -22,7 +22,6 @@ import errno as errno_mod
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -523,15 +522,9 @@ def refusal_app(message: str):
 
 
 async def serve_refusal(socket_path: Path, message: str) -> None:
-    from .server import start
+    from .server import serve_until_stopped
 
-    runner = await start(refusal_app(message), socket_path)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_until_stopped(refusal_app(message), socket_path)
 
 
 # --- command line ------------------------------------------------------------------------

@@ -5,7 +5,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from ipaddress import IPv4Interface
 from pathlib import Path
@@ -89,14 +88,8 @@ async def serve(args) -> None:
                                 args.default_encap, faults=faults)
         ipam = IpamDriver(ledger, read_facts, default_underlay, network=network, faults=faults)
         await network.restore()
-        runner = await server.start(server.make_app(network, ipam), Path(args.socket))
         log.info("serving on %s, state in %s", args.socket, args.state_dir)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await runner.cleanup()
+        await server.serve_until_stopped(server.make_app(network, ipam), Path(args.socket))
         store.close()
 
 

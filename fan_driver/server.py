@@ -5,9 +5,11 @@ calls, and one middleware turns every failure into Docker's {"Err": ...}.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import signal
 import re
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict
@@ -172,3 +174,16 @@ async def start(app: web.Application, socket_path: Path) -> web.AppRunner:
         os.umask(old_umask)
     os.chmod(socket_path, 0o600)
     return runner
+
+
+async def serve_until_stopped(app: web.Application, socket_path: Path) -> None:
+    """Serve on the socket until SIGTERM or SIGINT."""
+    runner = await start(app, socket_path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
