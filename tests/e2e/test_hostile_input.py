@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
@@ -93,16 +94,15 @@ def audited(plugin):
     saved = dict(plugin.env)
     plugin.stop()
     plugin.env.update({"PYTHONPATH": f"{hookdir}:{REPO_ROOT}", "FAN_AUDIT_LOG": str(log)})
-    plugin.start()
-    yield log
-    plugin.stop()
-    plugin.env.clear()
-    plugin.env.update(saved)
-    plugin.start()
-    log.unlink(missing_ok=True)
-    (hookdir / "sitecustomize.py").unlink()
-    (hookdir / "__pycache__").exists() and __import__("shutil").rmtree(hookdir / "__pycache__")
-    hookdir.rmdir()
+    try:
+        plugin.start()
+        yield log
+    finally:
+        plugin.stop()
+        plugin.env.clear()
+        plugin.env.update(saved)
+        plugin.start()
+        shutil.rmtree(hookdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
