@@ -172,7 +172,7 @@ def _plugin_log_on_failure(request, mp):
 def kernel_snapshot(host) -> dict:
     links = sorted(line.split(":")[1].strip().split("@")[0]
                    for line in host.run(["ip", "-o", "link"]).stdout.splitlines())
-    routes = sorted(host.run(["ip", "route", "show", "table", "all"]).stdout.splitlines())
+    routes = sorted(host.run(["ip", "-4", "route", "show", "table", "all"]).stdout.splitlines())
     rules = sorted(line for line in host.run(["iptables-save"]).stdout.splitlines()
                    if "fan" in line.lower())
     return {"links": links, "routes": routes, "rules": rules}

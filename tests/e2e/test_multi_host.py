@@ -157,7 +157,7 @@ def test_no_per_peer_state(fan_hosts, containers):
 
 def test_host_added_later_is_reachable_without_touching_the_others(fan_hosts, containers):
     hosts, add_host = fan_hosts
-    before = {h.name: h.host.run(["ip", "route", "show", "table", "all"]).stdout for h in hosts}
+    before = {h.name: h.host.run(["ip", "-4", "route", "show", "table", "all"]).stdout for h in hosts}
     late = add_host(*LATE_HOST)
     late.dockerd.cli(*CREATE, "fan")
     late_address = late.run_container()
@@ -165,7 +165,7 @@ def test_host_added_later_is_reachable_without_touching_the_others(fan_hosts, co
     for h in hosts:
         h.exec("ping", "-c", "1", "-W", "3", late_address)
         late.exec("ping", "-c", "1", "-W", "3", containers[h.name])
-        assert h.host.run(["ip", "route", "show", "table", "all"]).stdout == before[h.name]
+        assert h.host.run(["ip", "-4", "route", "show", "table", "all"]).stdout == before[h.name]
     late.dockerd.cli("rm", "-f", late.container)
     late.dockerd.cli("network", "rm", "fan")
 

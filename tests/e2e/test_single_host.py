@@ -23,7 +23,8 @@ def kernel_snapshot(host) -> dict:
     """Everything a fan network could leave behind, in a comparable form."""
     links = sorted(line.split(":")[1].strip().split("@")[0]
                    for line in host.run(["ip", "-o", "link"]).stdout.splitlines())
-    routes = sorted(host.run(["ip", "route", "show", "table", "all"]).stdout.splitlines())
+    # IPv4 only: IPv6 link-local routes appear on their own, at any time.
+    routes = sorted(host.run(["ip", "-4", "route", "show", "table", "all"]).stdout.splitlines())
     rules = sorted(line for line in host.run(["iptables-save"]).stdout.splitlines()
                    if not line.startswith("#") and not line.startswith(":"))
     return {"links": links, "routes": routes, "rules": rules}
