@@ -16,12 +16,9 @@ background after the network is up, and local containers work at once.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 from ipaddress import IPv4Address, IPv4Network
 from typing import Dict, Set
-
-from pyroute2.netlink.exceptions import NetlinkError
 
 from ..model import short_id
 from .netlink import Links
@@ -70,11 +67,6 @@ class RoutesMapping:
             self._programming[plan.network_id] = asyncio.create_task(
                 self._program_peers(links, plan, index))
 
-    async def wait_programmed(self, network_id: str) -> None:
-        task = self._programming.get(network_id)
-        if task is not None:
-            await task
-
     async def remove(self, links: Links, plan: NetworkPlan) -> None:
         task = self._programming.pop(plan.network_id, None)
         if task is not None:
@@ -90,13 +82,9 @@ class RoutesMapping:
         if not self._ipip_networks:
             await links.delete(device)   # fast: the kernel drops all its routes at once
             return
-        ours, _ = await self._routes_on(links, index, plan.overlay)
-        for dst in ours:   # another network shares the device: only our routes go
-            try:
-                await links.ipr.route("del", dst=str(dst), oif=index)
-            except NetlinkError as exc:
-                if exc.code not in (errno.ESRCH, errno.ENOENT):
-                    raise
+        for dst in await links.routes_on(index):   # the device is shared: only our routes go
+            if dst.subnet_of(plan.overlay):
+                await links.remove_route(dst, index)
 
     async def remove_orphans(self, links: Links, plans) -> None:
         """The IPIP device is shared: remove peer routes of overlays that no
@@ -156,11 +144,3 @@ class RoutesMapping:
                       flags=NTF_SELF)
         await ipr.route("replace", dst=str(slice_), gateway=str(vtep), oif=index,
                         flags=RTNH_F_ONLINK)
-
-    @staticmethod
-    async def _routes_on(links: Links, index: int, overlay: IPv4Network):
-        ours, others = [], []
-        async for route in await links.ipr.get_routes(family=2, oif=index, table=254):
-            dst = IPv4Network((route.get("dst") or "0.0.0.0", route["dst_len"]))
-            (ours if dst.subnet_of(overlay) else others).append(dst)
-        return ours, others
