@@ -36,7 +36,7 @@ from . import unixhttp
 from .netlab import Host, shell_join
 from .procs import (CommandError, cmdline, env_with_sbin, kill_pids,
                     mountinfo, ns_inode, pids_in_ns, remove_cgroup_trees, run_cmd, stop_popen,
-                    tail, with_descendants)
+                    tail, wait_answering, with_descendants)
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 DEFAULT_NETWORKS = {"bridge", "host", "none"}
@@ -170,23 +170,11 @@ class Dockerd:
 
     def wait_ready(self, timeout: float = 90) -> None:
         """Poll the API socket until GET /_ping says OK."""
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                code = self.proc.returncode if self.proc else None
-                raise DockerdError(f"dockerd exited ({code}) while starting in {self.host.name}"
-                                   f"; log {self.log_path}:\n{self.log_tail()}")
-            try:
-                status, body = unixhttp.request(self.socket, "GET", "/_ping", timeout=5)
-                if status == 200:
-                    return
-                last = f"HTTP {status} {body[:200]!r}"
-            except OSError as exc:
-                last = repr(exc)
-            time.sleep(0.1)
-        raise DockerdError(f"dockerd in {self.host.name} not ready after {timeout:.0f}s "
-                           f"({last}); log {self.log_path}:\n{self.log_tail()}")
+        why = wait_answering(self.proc, lambda: unixhttp.request(self.socket, "GET", "/_ping",
+                                                                 timeout=5), timeout, 0.1)
+        if why:
+            raise DockerdError(f"dockerd in {self.host.name}: {why}; log {self.log_path}:\n"
+                               f"{self.log_tail()}")
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM dockerd by PID (SIGKILL after `timeout`), then end whatever it

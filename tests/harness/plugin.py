@@ -11,7 +11,8 @@ from pathlib import Path
 
 from . import unixhttp
 from .netlab import Host
-from .procs import env_with_sbin, run_cmd, send_signal, stop_popen, tail
+from .procs import (env_with_sbin, run_cmd, send_signal, stop_popen, tail,
+                    wait_answering)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,22 +118,11 @@ class PluginProcess:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise PluginError(f"plugin exited ({self.proc.returncode}) while starting in "
-                                  f"{self.host.name}; log {self.log_path}:\n{self.log_tail()}")
-            try:
-                status, body = self.call("Plugin.Activate", {}, timeout=5)
-                if status == 200:
-                    return
-                last = f"HTTP {status}: {body}"
-            except OSError as exc:
-                last = repr(exc)
-            time.sleep(0.05)
-        raise PluginError(f"plugin not answering on {self.socket_path} after {timeout:.0f}s "
-                          f"({last}); log {self.log_path}:\n{self.log_tail()}")
+        why = wait_answering(self.proc, lambda: self.call("Plugin.Activate", {}, timeout=5),
+                             timeout, 0.05)
+        if why:
+            raise PluginError(f"plugin on {self.socket_path} in {self.host.name}: {why}; "
+                              f"log {self.log_path}:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 10) -> int | None:
         """SIGTERM by PID, SIGKILL after `timeout`; returns the exit status."""

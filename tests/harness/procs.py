@@ -48,6 +48,26 @@ def run_cmd(cmd: Sequence[str], check: bool = True, timeout: float = 60,
     return result
 
 
+def wait_answering(proc: subprocess.Popen | None, probe, timeout: float,
+                   interval: float) -> str | None:
+    """Poll probe() -> (HTTP status, body) until it answers 200 while proc runs.
+    None when it did; otherwise why not: the process exited, or its last answer."""
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if proc is None or proc.poll() is not None:
+            return f"exited ({proc.returncode if proc else None}) while starting"
+        try:
+            status, body = probe()
+            if status == 200:
+                return None
+            last = f"HTTP {status}: {str(body)[:200]}"
+        except OSError as exc:
+            last = repr(exc)
+        time.sleep(interval)
+    return f"not ready after {timeout:.0f}s ({last})"
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
