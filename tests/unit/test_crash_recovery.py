@@ -16,7 +16,6 @@ from fan_driver.errors import FanError
 from fan_driver.faults import ENV, POINTS, Faults
 from fan_driver.host import KernelFeatures
 from fan_driver.ipam import GATEWAY_REQUEST, IpamDriver
-from fan_driver.ledger import Ledger
 from fan_driver.model import UNCLAIMED, Endpoint, Network, Pool, State
 from fan_driver.network import NetworkDriver
 from fan_driver.store import STATE_FILE, Store
@@ -64,13 +63,6 @@ def test_every_checkpoint_in_the_code_is_a_known_point_and_every_point_is_used()
 
 
 # --- the ledger ----------------------------------------------------------------------------
-
-@pytest.fixture
-def ledger(tmp_path):
-    store = Store(tmp_path)
-    ledger = Ledger(store, store.open())
-    yield ledger
-    store.close()
 
 
 def saved(ledger) -> dict:

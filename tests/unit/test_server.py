@@ -13,10 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from fan_driver.config import HostFacts, Interface, UnderlaySpec
 from fan_driver.host import KernelFeatures
 from fan_driver.ipam import IpamDriver
-from fan_driver.ledger import Ledger
 from fan_driver.network import NetworkDriver
 from fan_driver.server import MAX_BODY, make_app
-from fan_driver.store import Store
 
 DOCKER_CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
 NETWORK_ID = "5" * 64
@@ -27,14 +25,6 @@ async def read_facts() -> HostFacts:
         interfaces=(Interface("eth0", 1500, (IPv4Interface("172.30.0.28/16"),)),),
         default_interface="eth0",
         routes=(IPv4Network("172.30.0.0/16"),))
-
-
-@pytest.fixture
-def ledger(tmp_path):
-    store = Store(tmp_path)
-    ledger = Ledger(store, store.open())
-    yield ledger
-    store.close()
 
 
 @pytest.fixture
