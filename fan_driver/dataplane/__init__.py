@@ -17,7 +17,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import FanError
 from ..host import KernelFeatures
-from ..model import Endpoint
+from ..model import Endpoint, short_id
 from .ebpf import EbpfMapping
 from .kernel_fanmap import KernelMapping
 from .routes import RoutesMapping
@@ -132,7 +132,7 @@ class Dataplane:
                 await self.links.delete(name)
         for mapping in MAPPINGS.values():
             await mapping.remove_orphans(self.links, [p for p in plans if p.mapping == mapping.name])
-        known = {p.mark.split()[-1] for p in plans}
+        known = {short_id(p.network_id) for p in plans}
         for short in await self.firewall.marked_networks() - known:
             log.warning("removing orphan firewall rules of network %s", short)
             await self.firewall.remove_marked(short)
