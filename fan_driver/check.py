@@ -384,14 +384,9 @@ async def probe(state_dir: Path, iptables_setting: str = "auto") -> Probe:
 
 
 def _ebpf_error() -> str:
-    from .dataplane import bpf
+    from .dataplane import ebpf
 
-    sample = FanMap(IPv4Network("250.0.0.0/8"), IPv4Network("172.30.0.0/16"))
-    try:
-        bpf.close(bpf.load_program(bpf.fan_program(sample, 1, 14), "fan_check"))
-    except (FanError, OSError) as exc:
-        return str(exc)
-    return "the probe failed once and then passed"
+    return ebpf.probe_error() or "the probe failed once and then passed"
 
 
 def _read(path: str) -> Optional[str]:

@@ -86,7 +86,8 @@ class Dataplane:
                 continue
             try:
                 await self.links.ipr.link("set", index=index, master=bridge, state="up")
-            except NetlinkError as exc:
+                await MAPPINGS[plan.mapping].attach_endpoint(self.links, plan, index)
+            except (NetlinkError, FanError) as exc:
                 log.warning("cannot put %s back on %s: %s", Endpoint.host_ifname(endpoint_id),
                             plan.bridge, exc)
 
@@ -112,9 +113,10 @@ class Dataplane:
         if bridge is None:
             raise FanError(f"bridge {plan.bridge} of network {plan.network_id[:12]} is missing; "
                            "restart fan-driver to restore it")
-        await self.links.ensure_veth(Endpoint.host_ifname(endpoint_id),
-                                     Endpoint.container_ifname(endpoint_id),
-                                     plan.mtu, mac, bridge, plan.mark)
+        index = await self.links.ensure_veth(Endpoint.host_ifname(endpoint_id),
+                                             Endpoint.container_ifname(endpoint_id),
+                                             plan.mtu, mac, bridge, plan.mark)
+        await MAPPINGS[plan.mapping].attach_endpoint(self.links, plan, index)
 
     async def detach(self, endpoint_id: str) -> None:
         await self.links.delete(Endpoint.host_ifname(endpoint_id))

@@ -1,11 +1,21 @@
-"""The Fan's outer-address rule as a tc eBPF program, for stock kernels.
+"""The Fan's outer-address rule as tc eBPF programs, for stock kernels.
 
 Canonical's Fan needs an Ubuntu-only kernel patch that computes a tunnel
 packet's outer destination from its inner one. Upstream kernels can do the same
 with a tunnel device in "external" (collect_md) mode plus a tc egress program
 that calls bpf_skb_set_tunnel_key: constant per-host state instead of one
-route/neighbour/FDB entry per peer. The program is assembled here from raw
-instructions so that no compiler (clang) is needed at run time.
+route/neighbour/FDB entry per peer.
+
+Two more programs are shortcuts past the host's IP forwarding (and so past
+netfilter) for overlay traffic, which is most of the per-packet cost: one on
+each container's veth sends packets for other hosts' slices straight to the
+tunnel device, one on the tunnel's ingress hands packets for this host's slice
+straight to the bridge. Both decrement the TTL as the router they replace
+would, and leave everything else (ARP, broadcasts, local and outside traffic,
+expiring TTLs) to the kernel's own path.
+
+The programs are assembled here from raw instructions so that no compiler
+(clang) is needed at run time.
 """
 from __future__ import annotations
 
@@ -17,6 +27,7 @@ import re
 import socket
 import struct
 import sys
+from ipaddress import IPv4Network
 from typing import Dict, List, Tuple, Union
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -26,20 +37,24 @@ from ..fanmap import FanMap
 
 # --- instruction encoding (include/uapi/linux/bpf.h, bpf_common.h) ----------
 LDX, ST, STX, ALU, JMP, JMP32, ALU64 = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
-W, B, DW = 0x00, 0x10, 0x18
+W, H, B, DW = 0x00, 0x08, 0x10, 0x18
 MEM = 0x60
 K, X = 0x00, 0x08
 ADD, OR, AND, RSH, XOR, MOV, END = 0x00, 0x40, 0x50, 0x70, 0xA0, 0xB0, 0xD0
 TO_BE = 0x08
-JNE, CALL, EXIT = 0x50, 0x80, 0x90
-R0, R1, R2, R3, R4, R5, R6, R7, R8, FP = 0, 1, 2, 3, 4, 5, 6, 7, 8, 10
+JEQ, JNE, JLE, CALL, EXIT = 0x10, 0x50, 0xB0, 0x80, 0x90
+R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, FP = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 
 HELPER_SKB_STORE_BYTES = 9
+HELPER_L3_CSUM_REPLACE = 10
 HELPER_SKB_SET_TUNNEL_KEY = 21
+HELPER_REDIRECT = 23
 HELPER_SKB_LOAD_BYTES = 26
+HELPER_REDIRECT_NEIGH = 152   # Linux 5.10
 TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT = -1, 0, 2
 SKB_PROTOCOL = 16        # offsetof(struct __sk_buff, protocol)
-IP_DADDR = 16            # offset of the destination address in an IPv4 header
+ETH_LEN = 14
+IP_TTL, IP_CHECK, IP_DADDR = 8, 10, 16   # offsets in an IPv4 header
 ETH_SRC_LAST = 11        # last byte of the inner Ethernet source MAC
 KEY_SIZE = 44            # sizeof(struct bpf_tunnel_key) with local_ipv6
 KEY_OFF, BUF_OFF = -48, -56  # stack slots: the key (48 bytes zeroed), 4-byte read buffer
@@ -82,6 +97,56 @@ def _bytes_call(helper: int, offset: int, size: int) -> List[Insn]:
             (JMP | CALL, 0, 0, 0, helper)]
 
 
+def _ipv4_destination(ip_offset: int, miss: str) -> List[Insn]:
+    """r6 = skb; r7 = the IPv4 destination in host byte order, or jump to `miss`."""
+    return [
+        (ALU64 | MOV | X, R6, R1, 0, 0),                       # r6 = skb (r1 is clobbered by calls)
+        (LDX | W | MEM, R0, R6, SKB_PROTOCOL, 0),              # skb->protocol, a __be16 as loaded
+        (JMP32 | JNE | K, R0, 0, miss, socket.htons(0x0800)),
+        *_bytes_call(HELPER_SKB_LOAD_BYTES, ip_offset + IP_DADDR, 4),
+        (JMP | JNE | K, R0, 0, miss, 0),                       # too short to be IPv4: not ours
+        (LDX | W | MEM, R7, FP, BUF_OFF, 0),
+        # the packet holds network byte order; the arithmetic (and the helpers) want host order
+        (ALU | END | TO_BE, R7, 0, 0, 32),
+    ]
+
+
+def _unless_in(net: IPv4Network, miss: str) -> List[Insn]:
+    """Jump to `miss` unless r7 is in `net` (r8 is scratch)."""
+    # JMP32 compares the low 32 bits: a 64-bit compare would sign-extend 250.0.0.0
+    return [(ALU | MOV | X, R8, R7, 0, 0), (ALU | AND | K, R8, 0, 0, int(net.netmask)),
+            (JMP32 | JNE | K, R8, 0, miss, int(net.network_address))]
+
+
+def _decrement_ttl(ip_offset: int, miss: str) -> List[Insn]:
+    """What a router does: TTL - 1 and the header checksum to match. A packet
+    whose TTL runs out goes to `miss`, the kernel's path, which answers it."""
+    return [
+        *_bytes_call(HELPER_SKB_LOAD_BYTES, ip_offset + IP_TTL, 2),   # TTL, protocol
+        (JMP | JNE | K, R0, 0, miss, 0),
+        (LDX | H | MEM, R8, FP, BUF_OFF, 0),                   # the old 16 bits as stored
+        (LDX | B | MEM, R0, FP, BUF_OFF, 0),
+        (JMP | JLE | K, R0, 0, miss, 1),
+        (ALU | ADD | K, R0, 0, 0, -1),
+        (STX | B | MEM, FP, R0, BUF_OFF, 0),
+        (LDX | H | MEM, R9, FP, BUF_OFF, 0),                   # the new 16 bits as stored
+        *_bytes_call(HELPER_SKB_STORE_BYTES, ip_offset + IP_TTL, 2),
+        (JMP | JNE | K, R0, 0, "shot", 0),
+        (ALU64 | MOV | X, R1, R6, 0, 0), (ALU64 | MOV | K, R2, 0, 0, ip_offset + IP_CHECK),
+        (ALU64 | MOV | X, R3, R8, 0, 0), (ALU64 | MOV | X, R4, R9, 0, 0),
+        (ALU64 | MOV | K, R5, 0, 0, 2),
+        (JMP | CALL, 0, 0, 0, HELPER_L3_CSUM_REPLACE),
+        (JMP | JNE | K, R0, 0, "shot", 0),
+    ]
+
+
+def _endings(miss: int) -> List[Insn]:
+    return [(None, 0, 0, 0, "shot"), (ALU64 | MOV | K, R0, 0, 0, TC_ACT_SHOT),
+            (JMP | EXIT, 0, 0, 0, 0),
+            (None, 0, 0, 0, "miss"), (ALU64 | MOV | K, R0, 0, 0, miss),
+            (JMP | EXIT, 0, 0, 0, 0)]
+
+
 def fan_program(fan: FanMap, vni: int, inner_ip_offset: int) -> bytes:
     """The instructions that set each packet's tunnel key by the fan rule.
 
@@ -92,32 +157,18 @@ def fan_program(fan: FanMap, vni: int, inner_ip_offset: int) -> bytes:
     """
     if not 0 <= vni < 1 << 24:
         raise FanError(f"VNI {vni} is out of range 0..16777215")
-    mask = int(fan.overlay.netmask)
-    prog: List[Insn] = [
-        (ALU64 | MOV | X, R6, R1, 0, 0),                       # r6 = skb (r1 is clobbered by calls)
-        (LDX | W | MEM, R0, R6, SKB_PROTOCOL, 0),              # skb->protocol, a __be16 as loaded
-        (JMP32 | JNE | K, R0, 0, "unspec", socket.htons(0x0800)),
-        *_bytes_call(HELPER_SKB_LOAD_BYTES, inner_ip_offset + IP_DADDR, 4),
-        (JMP | JNE | K, R0, 0, "unspec", 0),                   # too short to be IPv4: not ours
-        (LDX | W | MEM, R7, FP, BUF_OFF, 0),
-        # the packet holds network byte order; the arithmetic (and the helper) want host order
-        (ALU | END | TO_BE, R7, 0, 0, 32),
-        (ALU | MOV | X, R8, R7, 0, 0),
-        (ALU | AND | K, R8, 0, 0, mask),
-        # JMP32 compares the low 32 bits: a 64-bit compare would sign-extend 250.0.0.0
-        (JMP32 | JNE | K, R8, 0, "unspec", int(fan.overlay.network_address)),
-        (ALU | AND | K, R7, 0, 0, ~mask & 0xFFFFFFFF),
-    ]
+    prog = [*_ipv4_destination(inner_ip_offset, "miss"), *_unless_in(fan.overlay, "miss"),
+            (ALU | AND | K, R7, 0, 0, ~int(fan.overlay.netmask) & 0xFFFFFFFF)]
     if fan.shift:
         prog.append((ALU | RSH | K, R7, 0, 0, fan.shift))
     prog += [(ALU | OR | K, R7, 0, 0, int(fan.underlay.network_address))]
-    if inner_ip_offset >= 14:
+    if inner_ip_offset >= ETH_LEN:
         # Every host's fan device has the same MAC and NOARP, so frames go out
         # addressed to that MAC and every peer accepts them as its own. But the
         # frame's source is that MAC too, and vxlan_rcv drops frames whose source
         # is the receiving device's own MAC (loop protection): flip one bit of it.
         prog += _bytes_call(HELPER_SKB_LOAD_BYTES, ETH_SRC_LAST, 1)
-        prog += [(JMP | JNE | K, R0, 0, "unspec", 0),
+        prog += [(JMP | JNE | K, R0, 0, "miss", 0),
                  (LDX | B | MEM, R0, FP, BUF_OFF, 0),
                  (ALU | XOR | K, R0, 0, 0, 1),
                  (STX | B | MEM, FP, R0, BUF_OFF, 0)]
@@ -141,13 +192,56 @@ def fan_program(fan: FanMap, vni: int, inner_ip_offset: int) -> bytes:
         (JMP | JNE | K, R0, 0, "shot", 0),
         (ALU64 | MOV | K, R0, 0, 0, TC_ACT_OK),
         (JMP | EXIT, 0, 0, 0, 0),
-        (None, 0, 0, 0, "shot"),
-        (ALU64 | MOV | K, R0, 0, 0, TC_ACT_SHOT),
-        (JMP | EXIT, 0, 0, 0, 0),
-        (None, 0, 0, 0, "unspec"),
-        (ALU64 | MOV | K, R0, 0, 0, TC_ACT_UNSPEC),
-        (JMP | EXIT, 0, 0, 0, 0),
+        *_endings(TC_ACT_UNSPEC),
     ]
+    return _encode(prog)
+
+
+def send_shortcut(fan: FanMap, slice_: IPv4Network, tunnel_index: int,
+                  tunnel_mac: str | None) -> bytes:
+    """For a container's veth (ingress, Ethernet frames): unicast IPv4 for another
+    host's slice goes straight to the tunnel device, whose egress program sets the
+    outer address; the rest continues to the bridge (TC_ACT_OK). On an L2 tunnel
+    the frame is readdressed to `tunnel_mac`, the MAC every host's tunnel shares;
+    an L3 tunnel drops the Ethernet header itself."""
+    prog = [*_ipv4_destination(ETH_LEN, "miss"), *_unless_in(fan.overlay, "miss"),
+            (ALU | MOV | X, R8, R7, 0, 0), (ALU | AND | K, R8, 0, 0, int(slice_.netmask)),
+            (JMP32 | JEQ | K, R8, 0, "miss", int(slice_.network_address)),
+            # only frames addressed to the gateway: broadcasts stay on the bridge
+            *_bytes_call(HELPER_SKB_LOAD_BYTES, 0, 1),
+            (JMP | JNE | K, R0, 0, "miss", 0),
+            (LDX | B | MEM, R0, FP, BUF_OFF, 0),
+            (ALU | AND | K, R0, 0, 0, 1),                      # the group bit
+            (JMP | JNE | K, R0, 0, "miss", 0),
+            *_decrement_ttl(ETH_LEN, "miss")]
+    if tunnel_mac is not None:
+        mac = bytes.fromhex(tunnel_mac.replace(":", ""))
+        prog += [(ST | W | MEM, FP, 0, BUF_OFF, struct.unpack("=i", mac[:4])[0]),
+                 (ST | H | MEM, FP, 0, BUF_OFF + 4, struct.unpack("=h", mac[4:])[0]),
+                 *_bytes_call(HELPER_SKB_STORE_BYTES, 0, 6),
+                 (JMP | JNE | K, R0, 0, "shot", 0)]
+    prog += [(ALU64 | MOV | K, R1, 0, 0, tunnel_index), (ALU64 | MOV | K, R2, 0, 0, 0),
+             (JMP | CALL, 0, 0, 0, HELPER_REDIRECT),           # returns TC_ACT_REDIRECT
+             (JMP | EXIT, 0, 0, 0, 0),
+             *_endings(TC_ACT_OK)]
+    return _encode(prog)
+
+
+def receive_shortcut(slice_: IPv4Network, bridge_index: int) -> bytes:
+    """For an L2 tunnel's ingress: IPv4 for a container in this host's slice goes
+    straight out of the bridge, addressed by the neighbour table. The rest
+    (another network's slice, the gateway itself) gets TC_ACT_UNSPEC: the next
+    network's filter, or the kernel's path."""
+    gateway = int(slice_.network_address) + 1
+    prog = [*_ipv4_destination(ETH_LEN, "miss"), *_unless_in(slice_, "miss"),
+            (JMP32 | JEQ | K, R7, 0, "miss", gateway),
+            (JMP32 | JEQ | K, R7, 0, "miss", int(slice_.broadcast_address)),
+            *_decrement_ttl(ETH_LEN, "miss"),
+            (ALU64 | MOV | K, R1, 0, 0, bridge_index), (ALU64 | MOV | K, R2, 0, 0, 0),
+            (ALU64 | MOV | K, R3, 0, 0, 0), (ALU64 | MOV | K, R4, 0, 0, 0),
+            (JMP | CALL, 0, 0, 0, HELPER_REDIRECT_NEIGH),     # returns TC_ACT_REDIRECT
+            (JMP | EXIT, 0, 0, 0, 0),
+            *_endings(TC_ACT_UNSPEC)]
     return _encode(prog)
 
 
@@ -196,14 +290,14 @@ def close(fd: int) -> None:
     os.close(fd)
 
 
-# --- attaching: tc clsact egress through pyroute2 ----------------------------
+# --- attaching: tc clsact through pyroute2 ------------------------------------
 EGRESS = 0xFFFFFFF3   # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS): "ffff:fff3"
 INGRESS = 0xFFFFFFF2
 FILTER_HANDLE = 1     # fixed, so "replace" swaps the program instead of adding a second one
 
 
-async def attach_egress(ipr, ifindex: int, prog_fd: int, name: str, pref: int) -> None:
-    """Put the program on the device's egress at `pref`, replacing what is there."""
+async def attach(ipr, ifindex: int, prog_fd: int, name: str, pref: int, parent: int) -> None:
+    """Put the program on the device's egress or ingress at `pref`, replacing what is there."""
     try:
         await ipr.tc("add", "clsact", ifindex)
     except NetlinkError as e:
@@ -211,11 +305,21 @@ async def attach_egress(ipr, ifindex: int, prog_fd: int, name: str, pref: int) -
             raise FanError(f"cannot add clsact qdisc on ifindex {ifindex}: {e}") from e
     try:
         # pyroute2's "bpf" plugin packs prio and protocol (ETH_P_ALL) into tcm_info
-        await ipr.tc("replace-filter", "bpf", ifindex, FILTER_HANDLE, parent=EGRESS,
+        await ipr.tc("replace-filter", "bpf", ifindex, FILTER_HANDLE, parent=parent,
                      prio=pref, fd=prog_fd, name=name, direct_action=True)
     except NetlinkError as e:
         raise FanError(f"cannot attach eBPF filter {name!r} at pref {pref} "
                        f"on ifindex {ifindex}: {e}") from e
+
+
+async def attach_program(ipr, ifindex: int, insns: bytes, name: str, pref: int,
+                         parent: int) -> None:
+    """Load and attach; the filter then holds the program."""
+    fd = load_program(insns, name)
+    try:
+        await attach(ipr, ifindex, fd, name, pref, parent)
+    finally:
+        close(fd)
 
 
 async def _filters(ipr, ifindex: int, parent: int) -> list:
@@ -223,10 +327,10 @@ async def _filters(ipr, ifindex: int, parent: int) -> list:
     return [msg async for msg in await ipr.get_filters(index=ifindex, parent=parent)]
 
 
-async def egress_filters(ipr, ifindex: int) -> Dict[int, str]:
-    """pref -> name of the bpf filters at egress: what a restarted plugin finds."""
+async def filters(ipr, ifindex: int, parent: int = EGRESS) -> Dict[int, str]:
+    """pref -> name of the bpf filters at egress (or ingress): what a restarted plugin finds."""
     found: Dict[int, str] = {}
-    for msg in await _filters(ipr, ifindex, EGRESS):
+    for msg in await _filters(ipr, ifindex, parent):
         opts = msg.get_attr("TCA_OPTIONS")
         # the kernel also sends one header message per pref, without options
         if msg.get_attr("TCA_KIND") == "bpf" and opts is not None:
@@ -234,13 +338,13 @@ async def egress_filters(ipr, ifindex: int) -> Dict[int, str]:
     return found
 
 
-async def detach_egress(ipr, ifindex: int, pref: int) -> None:
+async def detach(ipr, ifindex: int, pref: int, parent: int = EGRESS) -> None:
     """Remove our filter at `pref`, then the clsact qdisc if nothing else uses it."""
     try:
-        if pref in await egress_filters(ipr, ifindex):
+        if pref in await filters(ipr, ifindex, parent):
             # kind "bpf" makes the kernel refuse to delete another tool's filter at
             # this pref; protocol 0 in tcm_info matches the one it was added with
-            await ipr.tc("del-filter", "bpf", ifindex, parent=EGRESS, info=pref << 16)
+            await ipr.tc("del-filter", "bpf", ifindex, parent=parent, info=pref << 16)
         if await _filters(ipr, ifindex, EGRESS) or await _filters(ipr, ifindex, INGRESS):
             return              # some filter remains (ours or another tool's): keep the qdisc
         # deleting a clsact that is not there gives EINVAL, too vague to ignore: look first

@@ -10,6 +10,12 @@ kernel uses the device's own MAC as the next hop's, and since every host's
 device has that MAC the receiving device takes the frame as addressed to it.
 (The program flips a bit of the inner source MAC, because VXLAN drops frames
 whose source is its own MAC as loops.) Learning is off: no FDB entries appear.
+
+Overlay traffic between hosts skips the hosts' IP forwarding: each container's
+veth has a program that sends it straight to the tunnel, and on an L2 tunnel a
+program per network at ingress hands it straight to the bridge (see bpf.py).
+So netfilter (FORWARD, DOCKER-USER) does not see it; traffic to and from
+outside the overlay takes the kernel's path and the fan's rules as before.
 """
 from __future__ import annotations
 
@@ -24,18 +30,31 @@ from .plan import ENCAPS, MARK, VXLAN_PORT, NetworkPlan
 
 SHARED_VXLAN_MAC = "0e:fa:00:00:00:01"
 PROGRAM_PREFIX = "fan_"
+SEND_PREF = 1   # the only filter on a container's veth
 log = logging.getLogger(__name__)
 
 
-def supported() -> bool:
-    """Whether this kernel's verifier takes the fan program (loaded, then dropped)."""
-    sample = FanMap(IPv4Network("250.0.0.0/8"), IPv4Network("172.30.0.0/16"))
+def probe_error() -> str | None:
+    """Why this kernel's verifier refuses the fan program or the shortcuts
+    (each loaded, then dropped), or None."""
+    net = IPv4Network("250.0.0.0/8")
+    sample = FanMap(net, IPv4Network("172.30.0.0/16"))
+    slice_ = IPv4Network("250.28.0.0/16")
     try:
-        bpf.close(bpf.load_program(bpf.fan_program(sample, 1, 14), "fan_probe"))
+        for insns in (bpf.fan_program(sample, 1, bpf.ETH_LEN),
+                      bpf.send_shortcut(sample, slice_, 1, SHARED_VXLAN_MAC),
+                      bpf.receive_shortcut(slice_, 1)):
+            bpf.close(bpf.load_program(insns, "fan_probe"))
     except (FanError, OSError) as exc:
-        log.info("eBPF tunnel mapping unavailable: %s", exc)
-        return False
-    return True
+        return str(exc)
+    return None
+
+
+def supported() -> bool:
+    error = probe_error()
+    if error:
+        log.info("eBPF tunnel mapping unavailable: %s", error)
+    return error is None
 
 
 class EbpfMapping:
@@ -43,24 +62,39 @@ class EbpfMapping:
 
     async def ensure(self, links: Links, plan: NetworkPlan) -> None:
         index = await self._ensure_device(links, plan)
-        attached = await bpf.egress_filters(links.ipr, index)
-        if attached.get(plan.tc_pref) != self._program_name(plan):
-            fd = bpf.load_program(
+        name = self._program_name(plan)
+        if (await bpf.filters(links.ipr, index)).get(plan.tc_pref) != name:
+            await bpf.attach_program(
+                links.ipr, index,
                 bpf.fan_program(plan.host.fan, plan.vni, plan.encap.inner_ip_offset),
-                self._program_name(plan))
-            try:
-                await bpf.attach_egress(links.ipr, index, fd, self._program_name(plan), plan.tc_pref)
-            finally:
-                bpf.close(fd)
+                name, plan.tc_pref, bpf.EGRESS)
+        if plan.encap.inner_ip_offset >= bpf.ETH_LEN:
+            # always replaced: it holds the bridge's index, new after a reboot
+            await bpf.attach_program(
+                links.ipr, index, bpf.receive_shortcut(plan.slice, await links.index(plan.bridge)),
+                name, plan.tc_pref, bpf.INGRESS)
         await links.ensure_route(plan.overlay, index, metrics={"mtu": plan.mtu})
+
+    async def attach_endpoint(self, links: Links, plan: NetworkPlan, veth_index: int) -> None:
+        """The send shortcut on a container's veth (again after a restore: it holds
+        the tunnel's index)."""
+        tunnel = await links.index(plan.encap.device)
+        if tunnel is None:
+            raise FanError(f"tunnel device {plan.encap.device} is missing; "
+                           "restart fan-driver to restore it")
+        mac = SHARED_VXLAN_MAC if plan.encap.inner_ip_offset >= bpf.ETH_LEN else None
+        await bpf.attach_program(links.ipr, veth_index,
+                                 bpf.send_shortcut(plan.host.fan, plan.slice, tunnel, mac),
+                                 self._program_name(plan), SEND_PREF, bpf.INGRESS)
 
     async def remove(self, links: Links, plan: NetworkPlan) -> None:
         index = await links.index(plan.encap.device)
         if index is None:
             return
         await links.remove_route(plan.overlay, index)
-        await bpf.detach_egress(links.ipr, index, plan.tc_pref)
-        if not await bpf.egress_filters(links.ipr, index):
+        await bpf.detach(links.ipr, index, plan.tc_pref, bpf.INGRESS)
+        await bpf.detach(links.ipr, index, plan.tc_pref, bpf.EGRESS)
+        if not await bpf.filters(links.ipr, index):
             await links.delete(plan.encap.device)
 
     def tunnel_device(self, plan: NetworkPlan) -> str:
@@ -76,11 +110,12 @@ class EbpfMapping:
                 continue
             ours = [p for p in plans if p.encap.name == encap.name]
             prefs = {p.tc_pref for p in ours}
-            for pref, name in (await bpf.egress_filters(links.ipr, index)).items():
-                if pref not in prefs and name.startswith(PROGRAM_PREFIX):
-                    log.warning("removing orphan eBPF filter %s (pref %d) on %s",
-                                name, pref, encap.device)
-                    await bpf.detach_egress(links.ipr, index, pref)
+            for parent in (bpf.INGRESS, bpf.EGRESS):
+                for pref, name in (await bpf.filters(links.ipr, index, parent)).items():
+                    if pref not in prefs and name.startswith(PROGRAM_PREFIX):
+                        log.warning("removing orphan eBPF filter %s (pref %d) on %s",
+                                    name, pref, encap.device)
+                        await bpf.detach(links.ipr, index, pref, parent)
             overlays = {p.overlay for p in ours}
             for dst in await links.routes_on(index):
                 if dst not in overlays:

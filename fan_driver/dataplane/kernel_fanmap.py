@@ -82,6 +82,9 @@ def _send(message: bytes) -> None:
 class KernelMapping:
     name = "kernel"
 
+    async def attach_endpoint(self, links: Links, plan: NetworkPlan, veth_index: int) -> None:
+        """Nothing per container: packets take the kernel's path."""
+
     def tunnel_device(self, plan: NetworkPlan) -> str:
         return f"fanm-{plan.vni:06x}"
 

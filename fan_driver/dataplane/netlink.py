@@ -86,7 +86,7 @@ class Links:
                 raise
 
     async def ensure_veth(self, host_name: str, peer_name: str, mtu: int, mac: str,
-                          bridge_index: int, mark: str) -> None:
+                          bridge_index: int, mark: str) -> int:
         index = await self.index(host_name)
         if index is not None and not is_ours(await self._alias(index)):
             raise FanError(f"interface {host_name} already exists and was not made by "
@@ -96,6 +96,7 @@ class Links:
                                 peer={"ifname": peer_name, "address": mac, "mtu": mtu})
             index = await self.index(host_name)
         await self.ipr.link("set", index=index, ifalias=mark, master=bridge_index, state="up")
+        return index
 
     async def delete(self, name: str) -> None:
         """Delete an interface we made; a missing one is already deleted."""

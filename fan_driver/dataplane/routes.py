@@ -49,6 +49,9 @@ def vtep_address(slice_: IPv4Network) -> IPv4Address:
 class RoutesMapping:
     name = "routes"
 
+    async def attach_endpoint(self, links: Links, plan: NetworkPlan, veth_index: int) -> None:
+        """Nothing per container: packets take the kernel's path."""
+
     def __init__(self):
         self._programming: Dict[str, asyncio.Task] = {}
         # Networks on the shared IPIP device: restore() ensures every network at

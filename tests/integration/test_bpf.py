@@ -28,9 +28,10 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (bpf(2), n
 # --- pure: the instructions ---------------------------------------------------
 
 def run_program(insns: bytes, packet: bytes, protocol: int = 0x0800):
-    """A tiny interpreter for the instructions fan_program emits (little endian):
-    returns (verdict, tunnel key bytes or None, packet as the program left it)."""
-    regs, stack, key, packet = [0] * 11, bytearray(512), None, bytearray(packet)
+    """A tiny interpreter for the instructions bpf.py emits (little endian):
+    returns (verdict, tunnel key bytes or None, packet as the program left it,
+    redirect target as (helper, ifindex) or None)."""
+    regs, stack, key, packet, target = [0] * 11, bytearray(512), None, bytearray(packet), None
     regs[10] = len(stack)
     pc, prog = 0, [struct.unpack("<BBhi", insns[i:i + 8]) for i in range(0, len(insns), 8)]
     while True:
@@ -39,7 +40,7 @@ def run_program(insns: bytes, packet: bytes, protocol: int = 0x0800):
         cls, op = code & 0x07, code & 0xF0
         pc += 1
         operand = regs[src] if code & 0x08 else imm
-        size = {bpf.W: 4, bpf.B: 1, bpf.DW: 8}[code & 0x18]
+        size = {bpf.W: 4, bpf.H: 2, bpf.B: 1, bpf.DW: 8}[code & 0x18]
         if cls in (bpf.ALU, bpf.ALU64):
             m = 0xFFFFFFFF if cls == bpf.ALU else (1 << 64) - 1
             a, b = regs[dst] & m, operand & m
@@ -66,22 +67,47 @@ def run_program(insns: bytes, packet: bytes, protocol: int = 0x0800):
             elif imm == bpf.HELPER_SKB_STORE_BYTES:
                 packet[regs[2]:regs[2] + regs[4]] = stack[regs[3]:regs[3] + regs[4]]
                 regs[0] = 0
+            elif imm == bpf.HELPER_L3_CSUM_REPLACE:
+                assert regs[5] == 2
+                # RFC 1624: HC' = ~(~HC + ~m + m'), words as the packet stores them
+                hc = int.from_bytes(packet[regs[2]:regs[2] + 2], "little")
+                total = (~hc & 0xFFFF) + (~regs[3] & 0xFFFF) + (regs[4] & 0xFFFF)
+                while total >> 16:
+                    total = (total & 0xFFFF) + (total >> 16)
+                packet[regs[2]:regs[2] + 2] = (~total & 0xFFFF).to_bytes(2, "little")
+                regs[0] = 0
+            elif imm in (bpf.HELPER_REDIRECT, bpf.HELPER_REDIRECT_NEIGH):
+                target, regs[0] = (imm, regs[1]), 7    # TC_ACT_REDIRECT
             else:
                 assert imm == bpf.HELPER_SKB_SET_TUNNEL_KEY and regs[4] == 0
                 key, regs[0] = bytes(stack[regs[2]:regs[2] + regs[3]]), 0
         elif op == bpf.EXIT:
-            return struct.unpack("<q", struct.pack("<Q", regs[0] & ((1 << 64) - 1)))[0], key, packet
+            verdict = struct.unpack("<q", struct.pack("<Q", regs[0] & ((1 << 64) - 1)))[0]
+            return verdict, key, packet, target
         else:
-            assert cls in (bpf.JMP, bpf.JMP32) and op == bpf.JNE
+            assert cls in (bpf.JMP, bpf.JMP32)
             m = 0xFFFFFFFF if cls == bpf.JMP32 else (1 << 64) - 1
-            if (regs[dst] & m) != (operand & m):
+            a, b = regs[dst] & m, operand & m
+            if {bpf.JNE: a != b, bpf.JEQ: a == b, bpf.JLE: a <= b}[op]:
                 pc += off
 
 
-def ipv4_packet(dst: str, l2: bool = True) -> bytes:
+def ip_checksum_ok(header: bytes) -> bool:
+    total = sum(struct.unpack("!10H", header[:20]))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total == 0xFFFF
+
+
+def ipv4_packet(dst: str, l2: bool = True, ttl: int = 64,
+                dst_mac: str = "0efa00000001") -> bytes:
     mac = bytes.fromhex("0efa00000001")
-    ip = bytes([0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0]) + IPv4Address("10.0.0.1").packed + IPv4Address(dst).packed
-    return (mac + mac + b"\x08\x00" + ip) if l2 else ip
+    ip = bytes([0x45, 0, 0, 20, 0, 0, 0, 0, ttl, 1, 0, 0]) + IPv4Address("10.0.0.1").packed + IPv4Address(dst).packed
+    total = sum(struct.unpack("!10H", ip))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    ip = ip[:10] + struct.pack("!H", ~total & 0xFFFF) + ip[12:]
+    return (bytes.fromhex(dst_mac) + mac + b"\x08\x00" + ip) if l2 else ip
 
 
 @pytest.mark.parametrize("overlay,underlay,host", [
@@ -97,7 +123,7 @@ def test_program_computes_the_fan_rule(overlay, underlay, host, offset):
     insns = bpf.fan_program(fan, 4242, offset)
     inner = fan.slice_for(IPv4Address(host)).network_address + 2
     packet = ipv4_packet(str(inner), l2=offset == 14)
-    verdict, key, out = run_program(insns, packet)
+    verdict, key, out, _ = run_program(insns, packet)
     assert verdict == bpf.TC_ACT_OK
     tunnel_id, remote = struct.unpack_from("<II", key)
     assert tunnel_id == 4242 and key[21] == 64 and len(key) == 44
@@ -110,6 +136,50 @@ def test_program_computes_the_fan_rule(overlay, underlay, host, offset):
     assert run_program(insns, ipv4_packet("8.8.8.8", l2=offset == 14))[0] == bpf.TC_ACT_UNSPEC
     assert run_program(insns, ipv4_packet(str(inner), l2=offset == 14), protocol=0x86DD)[0] == -1
     assert run_program(insns, b"\0" * 10)[0] == bpf.TC_ACT_UNSPEC
+
+
+SLICE28 = N("250.0.28.0/24")   # host 172.30.0.28's slice of FAN250
+TUNNEL_INDEX, BRIDGE_INDEX = 17, 23
+
+
+@pytest.mark.parametrize("tunnel_mac", ["0efa00000001", None])
+def test_send_shortcut_takes_other_hosts_slices_to_the_tunnel(tunnel_mac):
+    mac = tunnel_mac and ":".join(tunnel_mac[i:i + 2] for i in range(0, 12, 2))
+    insns = bpf.send_shortcut(FAN250, SLICE28, TUNNEL_INDEX, mac)
+    packet = ipv4_packet("250.5.9.2", dst_mac="0efafa001c01")   # to the gateway's MAC
+    verdict, key, out, target = run_program(insns, packet)
+    assert (verdict, key, target) == (7, None, (bpf.HELPER_REDIRECT, TUNNEL_INDEX))
+    assert out[14 + 8] == 63 and ip_checksum_ok(out[14:])        # routed: TTL - 1
+    assert out[:6] == (bytes.fromhex(tunnel_mac) if tunnel_mac else packet[:6])
+    assert out[6:22] + out[23:24] + out[26:] == packet[6:22] + packet[23:24] + packet[26:]
+    # the kernel's path: this host's slice, outside the overlay, broadcasts, TTL
+    # running out (it answers with ICMP), not IPv4, too short
+    for other in (ipv4_packet("250.0.28.9"), ipv4_packet("8.8.8.8"),
+                  ipv4_packet("250.5.9.2", dst_mac="ffffffffffff"),
+                  ipv4_packet("250.5.9.2", ttl=1), b"\0" * 20):
+        verdict, _, out, target = run_program(insns, other)
+        assert (verdict, target, out) == (bpf.TC_ACT_OK, None, bytearray(other))
+    assert run_program(insns, packet, protocol=0x0806)[0] == bpf.TC_ACT_OK
+
+
+def test_receive_shortcut_hands_this_slice_to_the_bridge():
+    insns = bpf.receive_shortcut(SLICE28, BRIDGE_INDEX)
+    packet = ipv4_packet("250.0.28.9", ttl=63)
+    verdict, key, out, target = run_program(insns, packet)
+    assert (verdict, target) == (7, (bpf.HELPER_REDIRECT_NEIGH, BRIDGE_INDEX))
+    assert out[14 + 8] == 62 and ip_checksum_ok(out[14:])
+    # the gateway (this host), the slice's broadcast, another network's slice, an
+    # expiring TTL: the next filter or the kernel's path
+    for other in ("250.0.28.1", "250.0.28.255", "240.0.28.9", "250.5.9.2"):
+        assert run_program(insns, ipv4_packet(other))[0] == bpf.TC_ACT_UNSPEC
+    assert run_program(insns, ipv4_packet("250.0.28.9", ttl=1))[0] == bpf.TC_ACT_UNSPEC
+
+
+@needs_root
+def test_kernel_accepts_shortcuts():
+    bpf.close(bpf.load_program(bpf.send_shortcut(FAN250, SLICE28, 1, "0e:fa:00:00:00:01"), "s"))
+    bpf.close(bpf.load_program(bpf.send_shortcut(FAN250, SLICE28, 1, None), "s"))
+    bpf.close(bpf.load_program(bpf.receive_shortcut(SLICE28, 1), "r"))
 
 
 def test_program_is_deterministic_and_small():
@@ -189,7 +259,7 @@ def attach(ns: str, fan: FanMap, pref: int, name: str) -> None:
     """Load and attach in this process, then close the fd: tc keeps the program."""
     fd = bpf.load_program(bpf.fan_program(fan, pref, 14), name)
     try:
-        asyncio.run(_with_ipr(ns, lambda ipr, i: bpf.attach_egress(ipr, i, fd, name, pref)))
+        asyncio.run(_with_ipr(ns, lambda ipr, i: bpf.attach(ipr, i, fd, name, pref, bpf.EGRESS)))
     finally:
         bpf.close(fd)
 
@@ -205,7 +275,7 @@ from fan_driver.fanmap import FanMap
 async def main():
     fd = bpf.load_program(bpf.fan_program(FanMap(N({overlay!r}), N("172.30.0.0/16")), {pref}, 14), {name!r})
     async with AsyncIPRoute(netns={ns!r}) as ipr:
-        await bpf.attach_egress(ipr, (await ipr.link_lookup(ifname="fan-vxlan"))[0], fd, {name!r}, {pref})
+        await bpf.attach(ipr, (await ipr.link_lookup(ifname="fan-vxlan"))[0], fd, {name!r}, {pref}, bpf.EGRESS)
 asyncio.run(main())
 """
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -214,11 +284,11 @@ asyncio.run(main())
 
 
 def filters(ns: str) -> dict:
-    return asyncio.run(_with_ipr(ns, bpf.egress_filters))
+    return asyncio.run(_with_ipr(ns, bpf.filters))
 
 
 def detach(ns: str, pref: int) -> None:
-    asyncio.run(_with_ipr(ns, lambda ipr, i: bpf.detach_egress(ipr, i, pref)))
+    asyncio.run(_with_ipr(ns, lambda ipr, i: bpf.detach(ipr, i, pref)))
 
 
 def add_container(host: str, ns: str, fan: FanMap, underlay: str, tag: str) -> str:
