@@ -3,6 +3,7 @@ gone", and refuses to touch an interface that does not carry our mark."""
 from __future__ import annotations
 
 import errno
+import re
 from ipaddress import IPv4Interface, IPv4Network
 from typing import Dict, List, Optional
 
@@ -16,9 +17,18 @@ GONE = (errno.ENODEV, errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
 MAIN_TABLE = 254
 
 
-def is_ours(alias: Optional[str]) -> bool:
-    """Whether an interface alias is our mark ("fan-driver" or "fan-driver <network>")."""
-    return alias == MARK or (alias or "").startswith(MARK + " ")
+# An endpoint's host-side veth (model.Endpoint.host_ifname). The kernel takes no
+# alias when it creates a link, so a crash between creating the pair and marking
+# it leaves one unmarked: by this name it is still recognisably ours.
+ENDPOINT_VETH = re.compile(r"fve[0-9a-f]{12}")
+
+
+def is_ours(alias: Optional[str], name: str = "") -> bool:
+    """Whether an interface alias is our mark ("fan-driver" or "fan-driver <network>"),
+    or the interface is an endpoint veth not yet marked."""
+    if alias is None:
+        return bool(ENDPOINT_VETH.fullmatch(name))
+    return alias == MARK or alias.startswith(MARK + " ")
 
 
 class Links:
@@ -33,9 +43,9 @@ class Links:
         """name -> mark of every interface we created."""
         result = {}
         async for link in await self.ipr.get_links():
-            alias = link.get("ifalias")
-            if is_ours(alias):
-                result[link.get("ifname")] = alias
+            alias, name = link.get("ifalias"), link.get("ifname")
+            if is_ours(alias, name):
+                result[name] = alias or MARK
         return result
 
     async def claim(self, name: str, kind: str, mark: str, **spec) -> int:
@@ -88,7 +98,7 @@ class Links:
     async def ensure_veth(self, host_name: str, peer_name: str, mtu: int, mac: str,
                           bridge_index: int, mark: str) -> int:
         index = await self.index(host_name)
-        if index is not None and not is_ours(await self._alias(index)):
+        if index is not None and not is_ours(await self._alias(index), host_name):
             raise FanError(f"interface {host_name} already exists and was not made by "
                            "fan-driver; remove it")
         if index is None:
@@ -103,7 +113,7 @@ class Links:
         index = await self.index(name)
         if index is None:
             return
-        if not is_ours(await self._alias(index)):
+        if not is_ours(await self._alias(index), name):
             raise FanError(f"refusing to delete {name}: it was not made by fan-driver")
         try:
             await self.ipr.link("del", index=index)
