@@ -45,8 +45,9 @@ SWARM_DATA_PORT = 4790
 OVERHEAD = {"vxlan": 50, "ipip": 20}   # bytes of outer headers per packet
 UNDERLAY_MTU = 1500
 IPERF_PORT = 5201
-LINE_RATE = "1gbit"   # a common NIC speed, well under every path's CPU-bound rate here
-REGIMES = ("CPU-bound", f"line rate {LINE_RATE[:-3]} Gbit/s")
+LINE_RATE_GBIT = 1    # a common NIC speed, well under every path's CPU-bound rate here
+LINE_RATE = f"{LINE_RATE_GBIT}gbit"
+REGIMES = ("CPU-bound", f"line rate {LINE_RATE_GBIT} Gbit/s")
 
 
 @dataclass

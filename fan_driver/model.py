@@ -51,6 +51,10 @@ class Endpoint:
     address: str             # a.b.c.d/len
     mac: str
 
+    @property
+    def ip(self) -> IPv4Address:
+        return IPv4Interface(self.address).ip
+
     @staticmethod
     def host_ifname(endpoint_id: str) -> str:
         return ENDPOINT_IFNAME_PREFIX + endpoint_id[:12]

@@ -162,9 +162,10 @@ class NetworkDriver:
                 raise FanError(f"address {address.ip} is already used by "
                                f"{owner if owner == GATEWAY else 'endpoint ' + short_id(owner)}")
             mac = _mac(interface.get("MacAddress")) or mac_for(address)
-            await self.dataplane.attach(plan, endpoint_id, mac)
+            endpoint = Endpoint(address=str(address), mac=mac)
+            await self.dataplane.attach(plan, endpoint_id, endpoint)
             self.faults.check("create_endpoint:after_kernel")
-            net.endpoints[endpoint_id] = Endpoint(address=str(address), mac=mac)
+            net.endpoints[endpoint_id] = endpoint
             pool.addresses[str(address.ip)] = endpoint_id
         self.faults.check("create_endpoint:after_state")
         log.info("endpoint %s on %s: %s", short_id(endpoint_id), short_id(network_id), address)
@@ -189,7 +190,7 @@ class NetworkDriver:
             addresses[ip] = ""   # Docker releases the address itself next
         self.ledger.commit()
         self.faults.check("delete_endpoint:after_state")
-        await self.dataplane.detach(endpoint_id)
+        await self.dataplane.detach(plan_for(state, network_id), endpoint_id, endpoint)
         self.faults.check("delete_endpoint:after_kernel")
         log.info("endpoint %s removed", short_id(endpoint_id))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Iterable, Set, Tuple
+from typing import Dict, Iterable, Set, Tuple
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -76,17 +76,17 @@ class Dataplane:
             undo.pop_all()
         _enable_forwarding()
 
-    async def reattach(self, plan: NetworkPlan, endpoint_ids: Iterable[str]) -> None:
+    async def reattach(self, plan: NetworkPlan, endpoints: Dict[str, Endpoint]) -> None:
         """Put the endpoints' veths that still exist back on the bridge (after
         the bridge was made again); those of vanished containers are gone."""
         bridge = await self.links.index(plan.bridge)
-        for endpoint_id in endpoint_ids:
+        for endpoint_id, endpoint in endpoints.items():
             index = await self.links.index(Endpoint.host_ifname(endpoint_id))
             if index is None:
                 continue
             try:
                 await self.links.ipr.link("set", index=index, master=bridge, state="up")
-                await MAPPINGS[plan.mapping].attach_endpoint(self.links, plan, index)
+                await MAPPINGS[plan.mapping].attach_endpoint(self.links, plan, index, endpoint)
             except (NetlinkError, FanError) as exc:
                 log.warning("cannot put %s back on %s: %s", Endpoint.host_ifname(endpoint_id),
                             plan.bridge, exc)
@@ -103,22 +103,23 @@ class Dataplane:
 
     async def remove_network(self, plan: NetworkPlan, endpoint_ids: Iterable[str]) -> None:
         for endpoint_id in endpoint_ids:
-            await self.detach(endpoint_id)
+            await self.links.delete(Endpoint.host_ifname(endpoint_id))
         await self.firewall.remove(self._rules(plan))
         await MAPPINGS[plan.mapping].remove(self.links, plan)
         await self.links.delete(plan.bridge)
 
-    async def attach(self, plan: NetworkPlan, endpoint_id: str, mac: str) -> None:
+    async def attach(self, plan: NetworkPlan, endpoint_id: str, endpoint: Endpoint) -> None:
         bridge = await self.links.index(plan.bridge)
         if bridge is None:
             raise FanError(f"bridge {plan.bridge} of network {plan.network_id[:12]} is missing; "
                            "restart fan-driver to restore it")
         index = await self.links.ensure_veth(Endpoint.host_ifname(endpoint_id),
                                              Endpoint.container_ifname(endpoint_id),
-                                             plan.mtu, mac, bridge, plan.mark)
-        await MAPPINGS[plan.mapping].attach_endpoint(self.links, plan, index)
+                                             plan.mtu, endpoint.mac, bridge, plan.mark)
+        await MAPPINGS[plan.mapping].attach_endpoint(self.links, plan, index, endpoint)
 
-    async def detach(self, endpoint_id: str) -> None:
+    async def detach(self, plan: NetworkPlan, endpoint_id: str, endpoint: Endpoint) -> None:
+        MAPPINGS[plan.mapping].detach_endpoint(plan, endpoint)
         await self.links.delete(Endpoint.host_ifname(endpoint_id))
 
     async def remove_orphans(self, plans: Iterable[NetworkPlan], endpoint_ids: Set[str]) -> None:

@@ -36,29 +36,35 @@ from ..errors import FanError
 from ..fanmap import FanMap
 
 # --- instruction encoding (include/uapi/linux/bpf.h, bpf_common.h) ----------
-LDX, ST, STX, ALU, JMP, JMP32, ALU64 = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
+LD, LDX, ST, STX, ALU, JMP, JMP32, ALU64 = 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
 W, H, B, DW = 0x00, 0x08, 0x10, 0x18
-MEM = 0x60
+IMM, MEM = 0x00, 0x60
+PSEUDO_MAP_FD = 1   # src_reg of a 64-bit load: the immediate is a map's fd
 K, X = 0x00, 0x08
 ADD, OR, AND, RSH, XOR, MOV, END = 0x00, 0x40, 0x50, 0x70, 0xA0, 0xB0, 0xD0
 TO_BE = 0x08
 JEQ, JNE, JLE, CALL, EXIT = 0x10, 0x50, 0xB0, 0x80, 0x90
 R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, FP = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 
+HELPER_MAP_LOOKUP_ELEM = 1
 HELPER_SKB_STORE_BYTES = 9
 HELPER_L3_CSUM_REPLACE = 10
 HELPER_SKB_SET_TUNNEL_KEY = 21
 HELPER_REDIRECT = 23
 HELPER_SKB_LOAD_BYTES = 26
 HELPER_REDIRECT_NEIGH = 152   # Linux 5.10
+HELPER_REDIRECT_PEER = 155    # Linux 5.10
 TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT = -1, 0, 2
 SKB_PROTOCOL = 16        # offsetof(struct __sk_buff, protocol)
 ETH_LEN = 14
 IP_TTL, IP_CHECK, IP_DADDR = 8, 10, 16   # offsets in an IPv4 header
 ETH_SRC_LAST = 11        # last byte of the inner Ethernet source MAC
 KEY_SIZE = 44            # sizeof(struct bpf_tunnel_key) with local_ipv6
-KEY_OFF, BUF_OFF = -48, -56  # stack slots: the key (48 bytes zeroed), 4-byte read buffer
+KEY_OFF, BUF_OFF = -48, -56  # stack slots: the key (48 bytes zeroed), 8-byte buffer
 KEY_ID, KEY_REMOTE, KEY_TTL = 0, 4, 21  # offsets of tunnel_id, remote_ipv4, tunnel_ttl
+# No outer UDP checksum, as RFC 7348 advises for VXLAN over IPv4 and as the kernel's
+# own VXLAN devices default to: the inner packet carries its own.
+BPF_F_ZERO_CSUM_TX = 1 << 1
 
 Insn = Tuple[int, int, int, int, Union[int, str]]  # code, dst, src, off|label, imm
 
@@ -87,12 +93,12 @@ def _encode(insns: List[Insn]) -> bytes:
     return b"".join(out)
 
 
-def _bytes_call(helper: int, offset: int, size: int) -> List[Insn]:
-    """helper(skb, offset, fp + BUF_OFF, size[, flags 0]): bpf_skb_load/store_bytes.
+def _bytes_call(helper: int, offset: int, size: int, slot: int = BUF_OFF) -> List[Insn]:
+    """helper(skb, offset, fp + slot, size[, flags 0]): bpf_skb_load/store_bytes.
 
     The helpers bounds-check for us, so the verifier needs no packet-pointer proofs."""
     return [(ALU64 | MOV | X, R1, R6, 0, 0), (ALU64 | MOV | K, R2, 0, 0, offset),
-            (ALU64 | MOV | X, R3, FP, 0, 0), (ALU64 | ADD | K, R3, 0, 0, BUF_OFF),
+            (ALU64 | MOV | X, R3, FP, 0, 0), (ALU64 | ADD | K, R3, 0, 0, slot),
             (ALU64 | MOV | K, R4, 0, 0, size), (ALU64 | MOV | K, R5, 0, 0, 0),
             (JMP | CALL, 0, 0, 0, helper)]
 
@@ -186,7 +192,7 @@ def fan_program(fan: FanMap, vni: int, inner_ip_offset: int) -> bytes:
         (ALU64 | MOV | X, R2, FP, 0, 0),
         (ALU64 | ADD | K, R2, 0, 0, KEY_OFF),
         (ALU64 | MOV | K, R3, 0, 0, KEY_SIZE),
-        (ALU64 | MOV | K, R4, 0, 0, 0),
+        (ALU64 | MOV | K, R4, 0, 0, BPF_F_ZERO_CSUM_TX),
         (JMP | CALL, 0, 0, 0, HELPER_SKB_SET_TUNNEL_KEY),
         # without a key the device would drop it anyway; SHOT says so in the stats
         (JMP | JNE | K, R0, 0, "shot", 0),
@@ -227,16 +233,44 @@ def send_shortcut(fan: FanMap, slice_: IPv4Network, tunnel_index: int,
     return _encode(prog)
 
 
-def receive_shortcut(slice_: IPv4Network, bridge_index: int) -> bytes:
+# The receive shortcut's map: a container's address (u32, host byte order) ->
+# its veth's host-side ifindex (u32) and its MAC.
+ENDPOINT_KEY = struct.Struct("=I")
+ENDPOINT_VALUE = struct.Struct("=I6s2x")
+
+
+def endpoint_entry(address: int, veth_index: int, mac: str) -> Tuple[bytes, bytes]:
+    return (ENDPOINT_KEY.pack(address),
+            ENDPOINT_VALUE.pack(veth_index, bytes.fromhex(mac.replace(":", ""))))
+
+
+def receive_shortcut(slice_: IPv4Network, bridge_index: int, endpoints_map: int) -> bytes:
     """For an L2 tunnel's ingress: IPv4 for a container in this host's slice goes
-    straight out of the bridge, addressed by the neighbour table. The rest
-    (another network's slice, the gateway itself) gets TC_ACT_UNSPEC: the next
-    network's filter, or the kernel's path."""
+    straight into the container's namespace (bpf_redirect_peer on its veth, found
+    in `endpoints_map`, readdressed to its MAC), or, for an address the map does
+    not hold, out of the bridge as the neighbour table says. The rest (another
+    network's slice, the gateway itself) gets TC_ACT_UNSPEC: the next network's
+    filter, or the kernel's path."""
     gateway = int(slice_.network_address) + 1
+    mac_slot = KEY_OFF   # 6 bytes of the MAC, copied out of the map's value
     prog = [*_ipv4_destination(ETH_LEN, "miss"), *_unless_in(slice_, "miss"),
             (JMP32 | JEQ | K, R7, 0, "miss", gateway),
             (JMP32 | JEQ | K, R7, 0, "miss", int(slice_.broadcast_address)),
             *_decrement_ttl(ETH_LEN, "miss"),
+            (STX | W | MEM, FP, R7, BUF_OFF, 0),
+            (LD | DW | IMM, R1, PSEUDO_MAP_FD, 0, endpoints_map), (0, 0, 0, 0, 0),
+            (ALU64 | MOV | X, R2, FP, 0, 0), (ALU64 | ADD | K, R2, 0, 0, BUF_OFF),
+            (JMP | CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM),
+            (JMP | JEQ | K, R0, 0, "neighbour", 0),
+            (LDX | W | MEM, R7, R0, 0, 0),                     # the veth's ifindex
+            (LDX | W | MEM, R1, R0, 4, 0), (STX | W | MEM, FP, R1, mac_slot, 0),
+            (LDX | H | MEM, R1, R0, 8, 0), (STX | H | MEM, FP, R1, mac_slot + 4, 0),
+            *_bytes_call(HELPER_SKB_STORE_BYTES, 0, 6, mac_slot),
+            (JMP | JNE | K, R0, 0, "shot", 0),
+            (ALU64 | MOV | X, R1, R7, 0, 0), (ALU64 | MOV | K, R2, 0, 0, 0),
+            (JMP | CALL, 0, 0, 0, HELPER_REDIRECT_PEER),      # returns TC_ACT_REDIRECT
+            (JMP | EXIT, 0, 0, 0, 0),
+            (None, 0, 0, 0, "neighbour"),
             (ALU64 | MOV | K, R1, 0, 0, bridge_index), (ALU64 | MOV | K, R2, 0, 0, 0),
             (ALU64 | MOV | K, R3, 0, 0, 0), (ALU64 | MOV | K, R4, 0, 0, 0),
             (JMP | CALL, 0, 0, 0, HELPER_REDIRECT_NEIGH),     # returns TC_ACT_REDIRECT
@@ -286,8 +320,52 @@ def load_program(insns: bytes, name: str) -> int:
 
 
 def close(fd: int) -> None:
-    """Drop our reference; an attached tc filter keeps the program alive."""
+    """Drop our reference; an attached tc filter keeps the program (and the
+    maps it uses) alive."""
     os.close(fd)
+
+
+BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 2, 3
+BPF_MAP_TYPE_HASH = 1
+BPF_F_NO_PREALLOC = 1   # memory per entry in use, not per entry possible
+
+
+def _bpf(cmd: int, attr: bytes) -> Tuple[int, int]:
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    result = _libc.syscall(_NR_BPF[platform.machine()], cmd, buf, len(attr))
+    return result, ctypes.get_errno()
+
+
+def create_hash_map(key_size: int, value_size: int, max_entries: int, name: str) -> int:
+    # union bpf_attr, BPF_MAP_CREATE part, up to and including map_name[16]
+    fd, err = _bpf(BPF_MAP_CREATE, struct.pack(
+        "=IIIIIII16s", BPF_MAP_TYPE_HASH, key_size, value_size, max_entries,
+        BPF_F_NO_PREALLOC, 0, 0, re.sub(r"[^A-Za-z0-9_.]", "_", name)[:15].encode()))
+    if fd < 0:
+        raise FanError(f"cannot create eBPF map {name!r}: {os.strerror(err)} (errno {err})")
+    return fd
+
+
+def _elem_attr(map_fd: int, key: bytes, value: bytes = b"") -> Tuple[bytes, list]:
+    keep = [ctypes.create_string_buffer(key, len(key)),
+            ctypes.create_string_buffer(value, max(len(value), 1))]
+    return struct.pack("=IIQQQ", map_fd, 0, ctypes.addressof(keep[0]),
+                       ctypes.addressof(keep[1]) if value else 0, 0), keep
+
+
+def map_update(map_fd: int, key: bytes, value: bytes) -> None:
+    attr, _keep = _elem_attr(map_fd, key, value)
+    result, err = _bpf(BPF_MAP_UPDATE_ELEM, attr)
+    if result < 0:
+        raise FanError(f"cannot update eBPF map: {os.strerror(err)} (errno {err})")
+
+
+def map_delete(map_fd: int, key: bytes) -> None:
+    """Delete a key; one that is not there is already deleted."""
+    attr, _keep = _elem_attr(map_fd, key)
+    result, err = _bpf(BPF_MAP_DELETE_ELEM, attr)
+    if result < 0 and err != errno.ENOENT:
+        raise FanError(f"cannot delete from eBPF map: {os.strerror(err)} (errno {err})")
 
 
 # --- attaching: tc clsact through pyroute2 ------------------------------------

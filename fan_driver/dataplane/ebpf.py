@@ -13,9 +13,15 @@ whose source is its own MAC as loops.) Learning is off: no FDB entries appear.
 
 Overlay traffic between hosts skips the hosts' IP forwarding: each container's
 veth has a program that sends it straight to the tunnel, and on an L2 tunnel a
-program per network at ingress hands it straight to the bridge (see bpf.py).
-So netfilter (FORWARD, DOCKER-USER) does not see it; traffic to and from
-outside the overlay takes the kernel's path and the fan's rules as before.
+program per network at ingress hands it straight into the container, found in
+a map of the network's endpoints (see bpf.py). So netfilter (FORWARD,
+DOCKER-USER) does not see it; traffic to and from outside the overlay takes
+the kernel's path and the fan's rules as before.
+
+The map lives as long as the program that uses it; this process keeps an fd to
+fill it. After a restart, ensure() makes a new map and program, and the
+endpoints are added again as they are re-attached: an address the map does not
+hold yet goes through the bridge, never nowhere.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from ipaddress import IPv4Network
 
 from ..errors import FanError
 from ..fanmap import FanMap
+from ..model import Endpoint
 from . import bpf
 from .netlink import Links
 from .plan import ENCAPS, MARK, VXLAN_PORT, NetworkPlan
@@ -41,13 +48,22 @@ def probe_error() -> str | None:
     sample = FanMap(net, IPv4Network("172.30.0.0/16"))
     slice_ = IPv4Network("250.28.0.0/16")
     try:
-        for insns in (bpf.fan_program(sample, 1, bpf.ETH_LEN),
-                      bpf.send_shortcut(sample, slice_, 1, SHARED_VXLAN_MAC),
-                      bpf.receive_shortcut(slice_, 1)):
-            bpf.close(bpf.load_program(insns, "fan_probe"))
+        endpoints = _endpoints_map(slice_, "fan_probe")
+        try:
+            for insns in (bpf.fan_program(sample, 1, bpf.ETH_LEN),
+                          bpf.send_shortcut(sample, slice_, 1, SHARED_VXLAN_MAC),
+                          bpf.receive_shortcut(slice_, 1, endpoints)):
+                bpf.close(bpf.load_program(insns, "fan_probe"))
+        finally:
+            bpf.close(endpoints)
     except (FanError, OSError) as exc:
         return str(exc)
     return None
+
+
+def _endpoints_map(slice_: IPv4Network, name: str) -> int:
+    return bpf.create_hash_map(bpf.ENDPOINT_KEY.size, bpf.ENDPOINT_VALUE.size,
+                               slice_.num_addresses, name)
 
 
 def supported() -> bool:
@@ -60,6 +76,9 @@ def supported() -> bool:
 class EbpfMapping:
     name = "ebpf"
 
+    def __init__(self):
+        self._endpoint_maps = {}   # network ID -> fd of its receive shortcut's map
+
     async def ensure(self, links: Links, plan: NetworkPlan) -> None:
         index = await self._ensure_device(links, plan)
         name = self._program_name(plan)
@@ -69,15 +88,25 @@ class EbpfMapping:
                 bpf.fan_program(plan.host.fan, plan.vni, plan.encap.inner_ip_offset),
                 name, plan.tc_pref, bpf.EGRESS)
         if plan.encap.inner_ip_offset >= bpf.ETH_LEN:
-            # always replaced: it holds the bridge's index, new after a reboot
-            await bpf.attach_program(
-                links.ipr, index, bpf.receive_shortcut(plan.slice, await links.index(plan.bridge)),
-                name, plan.tc_pref, bpf.INGRESS)
+            # always new: the program holds the bridge's index, new after a
+            # reboot, and a map this process has an fd of
+            endpoints = _endpoints_map(plan.slice, name)
+            try:
+                await bpf.attach_program(
+                    links.ipr, index,
+                    bpf.receive_shortcut(plan.slice, await links.index(plan.bridge), endpoints),
+                    name, plan.tc_pref, bpf.INGRESS)
+            except BaseException:
+                bpf.close(endpoints)
+                raise
+            self._forget_map(plan)
+            self._endpoint_maps[plan.network_id] = endpoints
         await links.ensure_route(plan.overlay, index, metrics={"mtu": plan.mtu})
 
-    async def attach_endpoint(self, links: Links, plan: NetworkPlan, veth_index: int) -> None:
+    async def attach_endpoint(self, links: Links, plan: NetworkPlan, veth_index: int,
+                              endpoint: Endpoint) -> None:
         """The send shortcut on a container's veth (again after a restore: it holds
-        the tunnel's index)."""
+        the tunnel's index), and the container in the receive shortcut's map."""
         tunnel = await links.index(plan.encap.device)
         if tunnel is None:
             raise FanError(f"tunnel device {plan.encap.device} is missing; "
@@ -86,8 +115,24 @@ class EbpfMapping:
         await bpf.attach_program(links.ipr, veth_index,
                                  bpf.send_shortcut(plan.host.fan, plan.slice, tunnel, mac),
                                  self._program_name(plan), SEND_PREF, bpf.INGRESS)
+        endpoints = self._endpoint_maps.get(plan.network_id)
+        if endpoints is not None:
+            bpf.map_update(endpoints, *bpf.endpoint_entry(int(endpoint.ip), veth_index,
+                                                          endpoint.mac))
+
+    def detach_endpoint(self, plan: NetworkPlan, endpoint: Endpoint) -> None:
+        """Out of the map before its veth goes."""
+        endpoints = self._endpoint_maps.get(plan.network_id)
+        if endpoints is not None:
+            bpf.map_delete(endpoints, bpf.ENDPOINT_KEY.pack(int(endpoint.ip)))
+
+    def _forget_map(self, plan: NetworkPlan) -> None:
+        old = self._endpoint_maps.pop(plan.network_id, None)
+        if old is not None:
+            bpf.close(old)
 
     async def remove(self, links: Links, plan: NetworkPlan) -> None:
+        self._forget_map(plan)
         index = await links.index(plan.encap.device)
         if index is None:
             return

@@ -14,6 +14,7 @@ import struct
 
 from ..errors import FanError
 from ..fanmap import FanMap
+from ..model import Endpoint
 from .netlink import Links
 from .plan import MARK, VXLAN_PORT, NetworkPlan
 
@@ -82,8 +83,12 @@ def _send(message: bytes) -> None:
 class KernelMapping:
     name = "kernel"
 
-    async def attach_endpoint(self, links: Links, plan: NetworkPlan, veth_index: int) -> None:
+    async def attach_endpoint(self, links: Links, plan: NetworkPlan, veth_index: int,
+                              endpoint: Endpoint) -> None:
         """Nothing per container: packets take the kernel's path."""
+
+    def detach_endpoint(self, plan: NetworkPlan, endpoint: Endpoint) -> None:
+        """Nothing per container."""
 
     def tunnel_device(self, plan: NetworkPlan) -> str:
         return f"fanm-{plan.vni:06x}"

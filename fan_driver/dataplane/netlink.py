@@ -11,6 +11,7 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import FanError
+from ..model import ENDPOINT_IFNAME_PREFIX
 from .plan import MARK
 
 GONE = (errno.ENODEV, errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
@@ -20,7 +21,7 @@ MAIN_TABLE = 254
 # An endpoint's host-side veth (model.Endpoint.host_ifname). The kernel takes no
 # alias when it creates a link, so a crash between creating the pair and marking
 # it leaves one unmarked: by this name it is still recognisably ours.
-ENDPOINT_VETH = re.compile(r"fve[0-9a-f]{12}")
+ENDPOINT_VETH = re.compile(ENDPOINT_IFNAME_PREFIX + r"[0-9a-f]{12}")
 
 
 def is_ours(alias: Optional[str], name: str = "") -> bool:

@@ -20,7 +20,7 @@ import logging
 from ipaddress import IPv4Address, IPv4Network
 from typing import Dict, Set
 
-from ..model import short_id
+from ..model import Endpoint, short_id
 from .netlink import Links
 from .plan import MARK, NetworkPlan
 
@@ -49,8 +49,12 @@ def vtep_address(slice_: IPv4Network) -> IPv4Address:
 class RoutesMapping:
     name = "routes"
 
-    async def attach_endpoint(self, links: Links, plan: NetworkPlan, veth_index: int) -> None:
+    async def attach_endpoint(self, links: Links, plan: NetworkPlan, veth_index: int,
+                              endpoint: Endpoint) -> None:
         """Nothing per container: packets take the kernel's path."""
+
+    def detach_endpoint(self, plan: NetworkPlan, endpoint: Endpoint) -> None:
+        """Nothing per container."""
 
     def __init__(self):
         self._programming: Dict[str, asyncio.Task] = {}

@@ -27,10 +27,13 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (bpf(2), n
 
 # --- pure: the instructions ---------------------------------------------------
 
-def run_program(insns: bytes, packet: bytes, protocol: int = 0x0800):
+VALUE_AT = 64   # where a map lookup's value is put in the interpreter's memory
+
+
+def run_program(insns: bytes, packet: bytes, protocol: int = 0x0800, maps=None):
     """A tiny interpreter for the instructions bpf.py emits (little endian):
     returns (verdict, tunnel key bytes or None, packet as the program left it,
-    redirect target as (helper, ifindex) or None)."""
+    redirect target as (helper, ifindex) or None). `maps`: fd -> {key: value}."""
     regs, stack, key, packet, target = [0] * 11, bytearray(512), None, bytearray(packet), None
     regs[10] = len(stack)
     pc, prog = 0, [struct.unpack("<BBhi", insns[i:i + 8]) for i in range(0, len(insns), 8)]
@@ -39,6 +42,10 @@ def run_program(insns: bytes, packet: bytes, protocol: int = 0x0800):
         dst, src = r & 0xF, r >> 4
         cls, op = code & 0x07, code & 0xF0
         pc += 1
+        if code == bpf.LD | bpf.DW | bpf.IMM:        # a map's fd, in two slots
+            assert src == bpf.PSEUDO_MAP_FD and prog[pc] == (0, 0, 0, 0)
+            regs[dst], pc = imm, pc + 1
+            continue
         operand = regs[src] if code & 0x08 else imm
         size = {bpf.W: 4, bpf.H: 2, bpf.B: 1, bpf.DW: 8}[code & 0x18]
         if cls in (bpf.ALU, bpf.ALU64):
@@ -76,10 +83,15 @@ def run_program(insns: bytes, packet: bytes, protocol: int = 0x0800):
                     total = (total & 0xFFFF) + (total >> 16)
                 packet[regs[2]:regs[2] + 2] = (~total & 0xFFFF).to_bytes(2, "little")
                 regs[0] = 0
-            elif imm in (bpf.HELPER_REDIRECT, bpf.HELPER_REDIRECT_NEIGH):
+            elif imm == bpf.HELPER_MAP_LOOKUP_ELEM:
+                value = maps[regs[1]].get(bytes(stack[regs[2]:regs[2] + 4]))
+                regs[0] = 0 if value is None else VALUE_AT
+                if value is not None:
+                    stack[VALUE_AT:VALUE_AT + len(value)] = value
+            elif imm in (bpf.HELPER_REDIRECT, bpf.HELPER_REDIRECT_NEIGH, bpf.HELPER_REDIRECT_PEER):
                 target, regs[0] = (imm, regs[1]), 7    # TC_ACT_REDIRECT
             else:
-                assert imm == bpf.HELPER_SKB_SET_TUNNEL_KEY and regs[4] == 0
+                assert imm == bpf.HELPER_SKB_SET_TUNNEL_KEY and regs[4] == bpf.BPF_F_ZERO_CSUM_TX
                 key, regs[0] = bytes(stack[regs[2]:regs[2] + regs[3]]), 0
         elif op == bpf.EXIT:
             verdict = struct.unpack("<q", struct.pack("<Q", regs[0] & ((1 << 64) - 1)))[0]
@@ -162,24 +174,39 @@ def test_send_shortcut_takes_other_hosts_slices_to_the_tunnel(tunnel_mac):
     assert run_program(insns, packet, protocol=0x0806)[0] == bpf.TC_ACT_OK
 
 
-def test_receive_shortcut_hands_this_slice_to_the_bridge():
-    insns = bpf.receive_shortcut(SLICE28, BRIDGE_INDEX)
-    packet = ipv4_packet("250.0.28.9", ttl=63)
-    verdict, key, out, target = run_program(insns, packet)
-    assert (verdict, target) == (7, (bpf.HELPER_REDIRECT_NEIGH, BRIDGE_INDEX))
+def test_receive_shortcut_hands_this_slice_to_the_container():
+    map_fd, veth_index = 5, 31
+    insns = bpf.receive_shortcut(SLICE28, BRIDGE_INDEX, map_fd)
+    maps = {map_fd: dict([bpf.endpoint_entry(int(IPv4Address("250.0.28.9")), veth_index,
+                                             "0e:fa:fa:00:1c:09")])}
+    # a container in the map: into its namespace, readdressed to its MAC
+    verdict, key, out, target = run_program(insns, ipv4_packet("250.0.28.9", ttl=63), maps=maps)
+    assert (verdict, target) == (7, (bpf.HELPER_REDIRECT_PEER, veth_index))
+    assert out[:6] == bytes.fromhex("0efafa001c09")
     assert out[14 + 8] == 62 and ip_checksum_ok(out[14:])
+    # one the map does not hold (yet): out of the bridge, by the neighbour table
+    verdict, key, out, target = run_program(insns, ipv4_packet("250.0.28.10"), maps=maps)
+    assert (verdict, target) == (7, (bpf.HELPER_REDIRECT_NEIGH, BRIDGE_INDEX))
+    assert out[14 + 8] == 63 and ip_checksum_ok(out[14:])
     # the gateway (this host), the slice's broadcast, another network's slice, an
     # expiring TTL: the next filter or the kernel's path
     for other in ("250.0.28.1", "250.0.28.255", "240.0.28.9", "250.5.9.2"):
-        assert run_program(insns, ipv4_packet(other))[0] == bpf.TC_ACT_UNSPEC
-    assert run_program(insns, ipv4_packet("250.0.28.9", ttl=1))[0] == bpf.TC_ACT_UNSPEC
+        assert run_program(insns, ipv4_packet(other), maps=maps)[0] == bpf.TC_ACT_UNSPEC
+    assert run_program(insns, ipv4_packet("250.0.28.9", ttl=1), maps=maps)[0] == -1
 
 
 @needs_root
 def test_kernel_accepts_shortcuts():
     bpf.close(bpf.load_program(bpf.send_shortcut(FAN250, SLICE28, 1, "0e:fa:00:00:00:01"), "s"))
     bpf.close(bpf.load_program(bpf.send_shortcut(FAN250, SLICE28, 1, None), "s"))
-    bpf.close(bpf.load_program(bpf.receive_shortcut(SLICE28, 1), "r"))
+    endpoints = bpf.create_hash_map(4, 12, 256, "test_map")
+    try:
+        bpf.map_update(endpoints, *bpf.endpoint_entry(1, 2, "0e:fa:00:00:00:02"))
+        bpf.map_delete(endpoints, bpf.ENDPOINT_KEY.pack(1))
+        bpf.map_delete(endpoints, bpf.ENDPOINT_KEY.pack(1))   # already gone: fine
+        bpf.close(bpf.load_program(bpf.receive_shortcut(SLICE28, 1, endpoints), "r"))
+    finally:
+        bpf.close(endpoints)
 
 
 def test_program_is_deterministic_and_small():
