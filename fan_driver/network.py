@@ -5,7 +5,7 @@ import asyncio
 import logging
 import re
 from ipaddress import IPv4Interface
-from typing import Awaitable, Callable, Optional
+from typing import Awaitable, Callable, Optional, Set
 
 from .config import HostFacts, NetworkOptions, parse_cidr, resolve_underlay
 from .dataplane import Dataplane, choose
@@ -49,6 +49,7 @@ class NetworkDriver:
         self.default_encap = default_encap
         self.faults = faults
         self._sweep: Optional[asyncio.Task] = None
+        self._deleting: Set[asyncio.Task] = set()   # veths going away after the answer
 
     async def capabilities(self) -> dict:
         return {"Scope": "local", "ConnectivityScope": "global"}
@@ -181,7 +182,12 @@ class NetworkDriver:
     async def remove_endpoint(self, state: State, network_id: str, endpoint_id: str) -> None:
         """Forget an endpoint, then delete its veth; the caller holds the ledger.
         Its address stays taken until Docker releases it (the IPAM calls this
-        too, when Docker releases an address an endpoint still holds)."""
+        too, when Docker releases an address an endpoint still holds).
+
+        The veth is deleted after the answer: deleting one waits for the
+        kernel's RCU grace period (15-20 ms), and `docker run --rm` waits for
+        this answer. The state no longer has the endpoint, so a crash before
+        the deletion leaves an orphan that the next start removes."""
         net = state.networks[network_id]
         endpoint = net.endpoints.pop(endpoint_id)
         addresses = state.pools[net.pool_id].addresses
@@ -190,7 +196,17 @@ class NetworkDriver:
             addresses[ip] = ""   # Docker releases the address itself next
         self.ledger.commit()
         self.faults.check("delete_endpoint:after_state")
-        await self.dataplane.detach(plan_for(state, network_id), endpoint_id, endpoint)
+        self.dataplane.forget(plan_for(state, network_id), endpoint)
+        task = asyncio.get_running_loop().create_task(self._delete_veth(endpoint_id))
+        self._deleting.add(task)
+        task.add_done_callback(self._deleting.discard)
+
+    async def _delete_veth(self, endpoint_id: str) -> None:
+        try:
+            await self.dataplane.detach(endpoint_id)
+        except FanError as exc:   # the next start's orphan sweep tries again
+            log.error("endpoint %s: deleting its veth: %s", short_id(endpoint_id), exc)
+            return
         self.faults.check("delete_endpoint:after_kernel")
         log.info("endpoint %s removed", short_id(endpoint_id))
 

@@ -103,7 +103,7 @@ class Dataplane:
 
     async def remove_network(self, plan: NetworkPlan, endpoint_ids: Iterable[str]) -> None:
         for endpoint_id in endpoint_ids:
-            await self.links.delete(Endpoint.host_ifname(endpoint_id))
+            await self.detach(endpoint_id)
         await self.firewall.remove(self._rules(plan))
         await MAPPINGS[plan.mapping].remove(self.links, plan)
         await self.links.delete(plan.bridge)
@@ -118,8 +118,11 @@ class Dataplane:
                                              plan.mtu, endpoint.mac, bridge, plan.mark)
         await MAPPINGS[plan.mapping].attach_endpoint(self.links, plan, index, endpoint)
 
-    async def detach(self, plan: NetworkPlan, endpoint_id: str, endpoint: Endpoint) -> None:
+    def forget(self, plan: NetworkPlan, endpoint: Endpoint) -> None:
+        """No more traffic handed to the endpoint: first of its removal."""
         MAPPINGS[plan.mapping].detach_endpoint(plan, endpoint)
+
+    async def detach(self, endpoint_id: str) -> None:
         await self.links.delete(Endpoint.host_ifname(endpoint_id))
 
     async def remove_orphans(self, plans: Iterable[NetworkPlan], endpoint_ids: Set[str]) -> None:
