@@ -15,12 +15,11 @@ import struct
 from ..errors import FanError
 from ..fanmap import FanMap
 from ..model import Endpoint
-from .netlink import Links
+from .netlink import NLM_F_ACK, NLM_F_REQUEST, Links, rtnl_request
 from .plan import MARK, VXLAN_PORT, NetworkPlan
 
 RTM_NEWLINK = 16
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
-NLMSG_ERROR = 2
+NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO = 3, 4, 18
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 NLA_F_NESTED = 0x8000
@@ -70,12 +69,7 @@ def newlink_message(name: str, plan: NetworkPlan, underlay_index: int, seq: int 
 
 
 def _send(message: bytes) -> None:
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        sock.bind((0, 0))
-        sock.send(message)
-        reply = sock.recv(65536)
-    kind = struct.unpack_from("=H", reply, 4)[0]
-    error = struct.unpack_from("=i", reply, 16)[0] if kind == NLMSG_ERROR else 0
+    error = rtnl_request(message)
     if error:
         raise FanError(f"the kernel refused a fan-mapped tunnel device: {os.strerror(-error)}")
 

@@ -2,8 +2,12 @@
 gone", and refuses to touch an interface that does not carry our mark."""
 from __future__ import annotations
 
+import asyncio
 import errno
+import os
 import re
+import socket
+import struct
 from ipaddress import IPv4Interface, IPv4Network
 from typing import Dict, List, Optional
 
@@ -30,6 +34,28 @@ def is_ours(alias: Optional[str], name: str = "") -> bool:
     if alias is None:
         return bool(ENDPOINT_VETH.fullmatch(name))
     return alias == MARK or alias.startswith(MARK + " ")
+
+
+RTM_DELLINK = 17
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLMSG_ERROR = 2
+
+
+def rtnl_request(message: bytes) -> int:
+    """Send one rtnetlink request on a socket of its own and return its
+    status (0 or -errno). Blocking: the kernel does the work inside send()."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.bind((0, 0))
+        sock.send(message)
+        reply = sock.recv(65536)
+    kind = struct.unpack_from("=H", reply, 4)[0]
+    return struct.unpack_from("=i", reply, 16)[0] if kind == NLMSG_ERROR else 0
+
+
+def dellink_message(index: int) -> bytes:
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0)   # struct ifinfomsg
+    return struct.pack("=IHHII", 16 + len(body), RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK,
+                       1, 0) + body
 
 
 class Links:
@@ -116,11 +142,11 @@ class Links:
             return
         if not is_ours(await self._alias(index), name):
             raise FanError(f"refusing to delete {name}: it was not made by fan-driver")
-        try:
-            await self.ipr.link("del", index=index)
-        except NetlinkError as exc:
-            if exc.code not in GONE:
-                raise
+        # Deleting a link waits for an RCU grace period (15-20 ms for a veth) inside
+        # the kernel: in a thread, so that the plugin answers other requests meanwhile.
+        error = await asyncio.to_thread(rtnl_request, dellink_message(index))
+        if error and -error not in GONE:
+            raise FanError(f"cannot delete {name}: {os.strerror(-error)}")
 
     async def ensure_route(self, dst: IPv4Network, oif: int, **extra) -> None:
         try:
