@@ -78,6 +78,9 @@ class EbpfMapping:
 
     def __init__(self):
         self._endpoint_maps = {}   # network ID -> fd of its receive shortcut's map
+        # network ID -> fd of its send shortcut, loaded once and attached to every
+        # veth (the verifier's work is most of an attach), and its instructions
+        self._send_programs, self._send_code = {}, {}
 
     async def ensure(self, links: Links, plan: NetworkPlan) -> None:
         index = await self._ensure_device(links, plan)
@@ -99,7 +102,7 @@ class EbpfMapping:
             except BaseException:
                 bpf.close(endpoints)
                 raise
-            self._forget_map(plan)
+            self._forget(self._endpoint_maps, plan)
             self._endpoint_maps[plan.network_id] = endpoints
         await links.ensure_route(plan.overlay, index, metrics={"mtu": plan.mtu})
 
@@ -112,9 +115,14 @@ class EbpfMapping:
             raise FanError(f"tunnel device {plan.encap.device} is missing; "
                            "restart fan-driver to restore it")
         mac = SHARED_VXLAN_MAC if plan.encap.inner_ip_offset >= bpf.ETH_LEN else None
-        await bpf.attach_program(links.ipr, veth_index,
-                                 bpf.send_shortcut(plan.host.fan, plan.slice, tunnel, mac),
-                                 self._program_name(plan), SEND_PREF, bpf.INGRESS)
+        insns = bpf.send_shortcut(plan.host.fan, plan.slice, tunnel, mac)
+        if self._send_code.get(plan.network_id) != insns:   # new, or a new tunnel
+            self._forget(self._send_programs, plan)
+            self._send_programs[plan.network_id] = bpf.load_program(insns,
+                                                                    self._program_name(plan))
+            self._send_code[plan.network_id] = insns
+        await bpf.attach(links.ipr, veth_index, self._send_programs[plan.network_id],
+                         self._program_name(plan), SEND_PREF, bpf.INGRESS)
         endpoints = self._endpoint_maps.get(plan.network_id)
         if endpoints is not None:
             bpf.map_update(endpoints, *bpf.endpoint_entry(int(endpoint.ip), veth_index,
@@ -126,13 +134,16 @@ class EbpfMapping:
         if endpoints is not None:
             bpf.map_delete(endpoints, bpf.ENDPOINT_KEY.pack(int(endpoint.ip)))
 
-    def _forget_map(self, plan: NetworkPlan) -> None:
-        old = self._endpoint_maps.pop(plan.network_id, None)
-        if old is not None:
-            bpf.close(old)
+    @staticmethod
+    def _forget(fds: dict, plan: NetworkPlan) -> None:
+        fd = fds.pop(plan.network_id, None)
+        if fd is not None:
+            bpf.close(fd)
 
     async def remove(self, links: Links, plan: NetworkPlan) -> None:
-        self._forget_map(plan)
+        self._forget(self._endpoint_maps, plan)
+        self._forget(self._send_programs, plan)
+        self._send_code.pop(plan.network_id, None)
         index = await links.index(plan.encap.device)
         if index is None:
             return
