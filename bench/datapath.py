@@ -266,9 +266,14 @@ def rows(paths: list[DataPath], samples: dict, report: Report, regime: str) -> N
                        note="its share of the underlay against the encapsulation's "
                             "theoretical share"))
         if is_fan and overlay in tput:
+            # At line rate two VXLAN paths with the same MTU carry the same bytes:
+            # equal by construction, so "above" is a question for the CPU-bound regime.
+            cpu_bound = regime == REGIMES[0]
             report.add(Row(SECTION, f"  {p.name} vs docker overlay", tput[p.name],
-                           tput[overlay], "Gbit/s", target=(">", 1.0),
-                           ratio=round_ratio(runs, p.name, overlay)))
+                           tput[overlay], "Gbit/s", target=(">", 1.0) if cpu_bound else None,
+                           ratio=round_ratio(runs, p.name, overlay),
+                           note="" if cpu_bound or p.overhead != OVERHEAD["vxlan"] else
+                           "both VXLAN with the same MTU: the same bytes on the wire"))
     if overlay not in tput:
         report.add(error_row(SECTION, f"{regime}: TCP throughput, fan vs docker overlay",
                              "no docker overlay (swarm) path: see its setup row"))
