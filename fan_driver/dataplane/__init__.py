@@ -78,7 +78,8 @@ class Dataplane:
 
     async def reattach(self, plan: NetworkPlan, endpoints: Dict[str, Endpoint]) -> None:
         """Put the endpoints' veths that still exist back on the bridge (after
-        the bridge was made again); those of vanished containers are gone."""
+        the bridge was made again) and into the mapping's per-container state;
+        those of vanished containers are gone."""
         bridge = await self.links.index(plan.bridge)
         for endpoint_id, endpoint in endpoints.items():
             index = await self.links.index(Endpoint.host_ifname(endpoint_id))
@@ -88,7 +89,7 @@ class Dataplane:
                 await self.links.ipr.link("set", index=index, master=bridge, state="up")
                 await MAPPINGS[plan.mapping].attach_endpoint(self.links, plan, index, endpoint)
             except (NetlinkError, FanError) as exc:
-                log.warning("cannot put %s back on %s: %s", Endpoint.host_ifname(endpoint_id),
+                log.warning("cannot re-attach %s to %s: %s", Endpoint.host_ifname(endpoint_id),
                             plan.bridge, exc)
 
     async def _undo(self, plan: NetworkPlan) -> None:
@@ -116,7 +117,11 @@ class Dataplane:
         index = await self.links.ensure_veth(Endpoint.host_ifname(endpoint_id),
                                              Endpoint.container_ifname(endpoint_id),
                                              plan.mtu, endpoint.mac, bridge, plan.mark)
-        await MAPPINGS[plan.mapping].attach_endpoint(self.links, plan, index, endpoint)
+        try:
+            await MAPPINGS[plan.mapping].attach_endpoint(self.links, plan, index, endpoint)
+        except BaseException:
+            await self.detach(endpoint_id)   # Docker sees the failure: leave nothing
+            raise
 
     def forget(self, plan: NetworkPlan, endpoint: Endpoint) -> None:
         """No more traffic handed to the endpoint: first of its removal."""

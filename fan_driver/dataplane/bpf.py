@@ -10,7 +10,8 @@ Two more programs are shortcuts past the host's IP forwarding (and so past
 netfilter) for overlay traffic, which is most of the per-packet cost: one on
 each container's veth sends packets for other hosts' slices straight to the
 tunnel device, one on the tunnel's ingress hands packets for this host's slice
-straight to the bridge. Both decrement the TTL as the router they replace
+straight into the container (or, for an address it does not know, to the
+bridge). Both decrement the TTL as the router they replace
 would, and leave everything else (ARP, broadcasts, local and outside traffic,
 expiring TTLs) to the kernel's own path.
 
@@ -24,6 +25,7 @@ import errno
 import os
 import platform
 import re
+import resource
 import socket
 import struct
 import sys
@@ -213,7 +215,8 @@ def send_shortcut(fan: FanMap, slice_: IPv4Network, tunnel_index: int,
     prog = [*_ipv4_destination(ETH_LEN, "miss"), *_unless_in(fan.overlay, "miss"),
             (ALU | MOV | X, R8, R7, 0, 0), (ALU | AND | K, R8, 0, 0, int(slice_.netmask)),
             (JMP32 | JEQ | K, R8, 0, "miss", int(slice_.network_address)),
-            # only frames addressed to the gateway: broadcasts stay on the bridge
+            # unicast frames only (a container's only router is the gateway):
+            # broadcasts and multicasts stay on the bridge
             *_bytes_call(HELPER_SKB_LOAD_BYTES, 0, 1),
             (JMP | JNE | K, R0, 0, "miss", 0),
             (LDX | B | MEM, R0, FP, BUF_OFF, 0),
@@ -338,9 +341,20 @@ def _bpf(cmd: int, attr: bytes) -> Tuple[int, int]:
 
 def create_hash_map(key_size: int, value_size: int, max_entries: int, name: str) -> int:
     # union bpf_attr, BPF_MAP_CREATE part, up to and including map_name[16]
-    fd, err = _bpf(BPF_MAP_CREATE, struct.pack(
-        "=IIIIIII16s", BPF_MAP_TYPE_HASH, key_size, value_size, max_entries,
-        BPF_F_NO_PREALLOC, 0, 0, re.sub(r"[^A-Za-z0-9_.]", "_", name)[:15].encode()))
+    attr = struct.pack("=IIIIIII16s", BPF_MAP_TYPE_HASH, key_size, value_size, max_entries,
+                       BPF_F_NO_PREALLOC, 0, 0,
+                       re.sub(r"[^A-Za-z0-9_.]", "_", name)[:15].encode())
+    fd, err = _bpf(BPF_MAP_CREATE, attr)
+    if fd < 0 and err == errno.EPERM:
+        # Before Linux 5.11 a map's whole size counts against RLIMIT_MEMLOCK
+        # (64 KiB by default): lift it, as libbpf does, and try again.
+        try:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK,
+                               (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        except (ValueError, OSError):
+            pass
+        else:
+            fd, err = _bpf(BPF_MAP_CREATE, attr)
     if fd < 0:
         raise FanError(f"cannot create eBPF map {name!r}: {os.strerror(err)} (errno {err})")
     return fd

@@ -2,8 +2,9 @@
 
 One external-mode (collect_md) tunnel device per encapsulation is shared by
 every fan network on the host; each network adds one route for its overlay and
-one tc filter that computes a packet's outer destination from its inner one.
-No per-peer routes, neighbour or FDB entries exist.
+one tc filter that computes a packet's outer destination from its inner one
+(and, on VXLAN, one at ingress: see below). No per-peer routes, neighbour or
+FDB entries exist.
 
 The VXLAN device is NOARP and has the same MAC on every host: with NOARP the
 kernel uses the device's own MAC as the next hop's, and since every host's
@@ -46,7 +47,7 @@ def probe_error() -> str | None:
     (each loaded, then dropped), or None."""
     net = IPv4Network("250.0.0.0/8")
     sample = FanMap(net, IPv4Network("172.30.0.0/16"))
-    slice_ = IPv4Network("250.28.0.0/16")
+    slice_ = IPv4Network("250.0.28.0/24")
     try:
         endpoints = _endpoints_map(slice_, "fan_probe")
         try:
@@ -118,6 +119,7 @@ class EbpfMapping:
         insns = bpf.send_shortcut(plan.host.fan, plan.slice, tunnel, mac)
         if self._send_code.get(plan.network_id) != insns:   # new, or a new tunnel
             self._forget(self._send_programs, plan)
+            self._send_code.pop(plan.network_id, None)
             self._send_programs[plan.network_id] = bpf.load_program(insns,
                                                                     self._program_name(plan))
             self._send_code[plan.network_id] = insns
@@ -129,10 +131,15 @@ class EbpfMapping:
                                                           endpoint.mac))
 
     def detach_endpoint(self, plan: NetworkPlan, endpoint: Endpoint) -> None:
-        """Out of the map before its veth goes."""
+        """Out of the map before its veth goes. A failure only costs drops: the
+        veth's ifindex is never reused, so a stale entry cannot misdeliver."""
         endpoints = self._endpoint_maps.get(plan.network_id)
-        if endpoints is not None:
+        if endpoints is None:
+            return
+        try:
             bpf.map_delete(endpoints, bpf.ENDPOINT_KEY.pack(int(endpoint.ip)))
+        except FanError as exc:
+            log.warning("endpoint %s stays in the receive map: %s", endpoint.address, exc)
 
     @staticmethod
     def _forget(fds: dict, plan: NetworkPlan) -> None:

@@ -82,7 +82,8 @@ class Firewall:
     async def _complete(self, rules: Sequence[Rule]) -> bool:
         """Whether our jumps and as many marked rules as `rules` are in place:
         one listing per table, in parallel, instead of a check per rule (this
-        runs on every container start)."""
+        runs on every container start). It counts, it does not compare: a
+        marked rule edited by hand in place is not noticed."""
         tables = sorted({table for table, _, _ in CHAINS})
         listings = dict(zip(tables, await asyncio.gather(
             *(self._run(table, "-S") for table in tables))))

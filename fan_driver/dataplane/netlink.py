@@ -140,11 +140,20 @@ class Links:
         index = await self.index(name)
         if index is None:
             return
-        if not is_ours(await self._alias(index), name):
+        try:
+            alias = await self._alias(index)
+        except NetlinkError as exc:
+            if exc.code in GONE:
+                return
+            raise FanError(f"cannot read {name}: {exc}") from exc
+        if not is_ours(alias, name):
             raise FanError(f"refusing to delete {name}: it was not made by fan-driver")
         # Deleting a link waits for an RCU grace period (15-20 ms for a veth) inside
         # the kernel: in a thread, so that the plugin answers other requests meanwhile.
-        error = await asyncio.to_thread(rtnl_request, dellink_message(index))
+        try:
+            error = await asyncio.to_thread(rtnl_request, dellink_message(index))
+        except OSError as exc:
+            raise FanError(f"cannot delete {name}: {exc}") from exc
         if error and -error not in GONE:
             raise FanError(f"cannot delete {name}: {os.strerror(-error)}")
 

@@ -154,6 +154,9 @@ def bridge_sent_packets(h: FanHost) -> int:
 
 def test_overlay_traffic_takes_the_ebpf_shortcut_past_ip_forwarding(fan_hosts, containers):
     hosts = {h.name: h for h in fan_hosts[0]}
+    if hosts["h59"].host.run(["ip", "link", "show", "fan-vxlan"], check=False).returncode:
+        pytest.skip("the fan here is not VXLAN with the eBPF mapping: the receive "
+                    "shortcut is VXLAN's only")
     names = ("h27", "h59")
     before = {n: (forwarded_datagrams(hosts[n]), bridge_sent_packets(hosts[n])) for n in names}
     transfer(hosts["h27"], hosts["h59"], containers["h27"])

@@ -67,32 +67,34 @@ def run_program(insns: bytes, packet: bytes, protocol: int = 0x0800, maps=None):
             val = (regs[src] if cls == bpf.STX else imm) & ((1 << 8 * size) - 1)
             stack[regs[dst] + off:regs[dst] + off + size] = val.to_bytes(size, "little")
         elif op == bpf.CALL:
+            regs_in = list(regs)       # what the helper is called with
+            regs[1:6] = [0xDEAD] * 5   # helpers clobber r1-r5: a program must not reuse them
             if imm == bpf.HELPER_SKB_LOAD_BYTES:
-                chunk = packet[regs[2]:regs[2] + regs[4]]
-                regs[0] = 0 if len(chunk) == regs[4] else -14
-                stack[regs[3]:regs[3] + len(chunk)] = chunk
+                chunk = packet[regs_in[2]:regs_in[2] + regs_in[4]]
+                regs[0] = 0 if len(chunk) == regs_in[4] else -14
+                stack[regs_in[3]:regs_in[3] + len(chunk)] = chunk
             elif imm == bpf.HELPER_SKB_STORE_BYTES:
-                packet[regs[2]:regs[2] + regs[4]] = stack[regs[3]:regs[3] + regs[4]]
+                packet[regs_in[2]:regs_in[2] + regs_in[4]] = stack[regs_in[3]:regs_in[3] + regs_in[4]]
                 regs[0] = 0
             elif imm == bpf.HELPER_L3_CSUM_REPLACE:
-                assert regs[5] == 2
+                assert regs_in[5] == 2
                 # RFC 1624: HC' = ~(~HC + ~m + m'), words as the packet stores them
-                hc = int.from_bytes(packet[regs[2]:regs[2] + 2], "little")
-                total = (~hc & 0xFFFF) + (~regs[3] & 0xFFFF) + (regs[4] & 0xFFFF)
+                hc = int.from_bytes(packet[regs_in[2]:regs_in[2] + 2], "little")
+                total = (~hc & 0xFFFF) + (~regs_in[3] & 0xFFFF) + (regs_in[4] & 0xFFFF)
                 while total >> 16:
                     total = (total & 0xFFFF) + (total >> 16)
-                packet[regs[2]:regs[2] + 2] = (~total & 0xFFFF).to_bytes(2, "little")
+                packet[regs_in[2]:regs_in[2] + 2] = (~total & 0xFFFF).to_bytes(2, "little")
                 regs[0] = 0
             elif imm == bpf.HELPER_MAP_LOOKUP_ELEM:
-                value = maps[regs[1]].get(bytes(stack[regs[2]:regs[2] + 4]))
+                value = maps[regs_in[1]].get(bytes(stack[regs_in[2]:regs_in[2] + 4]))
                 regs[0] = 0 if value is None else VALUE_AT
                 if value is not None:
                     stack[VALUE_AT:VALUE_AT + len(value)] = value
             elif imm in (bpf.HELPER_REDIRECT, bpf.HELPER_REDIRECT_NEIGH, bpf.HELPER_REDIRECT_PEER):
-                target, regs[0] = (imm, regs[1]), 7    # TC_ACT_REDIRECT
+                target, regs[0] = (imm, regs_in[1]), 7    # TC_ACT_REDIRECT
             else:
-                assert imm == bpf.HELPER_SKB_SET_TUNNEL_KEY and regs[4] == bpf.BPF_F_ZERO_CSUM_TX
-                key, regs[0] = bytes(stack[regs[2]:regs[2] + regs[3]]), 0
+                assert imm == bpf.HELPER_SKB_SET_TUNNEL_KEY and regs_in[4] == bpf.BPF_F_ZERO_CSUM_TX
+                key, regs[0] = bytes(stack[regs_in[2]:regs_in[2] + regs_in[3]]), 0
         elif op == bpf.EXIT:
             verdict = struct.unpack("<q", struct.pack("<Q", regs[0] & ((1 << 64) - 1)))[0]
             return verdict, key, packet, target
