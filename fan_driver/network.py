@@ -191,7 +191,7 @@ class NetworkDriver:
         net = state.networks[network_id]
         endpoint = net.endpoints.pop(endpoint_id)
         addresses = state.pools[net.pool_id].addresses
-        ip = str(IPv4Interface(endpoint.address).ip)
+        ip = str(endpoint.ip)
         if addresses.get(ip) == endpoint_id:
             addresses[ip] = ""   # Docker releases the address itself next
         self.ledger.commit()

@@ -45,8 +45,7 @@ log = logging.getLogger(__name__)
 def probe_error() -> str | None:
     """Why this kernel's verifier refuses the fan program or the shortcuts
     (each loaded, then dropped), or None."""
-    net = IPv4Network("250.0.0.0/8")
-    sample = FanMap(net, IPv4Network("172.30.0.0/16"))
+    sample = FanMap(IPv4Network("250.0.0.0/8"), IPv4Network("172.30.0.0/16"))
     slice_ = IPv4Network("250.0.28.0/24")
     try:
         endpoints = _endpoints_map(slice_, "fan_probe")

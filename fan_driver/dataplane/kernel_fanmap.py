@@ -9,13 +9,12 @@ MTU, up, route) goes through pyroute2 as usual.
 from __future__ import annotations
 
 import os
-import socket
 import struct
 
 from ..errors import FanError
 from ..fanmap import FanMap
 from ..model import Endpoint
-from .netlink import NLM_F_ACK, NLM_F_REQUEST, Links, rtnl_request
+from .netlink import NLM_F_ACK, NLM_F_REQUEST, Links, ifinfomsg, rtnl_message, rtnl_request
 from .plan import MARK, VXLAN_PORT, NetworkPlan
 
 RTM_NEWLINK = 16
@@ -46,7 +45,7 @@ def fan_mapping(fan: FanMap) -> bytes:
             + struct.pack("=HH", fan.underlay.prefixlen, fan.overlay.prefixlen))
 
 
-def newlink_message(name: str, plan: NetworkPlan, underlay_index: int, seq: int = 1) -> bytes:
+def newlink_message(name: str, plan: NetworkPlan, underlay_index: int) -> bytes:
     """The whole RTM_NEWLINK request for a fan-mapped tunnel device. Pure."""
     local = plan.underlay_address.packed
     fan_map = _nested(FAN_MAP, _attr(FAN_MAPPING, fan_mapping(plan.host.fan)))
@@ -59,13 +58,13 @@ def newlink_message(name: str, plan: NetworkPlan, underlay_index: int, seq: int 
                 _attr(VXLAN_ATTRS["link"], struct.pack("=I", underlay_index)),
                 _attr(VXLAN_ATTRS["local"], local),
                 _attr(VXLAN_ATTRS["port"], struct.pack("!H", VXLAN_PORT)), fan_map]
-    body = (struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
+    body = (ifinfomsg()
             + _attr(IFLA_IFNAME, name.encode() + b"\0")
             + _attr(IFLA_MTU, struct.pack("=I", plan.mtu))
             + _nested(IFLA_LINKINFO, _attr(IFLA_INFO_KIND, plan.encap.name.encode() + b"\0"),
                       _nested(IFLA_INFO_DATA, *data)))
     flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
-    return struct.pack("=IHHII", 16 + len(body), RTM_NEWLINK, flags, seq, 0) + body
+    return rtnl_message(RTM_NEWLINK, flags, body)
 
 
 def _send(message: bytes) -> None:

@@ -52,10 +52,17 @@ def rtnl_request(message: bytes) -> int:
     return struct.unpack_from("=i", reply, 16)[0] if kind == NLMSG_ERROR else 0
 
 
+def ifinfomsg(index: int = 0) -> bytes:
+    return struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0)
+
+
+def rtnl_message(kind: int, flags: int, body: bytes) -> bytes:
+    """A request (sequence number 1, on a socket of its own): struct nlmsghdr, then `body`."""
+    return struct.pack("=IHHII", 16 + len(body), kind, flags, 1, 0) + body
+
+
 def dellink_message(index: int) -> bytes:
-    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0)   # struct ifinfomsg
-    return struct.pack("=IHHII", 16 + len(body), RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK,
-                       1, 0) + body
+    return rtnl_message(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, ifinfomsg(index))
 
 
 class Links:
