@@ -30,7 +30,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .config import (DEFAULT_OVERLAY, DEFAULT_UNDERLAY, ENCAPS, MIN_MTU, HostFacts,
+from .config import (DEFAULT_OVERLAY, DEFAULT_UNDERLAY, ENCAPS, LOG_LEVELS, MIN_MTU, HostFacts,
                      UnderlaySpec, parse_cidr, resolve_underlay)
 from .errors import FanError
 from .fanmap import FanMap, HostSlice
@@ -39,13 +39,11 @@ from .host import KernelFeatures
 log = logging.getLogger(__name__)
 
 OK, INFO, WARN, FAIL = "ok", "info", "warn", "FAIL"
-LOG_LEVELS = ("debug", "info", "warning", "error")
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 # Where the plugin image keeps one directory of iptables links per backend
 # (see Dockerfile and plugin/entrypoint.sh).
 PLUGIN_BACKENDS = Path("/usr/local/lib/fan-driver")
 BACKENDS = ("nft", "legacy")
-FAN_CHAINS = (("filter", "FAN-FORWARD"), ("nat", "FAN-POSTROUTING"))
 PLUGIN_SET = ("docker plugin disable -f fan:latest && docker plugin set fan:latest {setting} && "
               "docker plugin enable fan:latest")
 
@@ -370,23 +368,21 @@ async def probe(state_dir: Path, iptables_setting: str = "auto") -> Probe:
 
     features = facts = None
     netlink_error = ebpf_error = ""
+
+    def ebpf_works() -> bool:   # the probe once, keeping why it failed
+        nonlocal ebpf_error
+        ebpf_error = ebpf.probe_error() or ""
+        return not ebpf_error
+
     try:
         async with AsyncIPRoute() as ipr:
             facts = await host.read_facts(ipr)
-            features = await host.probe_kernel(ipr, ebpf.supported)
+            features = await host.probe_kernel(ipr, ebpf_works)
     except Exception as exc:   # a report, not a crash: say what failed
         netlink_error = f"{type(exc).__name__}: {exc}"
-    if features is not None and not features.ebpf:
-        ebpf_error = _ebpf_error()
     return Probe(features=features, facts=facts, iptables=probe_iptables(iptables_setting),
                  state=probe_state(state_dir), ip_forward=_read(IP_FORWARD),
                  ebpf_error=ebpf_error, netlink_error=netlink_error)
-
-
-def _ebpf_error() -> str:
-    from .dataplane import ebpf
-
-    return ebpf.probe_error() or "the probe failed once and then passed"
 
 
 def _read(path: str) -> Optional[str]:
@@ -432,6 +428,8 @@ def choose_backend(in_plugin_image: bool, version_text: str, rules: Dict[str, Op
 
 
 def probe_iptables(iptables_setting: str = "auto") -> Iptables:
+    from .dataplane.firewall import CHAINS
+
     rules = {b: _count_rules(f"iptables-{b}-save") for b in BACKENDS}
     in_image = (PLUGIN_BACKENDS / "iptables-nft").is_dir()
     code, version = _run(["iptables", "--version"])
@@ -447,7 +445,7 @@ def probe_iptables(iptables_setting: str = "auto") -> Iptables:
     policy = next((line.split()[2] for line in forward.splitlines()
                    if line.startswith("-P FORWARD ")), None)
     chains: Dict[str, Optional[int]] = {}
-    for table, chain in FAN_CHAINS:
+    for table, _, chain in CHAINS:
         code, out = _run([binary, "-w", "-t", table, "-S", chain])
         chains[chain] = (sum(1 for line in out.splitlines() if line.startswith("-A"))
                          if code == 0 else None)
@@ -498,20 +496,16 @@ def refusal_app(message: str):
     """An aiohttp app on Docker's plugin protocol answering every driver call
     with `message` (Activate, capabilities and address spaces still answer, so
     Docker registers the drivers and shows the message on use)."""
-    from .ipam import ADDRESS_SPACE
+    from .ipam import IpamDriver
+    from .network import NetworkDriver
     from .server import make_app
 
     class Network(_Refusing):
-        async def capabilities(self) -> dict:
-            return {"Scope": "local", "ConnectivityScope": "global"}
+        capabilities = NetworkDriver.capabilities
 
     class Ipam(_Refusing):
-        async def capabilities(self) -> dict:
-            return {"RequiresMACAddress": False, "RequiresRequestReplay": False}
-
-        async def default_address_spaces(self) -> dict:
-            return {"LocalDefaultAddressSpace": ADDRESS_SPACE,
-                    "GlobalDefaultAddressSpace": ADDRESS_SPACE}
+        capabilities = IpamDriver.capabilities
+        default_address_spaces = IpamDriver.default_address_spaces
 
     return make_app(Network(message), Ipam(message))
 
@@ -526,6 +520,8 @@ async def serve_refusal(socket_path: Path, message: str) -> None:
 
 def add_arguments(parser) -> None:
     """`fan-driver check` options; the settings default like `serve`'s."""
+    from .cli import DEFAULT_SOCKET, DEFAULT_STATE_DIR
+
     env = os.environ.get
     parser.add_argument("--default-underlay", default=env("FAN_UNDERLAY", DEFAULT_UNDERLAY),
                         help="underlay setting to check (default: $FAN_UNDERLAY or %(default)s)")
@@ -537,14 +533,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--iptables", default=env("FAN_IPTABLES", "auto"),
                         help="the managed plugin's iptables backend setting: auto, nft or "
                              "legacy (default: $FAN_IPTABLES or auto)")
-    parser.add_argument("--state-dir", default=env("FAN_STATE_DIR", "/var/lib/fan-driver"))
+    parser.add_argument("--state-dir", default=env("FAN_STATE_DIR", DEFAULT_STATE_DIR))
     parser.add_argument("--settings", action="store_true",
                         help="check only the settings; exit status 1 when one is invalid")
     parser.add_argument("--serve-refusal", action="store_true",
                         help="with --settings: when a setting is invalid, keep answering "
                              "Docker on --socket with the problem instead of exiting (the "
                              "managed plugin's entry point)")
-    parser.add_argument("--socket", default=env("FAN_SOCKET", "/run/docker/plugins/fan.sock"))
+    parser.add_argument("--socket", default=env("FAN_SOCKET", DEFAULT_SOCKET))
 
 
 def run(args) -> int:

@@ -9,7 +9,7 @@ import sys
 from ipaddress import IPv4Interface
 from pathlib import Path
 
-from .config import DEFAULT_UNDERLAY, ENCAPS, UnderlaySpec
+from .config import DEFAULT_UNDERLAY, ENCAPS, LOG_LEVELS, UnderlaySpec
 from .errors import FanError
 from .model import short_id
 from .store import Store
@@ -25,7 +25,7 @@ def parse_args(argv):
     serve = sub.add_parser("serve", help="run the network and IPAM plugin")
     serve.add_argument("--socket", default=os.environ.get("FAN_SOCKET", DEFAULT_SOCKET))
     serve.add_argument("--log-level", default=os.environ.get("FAN_LOG_LEVEL", "info"),
-                       choices=["debug", "info", "warning", "error"], type=str.lower)
+                       choices=LOG_LEVELS, type=str.lower)
     serve.add_argument("--default-underlay",
                        default=os.environ.get("FAN_UNDERLAY", DEFAULT_UNDERLAY),
                        help="underlay for networks created without one (default: %(default)s)")

@@ -11,6 +11,7 @@ from .errors import FanError
 DEFAULT_OVERLAY = IPv4Network("250.0.0.0/8")
 DEFAULT_UNDERLAY = "default/16"
 ENCAPS = ("auto", "ipip", "vxlan")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 # How a host finds the underlay address of a peer's slice: the kernel's fan map
 # (Ubuntu's patch), an eBPF program, or one route (and for VXLAN neighbour and
 # FDB entry) per peer.
