@@ -16,6 +16,8 @@ import sys
 import time
 import uuid
 
+from harness.unixhttp import PLUGIN_CONTENT_TYPE
+
 from .lab import BenchLab, FanHost
 from .results import Report, Row, median, percentile
 
@@ -24,7 +26,6 @@ SECTION_API = "control plane: plugin API"
 SECTION_MEM = "control plane: plugin memory"
 CONCURRENCY = 100
 SEQUENTIAL = 20   # endpoints taken through the life cycle one request at a time
-CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
 API_OVERLAY, API_UNDERLAY = "250.0.0.0/8", "172.30.0.0/16"
 LIFE_CYCLE = ("IpamDriver.RequestAddress", "NetworkDriver.CreateEndpoint",
               "NetworkDriver.Join", "NetworkDriver.EndpointOperInfo", "NetworkDriver.Leave",
@@ -93,7 +94,7 @@ class Client:
     async def call(self, method: str, body: dict) -> tuple[float, dict]:
         started = time.perf_counter()
         async with self.session.post(f"http://plugin/{method}", data=json.dumps(body),
-                                     headers={"Content-Type": CONTENT_TYPE}) as resp:
+                                     headers={"Content-Type": PLUGIN_CONTENT_TYPE}) as resp:
             raw = await resp.read()
             status = resp.status
         elapsed = time.perf_counter() - started

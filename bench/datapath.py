@@ -25,6 +25,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from fan_driver.dataplane.plan import ENCAPS
 from harness.netlab import busybox_path
 from harness.procs import env_with_sbin, run_cmd, stop_popen
 
@@ -42,7 +43,6 @@ FANS = {("vxlan", "ebpf"): "250.0.0.0/8", ("vxlan", "routes"): "240.0.0.0/8",
 SWARM_NET, SWARM_SUBNET = "bench-ov", "10.77.0.0/24"
 # Swarm's VXLAN must not take UDP 4789, which the fan's external-mode device holds.
 SWARM_DATA_PORT = 4790
-OVERHEAD = {"vxlan": 50, "ipip": 20}   # bytes of outer headers per packet
 UNDERLAY_MTU = 1500
 IPERF_PORT = 5201
 LINE_RATE_GBIT = 1    # a common NIC speed, well under every path's CPU-bound rate here
@@ -107,13 +107,13 @@ def build(bl: BenchLab, report: Report, log) -> tuple[list[DataPath], dict]:
             if mapping == "routes":
                 for h in (a, b):
                     wait_programmed(h, UNDERLAY, FANS[encap, mapping], timeout=300)
-            paths.append(_container_path(name, a, b, net, OVERHEAD[encap]))
+            paths.append(_container_path(name, a, b, net, ENCAPS[encap].overhead))
         except Exception as exc:   # report it, measure the others
             report.add(error_row(SECTION, f"{name}: setup", f"{type(exc).__name__}: {exc}"))
     try:
         setup_swarm(a, b, log)
         paths.append(_container_path("docker overlay (swarm)", a, b, SWARM_NET,
-                                     OVERHEAD["vxlan"]))
+                                     ENCAPS["vxlan"].overhead))
     except Exception as exc:
         why = f"Docker's overlay driver (swarm mode) could not be set up here: {exc}"
         log("!!! " + why)
@@ -272,7 +272,7 @@ def rows(paths: list[DataPath], samples: dict, report: Report, regime: str) -> N
             report.add(Row(SECTION, f"  {p.name} vs docker overlay", tput[p.name],
                            tput[overlay], "Gbit/s", target=(">", 1.0) if cpu_bound else None,
                            ratio=round_ratio(runs, p.name, overlay),
-                           note="" if cpu_bound or p.overhead != OVERHEAD["vxlan"] else
+                           note="" if cpu_bound or p.overhead != ENCAPS["vxlan"].overhead else
                            "both VXLAN with the same MTU: the same bytes on the wire"))
     if overlay not in tput:
         report.add(error_row(SECTION, f"{regime}: TCP throughput, fan vs docker overlay",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,22 +18,21 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Optional
 
+from harness import (Dockerd, Lab, PluginProcess, ensure_busybox, missing_requirements,
+                     plugin_available)
+from harness.procs import env_with_sbin, run_cmd
+
+from fan_driver.fanmap import FanMap
+from fan_driver.host import KERNEL_FAN_VERSION
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "tests") not in sys.path:
-    sys.path.insert(0, str(REPO / "tests"))
-
-from harness import (Dockerd, Lab, PluginProcess, ensure_busybox,  # noqa: E402
-                     missing_requirements, plugin_available)
-from harness.procs import env_with_sbin, run_cmd  # noqa: E402
-
-from fan_driver.fanmap import FanMap  # noqa: E402  (pure arithmetic, no I/O)
 
 PREFIX = "fanlab-bench-"
 HOSTS = {"h28": "172.30.0.28/16", "h59": "172.30.0.59/16"}
 API_HOST = ("api", "172.30.0.77/16")
 OUTSIDE = "172.30.255.254/16"
 BUSYBOX = "busybox"
-KERNEL_FAN = Path("/proc/sys/net/fan/version")   # Ubuntu's Fan patch
+KERNEL_FAN = Path(KERNEL_FAN_VERSION)   # Ubuntu's Fan patch
 
 
 def requirements_missing() -> list[str]:
@@ -132,7 +130,7 @@ class BenchLab:
         work = self.workdir(tag)
         # At the level a user runs it: the harness's debug log costs CPU per request.
         return PluginProcess(host, socket_path=work / "fan.sock", state_dir=work / "state",
-                             log_path=work / "plugin.log", extra_args=("--log-level", "info"))
+                             log_path=work / "plugin.log", log_level="info")
 
     def _start(self, name: str) -> FanHost:
         host = self.lab.host(name)

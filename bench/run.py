@@ -84,8 +84,8 @@ def ensure_fan_network(bl: BenchLab) -> str:
 
 
 def clean_hosts(bl: BenchLab) -> None:
-    """Nothing of the earlier sections left to disturb the scale counts."""
-    datapath.leave_swarm(bl)
+    """Nothing of the earlier sections left to disturb the scale counts (the
+    swarm is gone already: run_sections leaves it after the data path)."""
     for h in bl.hosts.values():
         h.dockerd.reset()
         h.containers.clear()

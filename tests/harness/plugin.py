@@ -43,7 +43,7 @@ class PluginError(RuntimeError):
 
 
 class PluginProcess:
-    """`python -m fan_driver serve --socket S --state-dir D --log-level debug`
+    """`python -m fan_driver serve --socket S --state-dir D --log-level L` (debug)
     in `host`'s namespace; its log (appended across restarts) goes to log_path.
 
     start() writes /etc/netns/<ns>/docker/plugins/<name>.spec (unix://S) and
@@ -53,6 +53,7 @@ class PluginProcess:
 
     def __init__(self, host: Host, socket_path: str | Path, state_dir: str | Path,
                  log_path: str | Path, name: str = "fan", extra_args: tuple[str, ...] = (),
+                 log_level: str = "debug",
                  python: str = sys.executable, env: dict | None = None,
                  start_timeout: float = 30):
         self.host = host
@@ -61,6 +62,7 @@ class PluginProcess:
         self.log_path = Path(log_path)
         self.name = name
         self.extra_args = tuple(extra_args)
+        self.log_level = log_level
         self.python = python
         self.env = dict(env or {})
         self.start_timeout = start_timeout
@@ -87,7 +89,7 @@ class PluginProcess:
 
     def command(self) -> list[str]:
         return [self.python, "-m", "fan_driver", "serve", "--socket", str(self.socket_path),
-                "--state-dir", str(self.state_dir), "--log-level", "debug", *self.extra_args]
+                "--state-dir", str(self.state_dir), "--log-level", self.log_level, *self.extra_args]
 
     def write_spec(self) -> None:
         self.spec_path.parent.mkdir(parents=True, exist_ok=True)
