@@ -30,6 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fan_driver.server import MAX_BODY
 from harness import consistency, unixhttp
 from harness.plugin import REPO_ROOT
 
@@ -38,7 +39,6 @@ pytestmark = pytest.mark.e2e
 SUBNET = "250.0.0.0/8"
 UNDERLAY = "172.30.0.0/16"
 POOL = f"fan:{SUBNET}"
-MAX_BODY = 1 << 20
 PWNED = Path(tempfile.gettempdir()) / f"fanlab-pwned-{os.getpid()}"
 PAYLOADS = [f"$(touch {PWNED})", f"`touch {PWNED}`", f"; touch {PWNED}", f"| touch {PWNED}",
             f"&& touch {PWNED} #", f"\ntouch {PWNED}\n", f"' ; touch {PWNED} ; '",

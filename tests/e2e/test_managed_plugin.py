@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Dockerd, Lab, ensure_busybox
+from harness import Dockerd, Lab, ensure_busybox, import_tarball
 from harness.procs import env_with_sbin, run_cmd
 
 pytestmark = pytest.mark.e2e
@@ -142,8 +142,7 @@ def mp(root_required, harness_timings):
         tarball, built = base_tarball()
         timings["managed: base tarball (mmdebstrap; 0 = cached)"] = built
         started = time.monotonic()
-        dockerd.cli("import", "--change", 'CMD ["python3"]', str(tarball), BASE_IMAGE,
-                    timeout=300)
+        import_tarball(dockerd, tarball, BASE_IMAGE, ['CMD ["python3"]'])
         timings["managed: base image import"] = time.monotonic() - started
         (workdir / "state").mkdir()
         yield ManagedLab(lab=lab, dockerd=dockerd, workdir=workdir, timings=timings)

@@ -20,6 +20,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from fan_driver import faults
+from fan_driver.network import NetworkDriver
 from harness import consistency
 from harness.netlab import busybox_path
 from harness.procs import env_with_sbin
@@ -32,8 +34,8 @@ GATEWAY = "250.0.28.1"
 UNDERLAY = "172.30.0.0/16"
 OUTSIDE = "172.30.255.254"
 CRASH_NET, CRASH_SUBNET = "crashnet", "251.0.0.0/8"
-CRASH_ENV = "FAN_CRASH_AT"
-GRACE = 30            # NetworkDriver.UNCLAIMED_GRACE
+CRASH_ENV = faults.ENV
+GRACE = NetworkDriver.UNCLAIMED_GRACE
 LOAD = 100            # concurrent `docker run`s
 BURST = 100           # concurrent raw RequestAddress calls, then as many releases
 

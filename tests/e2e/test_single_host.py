@@ -52,7 +52,7 @@ def remove_containers(dockerd, *names):
 def fan_net(dockerd, lab_host):
     before = kernel_snapshot(lab_host)
     dockerd.cli("network", "create", "-d", "fan", "--ipam-driver", "fan", "--subnet", SUBNET,
-                "-o", f"underlay=172.30.0.0/16", "--ipam-opt", "underlay=172.30.0.0/16", "fan")
+                "-o", "underlay=172.30.0.0/16", "--ipam-opt", "underlay=172.30.0.0/16", "fan")
     yield "fan"
     dockerd.cli("network", "rm", "fan", check=False)
     assert kernel_snapshot(lab_host) == before, "network rm left kernel state behind"

@@ -15,9 +15,11 @@ from collections import Counter
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
-MARK = "fan-driver"
-SHARED_TUNNELS = ("fan-vxlan", "fan-ipip")
-UNCLAIMED = "unclaimed"
+from fan_driver.fanmap import FanMap, HostSlice
+from fan_driver.dataplane.plan import ENCAPS, MARK
+from fan_driver.model import UNCLAIMED
+
+SHARED_TUNNELS = tuple(encap.device for encap in ENCAPS.values())
 
 
 def read_state(state_dir: Path) -> dict:
@@ -43,7 +45,6 @@ def docker_view(dockerd) -> dict:
 
 def kernel_view(host) -> dict:
     links = json.loads(host.run(["ip", "-j", "-d", "link", "show"]).stdout)
-    by_index = {link["ifindex"]: link for link in links}
     marked = {link["ifname"]: link.get("ifalias", "") for link in links
               if link.get("ifalias") == MARK or str(link.get("ifalias", "")).startswith(MARK + " ")}
     ports = {}
@@ -66,12 +67,7 @@ def kernel_view(host) -> dict:
     chains = [line for line in saved if line.startswith(":FAN-") or "-j FAN-" in line]
     named = [link["ifname"] for link in links if link["ifname"].startswith(("fve", "fvc"))]
     return {"marked": marked, "ports": ports, "routes": routes, "filters": filters,
-            "rules": rules, "chains": chains, "fv_links": named, "by_index": by_index}
-
-
-def bridge_name(slice_net) -> str:
-    octets = str(slice_net.network_address).split(".")
-    return "fan-" + "-".join(octets[:max(1, (slice_net.prefixlen + 7) // 8)])
+            "rules": rules, "chains": chains, "fv_links": named}
 
 
 def check(plugin, dockerd, host, allow_unclaimed: bool = False) -> dict:
@@ -113,12 +109,8 @@ def check(plugin, dockerd, host, allow_unclaimed: bool = False) -> dict:
                f"{set(eps.values()) - set(held)}")
         # the bridge and its ports
         overlay = net["pool_id"].split(":", 1)[1]
-        ov, ul = IPv4Network(overlay), IPv4Network(pool["underlay"])
-        host_bits = 32 - ul.prefixlen
-        number = int(IPv4Address(pool["underlay_address"])) & int(ul.hostmask)
-        slice_ = IPv4Network((int(ov.network_address) | (number << (32 - ov.prefixlen - host_bits)),
-                              ov.prefixlen + host_bits))
-        bridge = bridge_name(slice_)
+        bridge = HostSlice(FanMap(IPv4Network(overlay), IPv4Network(pool["underlay"])),
+                           IPv4Address(pool["underlay_address"])).bridge_name
         wanted_links.add(bridge)
         veths = {"fve" + eid[:12] for eid in eps}
         wanted_links |= veths
