@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from harness import Dockerd, Lab, ensure_busybox, import_tarball
+from harness.consistency import kernel_snapshot
 from harness.procs import env_with_sbin, run_cmd
 
 pytestmark = pytest.mark.e2e
@@ -168,15 +169,6 @@ def _plugin_log_on_failure(request, mp):
 
 # --- helpers ----------------------------------------------------------------------------
 
-def kernel_snapshot(host) -> dict:
-    links = sorted(line.split(":")[1].strip().split("@")[0]
-                   for line in host.run(["ip", "-o", "link"]).stdout.splitlines())
-    routes = sorted(host.run(["ip", "-4", "route", "show", "table", "all"]).stdout.splitlines())
-    rules = sorted(line for line in host.run(["iptables-save"]).stdout.splitlines()
-                   if "fan" in line.lower())
-    return {"links": links, "routes": routes, "rules": rules}
-
-
 def address(mp, container) -> str:
     out = mp.cli("inspect", container).stdout
     return json.loads(out)[0]["NetworkSettings"]["Networks"]["fan"]["IPAddress"]
@@ -277,7 +269,7 @@ def test_which_names_this_docker_resolves(mp):
 
 def test_single_host_fan_network(mp):
     host = mp.host
-    mp.before = kernel_snapshot(host)
+    mp.before = kernel_snapshot(host, only_fan_rules=True)
     started = time.monotonic()
     mp.cli("network", "create", "-d", PLUGIN, "--ipam-driver", PLUGIN, "--subnet", SUBNET,
            "--ipam-opt", "underlay=172.30.0.0/16", "fan")
@@ -415,5 +407,5 @@ def test_an_invalid_setting_is_a_clear_error_not_a_hang(mp):
 def test_network_rm_cleans_up(mp):
     mp.cli("rm", "-f", *TRIO)
     mp.cli("network", "rm", "fan")
-    assert kernel_snapshot(mp.host) == mp.before
+    assert kernel_snapshot(mp.host, only_fan_rules=True) == mp.before
     assert state_file(mp)["networks"] == {}

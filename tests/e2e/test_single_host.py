@@ -10,6 +10,8 @@ from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
 
+from harness.consistency import kernel_snapshot
+
 pytestmark = pytest.mark.e2e
 
 SUBNET = "250.0.0.0/8"
@@ -17,17 +19,6 @@ SLICE = "250.0.28.0/24"
 BRIDGE = "fan-250-0-28"
 OUTSIDE = "172.30.255.254"
 UNDERLAY_ADDR = "172.30.0.28"
-
-
-def kernel_snapshot(host) -> dict:
-    """Everything a fan network could leave behind, in a comparable form."""
-    links = sorted(line.split(":")[1].strip().split("@")[0]
-                   for line in host.run(["ip", "-o", "link"]).stdout.splitlines())
-    # IPv4 only: IPv6 link-local routes appear on their own, at any time.
-    routes = sorted(host.run(["ip", "-4", "route", "show", "table", "all"]).stdout.splitlines())
-    rules = sorted(line for line in host.run(["iptables-save"]).stdout.splitlines()
-                   if not line.startswith("#") and not line.startswith(":"))
-    return {"links": links, "routes": routes, "rules": rules}
 
 
 def run_container(dockerd, name, *args, net="fan", check=True):

@@ -43,6 +43,19 @@ def docker_view(dockerd) -> dict:
     return view
 
 
+def kernel_snapshot(host, only_fan_rules: bool = False) -> dict:
+    """Everything a fan network could leave behind, in a comparable form: link
+    names, IPv4 routes (IPv6 link-local routes appear on their own, at any time)
+    and iptables rules (all, or only those that name the fan)."""
+    links = sorted(line.split(":")[1].strip().split("@")[0]
+                   for line in host.run(["ip", "-o", "link"]).stdout.splitlines())
+    routes = sorted(host.run(["ip", "-4", "route", "show", "table", "all"]).stdout.splitlines())
+    rules = sorted(line for line in host.run(["iptables-save"]).stdout.splitlines()
+                   if ("fan" in line.lower() if only_fan_rules
+                       else not line.startswith(("#", ":"))))
+    return {"links": links, "routes": routes, "rules": rules}
+
+
 def kernel_view(host) -> dict:
     links = json.loads(host.run(["ip", "-j", "-d", "link", "show"]).stdout)
     marked = {link["ifname"]: link.get("ifalias", "") for link in links
