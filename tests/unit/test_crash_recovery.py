@@ -6,6 +6,7 @@ tests/e2e/test_reliability.py."""
 import asyncio
 import json
 import re
+from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from fan_driver.model import UNCLAIMED, Endpoint, Network, Pool, State
 from fan_driver.network import NetworkDriver
 from fan_driver.store import STATE_FILE, Store
 
-from ipaddress import IPv4Interface, IPv4Network
+from tests.unit.fakes import FakeDataplane
 
 PACKAGE = Path(__file__).resolve().parents[2] / "fan_driver"
 NID, EID, EID2 = "a" * 64, "b" * 64, "c" * 64
@@ -122,19 +123,6 @@ def pool(addresses=None) -> Pool:
 
 def endpoint(last=2) -> Endpoint:
     return Endpoint(address=f"250.0.28.{last}/24", mac=f"0e:fa:fa:00:1c:{last:02x}")
-
-
-class FakeDataplane:
-    def __init__(self):
-        self.calls = []
-
-    def forget(self, *args):
-        self.calls.append(("forget", args))
-
-    def __getattr__(self, name):
-        async def record(*args, **kwargs):
-            self.calls.append((name, args))
-        return record
 
 
 async def read_facts() -> HostFacts:
