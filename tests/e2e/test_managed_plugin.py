@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import Dockerd, Lab, ensure_busybox, import_tarball
-from harness.consistency import kernel_snapshot
-from harness.procs import env_with_sbin, run_cmd
+from tests.harness import Dockerd, Lab, ensure_busybox, import_tarball
+from tests.harness.consistency import kernel_snapshot
+from tests.harness.procs import env_with_sbin, run_cmd
 
 pytestmark = pytest.mark.e2e
 

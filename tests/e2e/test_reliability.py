@@ -22,9 +22,9 @@ import pytest
 
 from fan_driver import faults
 from fan_driver.network import NetworkDriver
-from harness import consistency
-from harness.netlab import busybox_path
-from harness.procs import env_with_sbin
+from tests.harness import consistency
+from tests.harness.netlab import busybox_path
+from tests.harness.procs import env_with_sbin
 
 pytestmark = pytest.mark.e2e
 

@@ -70,3 +70,15 @@ def test_the_cycle_finder_finds_a_cycle_and_the_graph_is_read():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert "fan_driver.check" in imported_by("fan_driver.cli")
     assert "fan_driver.dataplane.bpf" in imported_by("fan_driver.dataplane.ebpf")
+
+
+def test_bench_and_tests_edit_no_import_path():
+    """They import the harness as the package tests.harness (from the repo root)."""
+    root = PACKAGE.parent
+    edits = []
+    for path in sorted([*(root / "bench").rglob("*.py"), *(root / "tests").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr == "path"
+                    and isinstance(node.value, ast.Name) and node.value.id == "sys"):
+                edits.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not edits
