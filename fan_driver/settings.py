@@ -52,8 +52,8 @@ class Settings:
         "--log-level", "FAN_LOG_LEVEL", "how much the plugin logs", choices=LOG_LEVELS,
         managed=True))
     iptables: str = field(default="auto", metadata=_option(
-        "--iptables", "FAN_IPTABLES", "the managed plugin's iptables backend (auto: the one "
-        "holding the host's rules)", choices=IPTABLES_SETTINGS, managed=True, unmanaged=False))
+        "--iptables", "FAN_IPTABLES", "the managed plugin's iptables backend: auto (the one "
+        "holding the host's rules), nft or legacy", choices=IPTABLES_SETTINGS, managed=True, unmanaged=False))
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str],

@@ -1,6 +1,7 @@
 """The settings object (fan_driver/settings.py) against its other homes: the
 managed plugin's plugin/config.json and plugin/entrypoint.sh."""
 import json
+import re
 from pathlib import Path
 
 from fan_driver.settings import Settings, option, options
@@ -51,3 +52,9 @@ def test_every_setting_has_its_own_flag_and_variable():
     assert len({o.flag for o in options()}) == len({o.env for o in options()}) == len(options())
     assert all(o.env.startswith("FAN_") and o.flag.startswith("--") for o in options())
     assert option("iptables").unmanaged is False
+
+
+def test_the_readme_lists_the_managed_settings_with_their_defaults():
+    readme = (PLUGIN.parent / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(FAN_[A-Z_]+)` \| `([^`]*)` \|", readme, re.M))
+    assert rows == {o.env: o.default for o in options() if o.managed}
