@@ -5,8 +5,9 @@
     fan-driver check --settings   only the settings (FAN_UNDERLAY, FAN_ENCAP,
                                   FAN_LOG_LEVEL, FAN_IPTABLES or their flags)
 
-Reading the host (probe.py) is kept apart from judging what was read
-(judge.py) and printing it (report.py); those two are pure.
+Reading the host (probe.py, into plain data) is kept apart from judging what
+was read (judge.py) and printing it (report.py); those two are pure functions,
+tested without root (tests/unit/test_check.py).
 
 `--settings --serve-refusal` is the managed plugin's guard (refusal.py,
 plugin/entrypoint.sh): with valid settings it returns at once; with an invalid
