@@ -234,8 +234,8 @@ def test_state_lists_networks_and_reports_corruption():
     (True, "", {"nft": None, "legacy": None}, "auto", "nft"),
     (True, "", {"nft": 9, "legacy": 0}, "legacy", "legacy"),
 ])
-def test_backend_choice_matches_the_plugin_entry_point(in_image, version, rules, forced,
-                                                       expected):
+def test_the_backend_in_the_plugin_image_is_the_setting_or_the_fuller_one(
+        in_image, version, rules, forced, expected):
     assert choose_backend(in_image, version, rules, forced)[0] == expected
 
 
