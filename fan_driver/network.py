@@ -13,9 +13,9 @@ from .dataplane.plan import ENCAPS, NetworkPlan
 from .errors import FanError, NotFound
 from .faults import NO_FAULTS, Faults
 from .host import KernelFeatures
-from .ipam import ADDRESS_SPACE, GATEWAY
+from .ipam import ADDRESS_SPACE
 from .ledger import Ledger
-from .model import UNCLAIMED, Endpoint, Network, State, mac_for, pool_id, short_id
+from .model import Endpoint, Network, Owner, State, mac_for, pool_id, short_id
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,9 @@ class NetworkDriver:
             address = _endpoint_address(interface.get("Address"), plan)
             pool = state.pools[net.pool_id]
             owner = pool.addresses.get(str(address.ip))
-            if owner not in (None, "", UNCLAIMED, endpoint_id):
+            if owner not in (None, Owner.PENDING, Owner.UNCLAIMED, endpoint_id):
                 raise FanError(f"address {address.ip} is already used by "
-                               f"{owner if owner == GATEWAY else 'endpoint ' + short_id(owner)}")
+                               f"{owner if owner == Owner.GATEWAY else 'endpoint ' + short_id(owner)}")
             mac = _mac(interface.get("MacAddress")) or mac_for(address)
             endpoint = Endpoint(address=str(address), mac=mac)
             await self.dataplane.attach(plan, endpoint_id, endpoint)
@@ -193,7 +193,7 @@ class NetworkDriver:
         addresses = state.pools[net.pool_id].addresses
         ip = str(endpoint.ip)
         if addresses.get(ip) == endpoint_id:
-            addresses[ip] = ""   # Docker releases the address itself next
+            addresses[ip] = Owner.PENDING   # Docker releases the address itself next
         self.ledger.commit()
         self.faults.check("delete_endpoint:after_state")
         self.dataplane.forget(plan_for(state, network_id), endpoint)
@@ -271,7 +271,7 @@ class NetworkDriver:
                     log.warning("released pool %s: no network used it", pid)
                     continue
                 for ip, owner in list(pool.addresses.items()):
-                    if owner == UNCLAIMED:
+                    if owner == Owner.UNCLAIMED:
                         del pool.addresses[ip]
                         log.warning("released address %s: no endpoint used it", ip)
 
@@ -298,8 +298,8 @@ def _mark_unclaimed(state: State) -> list:
             pool.unclaimed = True
             marked.append(f"pool {pid}")
         for ip, owner in pool.addresses.items():
-            if owner in ("", UNCLAIMED):
-                pool.addresses[ip] = UNCLAIMED
+            if owner in (Owner.PENDING, Owner.UNCLAIMED):
+                pool.addresses[ip] = Owner.UNCLAIMED
                 marked.append(f"address {ip}")
     return marked
 

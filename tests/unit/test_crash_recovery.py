@@ -17,7 +17,7 @@ from fan_driver.errors import FanError
 from fan_driver.faults import ENV, POINTS, Faults
 from fan_driver.host import KernelFeatures
 from fan_driver.ipam import GATEWAY_REQUEST, IpamDriver
-from fan_driver.model import UNCLAIMED, Endpoint, Network, Pool, State
+from fan_driver.model import Endpoint, Network, Owner, Pool, State
 from fan_driver.network import NetworkDriver
 from fan_driver.store import STATE_FILE, Store
 
@@ -235,10 +235,10 @@ async def test_restore_marks_what_was_in_flight_and_the_sweep_releases_it(driver
     network.UNCLAIMED_GRACE = 0.05
     await network.restore()
     addresses = ledger.state.pools[PID].addresses
-    assert addresses[pending] == UNCLAIMED and addresses[address.split("/")[0]] == EID
+    assert addresses[pending] == Owner.UNCLAIMED and addresses[address.split("/")[0]] == EID
     assert ledger.state.pools["fan:240.0.0.0/8"].unclaimed
     assert not ledger.state.pools[PID].unclaimed
-    assert saved(ledger)["pools"][PID]["addresses"][pending] == UNCLAIMED
+    assert saved(ledger)["pools"][PID]["addresses"][pending] == Owner.UNCLAIMED
     await asyncio.wait_for(network._sweep, 5)
     assert pending not in ledger.state.pools[PID].addresses
     assert "fan:240.0.0.0/8" not in ledger.state.pools
