@@ -66,20 +66,17 @@ def allocate(pool: Pool, requested: Optional[IPv4Address],
         if str(requested) in pool.addresses:
             raise FanError(f"address {requested} is already in use in slice {net}")
         return requested
-
-    def free(address: IPv4Address) -> bool:
-        return address in net and address not in excluded and str(address) not in pool.addresses
-
+    # Remembered addresses were all handed out here: in the slice, not reserved.
     previous = pool.remembered.get(name) if name else None
-    if previous is not None and free(IPv4Address(previous)):
+    if previous is not None and previous not in pool.addresses:
         return IPv4Address(previous)
-    remembered = set(pool.remembered.values())
+    unwanted = set(pool.addresses).union(pool.remembered.values())
     for host in net.hosts():
-        if str(host) not in remembered and free(host):
+        if host not in excluded and str(host) not in unwanted:
             return host
-    for address in map(IPv4Address, pool.remembered.values()):   # least recently seen first
-        if free(address):
-            return address
+    for address in pool.remembered.values():   # least recently seen first
+        if address not in pool.addresses:
+            return IPv4Address(address)
     raise FanError(f"fan slice {net} is full: all {capacity(pool)} container addresses are "
                    "in use; remove containers or give the fan a larger slice per host")
 
