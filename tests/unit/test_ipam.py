@@ -236,7 +236,8 @@ def test_memory_is_bounded_and_forgets_the_least_recently_seen():
 
 @pytest.mark.parametrize("options, expected", [
     ({}, None), ({ENDPOINT_NAME: ""}, None), ({ENDPOINT_NAME: "web-1"}, "web-1"),
-    ({ENDPOINT_NAME: "x" * MAX_NAME}, "x" * MAX_NAME), ({ENDPOINT_NAME: "x" * (MAX_NAME + 1)}, None),
+    ({ENDPOINT_NAME: "x" * MAX_NAME}, "x" * MAX_NAME),
+    ({ENDPOINT_NAME: "x" * (MAX_NAME + 1)}, None),       # too long to keep: not remembered
 ])
 def test_endpoint_name(options, expected):
     assert endpoint_name(options) == expected
