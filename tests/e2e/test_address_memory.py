@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 
 from fan_driver.ipam import ENDPOINT_NAME, GATEWAY_REQUEST
-from harness import PluginProcess
-from harness.consistency import kernel_view
+from tests.harness import PluginProcess
+from tests.harness.consistency import kernel_view
 
 pytestmark = pytest.mark.e2e
 
