@@ -1,41 +1,52 @@
 """Peers found by per-peer kernel state: flannel's way, for kernels without eBPF.
 
 IPIP: a dedicated ipip device (never `tunl0`, which other tools share) with
-our underlay address as `local` and no remote, and one route per remote slice:
-`250.5.9.0/24 via 172.30.5.9 dev fanr-ipip onlink`.
+our underlay address as `local` and no remote, and per remote host one
+nexthop object and one route to its slice through it:
+`nexthop id <peer> via 172.30.5.9 dev fanr-ipip onlink` and
+`250.5.9.0/24 nhid <peer>`.
 
-VXLAN: a device per network, and per remote host one route to its slice via
-its VTEP address, one permanent neighbour entry and one permanent FDB entry.
-Every VTEP's MAC is derived from its underlay address, so all of it is
-computed locally from the peer's address alone.
+VXLAN: a device per network, and per remote host one permanent neighbour
+entry for its VTEP address, one permanent FDB entry, a nexthop object via the
+VTEP address and the route to its slice. Every VTEP's MAC is derived from its
+underlay address, so all of it is computed locally from the peer's address.
 
-A /16 underlay means 65,534 peers, about a minute of kernel work, longer than
-Docker waits for a plugin call; peers are therefore programmed in the
-background after the network is up, and local containers work at once.
+Why nexthop objects (Linux 5.3+): routes that each name their own gateway
+are each a fib_info of their own, which the kernel compares linearly, so
+adding N of them is quadratic (a /16 underlay, 65,534 peers: 438 s); a route
+through a nexthop object is found by the object's id. Without them (detected
+once) each route names its gateway as before. Nexthop ids are the peer's (or
+VTEP's) address as a number, and ours carry protocol RTPROT_FAN: only those
+are deleted. Everything goes to the kernel in bulk (Rtnl.send_all), after
+the network is up, so local containers work at once.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from ipaddress import IPv4Address, IPv4Network
-from typing import Dict, Set
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
+from ..errors import FanError, KernelError
 from ..model import Endpoint, short_id
 from .base import PeerMapping
-from .netlink import Links
+from .netlink import (GONE, MAIN_TABLE, Links, Refused, Route, Rtnl, del_nexthop_request,
+                      del_route_request, fdb_request, ipv4_nexthops, ipv4_routes, kernel,
+                      neighbour_request, nexthop_request, route_request)
 from .plan import MARK, NetworkPlan
 
 log = logging.getLogger(__name__)
 
-RTNH_F_ONLINK = 4
-NUD_PERMANENT = 0x80
-NTF_SELF = 0x02   # the entry belongs to the VXLAN device itself, not to a bridge
 IPIP_DEVICE = "fanr-ipip"
 # The kernel's (and flannel's) VXLAN port: 4789 belongs to the eBPF mapping's
 # external-mode device, whose socket a plain VXLAN device cannot share.
 VXLAN_ROUTES_PORT = 8472
-# Peers programmed between two yields to the event loop, so requests still get answers.
-BATCH = 256
+# Our routes and nexthop objects carry it (unassigned in iproute2's rt_protos).
+RTPROT_FAN = 250
+# Peers per trip to a thread: the event loop answers requests in between.
+GROUP = 4096
+NO_NEXTHOPS = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOENT)
 
 
 def vtep_mac(underlay: IPv4Address) -> str:
@@ -45,6 +56,54 @@ def vtep_mac(underlay: IPv4Address) -> str:
 def vtep_address(slice_: IPv4Network) -> IPv4Address:
     """The VXLAN next hop for a slice: its network address, as flannel uses."""
     return slice_.network_address
+
+
+def next_hop(plan: NetworkPlan, peer: IPv4Address, slice_: IPv4Network) -> IPv4Address:
+    """Where a peer's slice is routed: the peer itself over IPIP, its VTEP over VXLAN."""
+    return peer if plan.encap.name == "ipip" else vtep_address(slice_)
+
+
+def peer_requests(plan: NetworkPlan, index: int, peers: Iterable[Tuple[IPv4Address, IPv4Network]],
+                  nexthops: bool) -> List[tuple]:
+    """The netlink requests that program `peers`, each peer's in a row, its
+    route last (so a route means the peer is complete). Pure."""
+    requests = []
+    for peer, slice_ in peers:
+        hop = next_hop(plan, peer, slice_)
+        if plan.encap.name == "vxlan":
+            mac = bytes.fromhex(vtep_mac(peer).replace(":", ""))
+            requests += [neighbour_request(index, hop, mac), fdb_request(index, mac, peer)]
+        if nexthops:
+            requests += [nexthop_request(int(hop), hop, index, RTPROT_FAN),
+                         route_request(slice_, RTPROT_FAN, nexthop=int(hop))]
+        else:
+            requests.append(route_request(slice_, RTPROT_FAN, gateway=hop, oif=index))
+    return requests
+
+
+def wanted_nexthops(plans: Iterable[NetworkPlan]) -> Set[int]:
+    return {int(next_hop(p, peer, slice_)) for p in plans
+            for peer, slice_ in p.host.fan.peers(p.underlay_address)}
+
+
+async def in_thread(fn, *args):
+    """fn(*args) in a thread. A cancellation waits for it to finish (it is
+    changing the kernel through a socket the caller closes), then goes on."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
+def send(rtnl: Rtnl, requests: List[tuple], doing: str, tolerate=()) -> None:
+    """Send in bulk; the first refusal (but those tolerated) as a KernelError. Blocking."""
+    refused: List[Refused] = [r for r in rtnl.send_all(requests) if r.code not in tolerate]
+    if refused:
+        first = refused[0]
+        more = f" (and {len(refused) - 1} more refused)" if len(refused) > 1 else ""
+        raise KernelError(f"{doing}{more}", first.code, first.detail)
 
 
 class RoutesMapping(PeerMapping):
@@ -57,11 +116,13 @@ class RoutesMapping(PeerMapping):
     def detach_endpoint(self, plan: NetworkPlan, endpoint: Endpoint) -> None:
         """Nothing per container."""
 
-    def __init__(self):
+    def __init__(self, use_nexthops: Optional[bool] = None):
+        """`use_nexthops`: None finds out from the kernel (once)."""
         self._programming: Dict[str, asyncio.Task] = {}
         # Networks on the shared IPIP device: restore() ensures every network at
         # start-up, so this is complete without reading tens of thousands of routes.
-        self._ipip_networks: Set[str] = set()
+        self._ipip_networks: Dict[str, NetworkPlan] = {}
+        self.use_nexthops = use_nexthops
 
     def tunnel_device(self, plan: NetworkPlan) -> str:
         return IPIP_DEVICE if plan.encap.name == "ipip" else f"fanr-{plan.vni:06x}"
@@ -69,42 +130,64 @@ class RoutesMapping(PeerMapping):
     async def ensure(self, links: Links, plan: NetworkPlan) -> None:
         index = await self._ensure_device(links, plan)
         if plan.encap.name == "ipip":
-            self._ipip_networks.add(plan.network_id)
+            self._ipip_networks[plan.network_id] = plan
         task = self._programming.get(plan.network_id)
         if task is None or task.done():
             self._programming[plan.network_id] = asyncio.create_task(
-                self._program_peers(links, plan, index))
+                self._program_peers(plan, index))
 
     async def remove(self, links: Links, plan: NetworkPlan) -> None:
         task = self._programming.pop(plan.network_id, None)
         if task is not None:
             task.cancel()
+            await asyncio.wait([task])   # no peer added behind our back
         device = self.tunnel_device(plan)
         index = await links.index(device)
         if index is None:
             return
-        if plan.encap.name == "vxlan":
-            await links.delete(device)   # takes its routes, neighbours and FDB entries along
-            return
-        self._ipip_networks.discard(plan.network_id)
-        if not self._ipip_networks:
-            await links.delete(device)   # fast: the kernel drops all its routes at once
-            return
-        for dst in await links.routes_on(index):   # the device is shared: only our routes go
-            if dst.subnet_of(plan.overlay):
-                await links.remove_route(dst, index)
+        self._ipip_networks.pop(plan.network_id, None)
+        keep = list(self._ipip_networks.values()) if plan.encap.name == "ipip" else []
+        # Routes first, in bulk: a nexthop object deleted under routes (as with its
+        # device) makes the kernel walk the whole table, for each object.
+        requests = [del_route_request(Route(slice_, MAIN_TABLE, RTPROT_FAN, None, None))
+                    for _, slice_ in plan.host.fan.peers(plan.underlay_address)]
+        if self.use_nexthops is not False:
+            requests += [del_nexthop_request(n)
+                         for n in wanted_nexthops([plan]) - wanted_nexthops(keep)]
+        with Rtnl() as rtnl:
+            await in_thread(send, rtnl, requests,
+                            f"removing network {short_id(plan.network_id)}'s peers from {device}",
+                            GONE + NO_NEXTHOPS)
+        if not keep:
+            await links.delete(device)
 
     async def remove_orphans(self, links: Links, plans) -> None:
         """The IPIP device is shared: remove peer routes of overlays that no
-        network in `plans` (this mapping's, from the state) holds. A VXLAN
-        network has a device of its own, removed as an orphan interface."""
+        network in `plans` (this mapping's, from the state) holds, and nexthop
+        objects of ours that no network needs. A VXLAN network has a device
+        of its own, removed as an orphan interface, with its nexthops."""
+        plans = list(plans)
         index = await links.index(IPIP_DEVICE)
-        if index is None:
-            return
-        overlays = [p.overlay for p in plans if p.encap.name == "ipip"]
-        for dst in await links.routes_on(index):
-            if not any(dst.subnet_of(overlay) for overlay in overlays):
-                await links.remove_route(dst, index)
+        if index is not None:
+            await self._sweep(index, [p for p in plans if p.encap.name == "ipip"],
+                              f"removing orphan peer routes and nexthops from {IPIP_DEVICE}")
+
+    async def _sweep(self, index: int, keep: List[NetworkPlan], doing: str) -> None:
+        """On a tunnel device, delete the routes outside the overlays of the
+        plans in `keep` and our nexthop objects that none of them uses."""
+        wanted = wanted_nexthops(keep)
+        with Rtnl() as rtnl, kernel(doing):
+            nexthops = await in_thread(_nexthops_or_none, rtnl) or []
+            device = {n.id: n.oif for n in nexthops}   # a route through one may not name it
+            routes = [r for r in await in_thread(ipv4_routes, rtnl)
+                      if r.table == MAIN_TABLE and (r.oif or device.get(r.nexthop)) == index
+                      and not any(r.dst.subnet_of(p.overlay) for p in keep)]
+            unused = [n for n in nexthops
+                      if n.oif == index and n.protocol == RTPROT_FAN and n.id not in wanted]
+            if routes or unused:
+                log.info("%s: %d routes, %d nexthop objects", doing, len(routes), len(unused))
+            await in_thread(send, rtnl, [del_route_request(r) for r in routes]
+                            + [del_nexthop_request(n.id) for n in unused], doing, GONE)
 
     async def _ensure_device(self, links: Links, plan: NetworkPlan) -> int:
         underlay = await links.index(plan.underlay_interface)
@@ -120,35 +203,59 @@ class RoutesMapping(PeerMapping):
         await links.set_up(index, mtu=plan.mtu)
         return index
 
-    async def _program_peers(self, links: Links, plan: NetworkPlan, index: int) -> None:
+    async def _program_peers(self, plan: NetworkPlan, index: int) -> None:
         loop = asyncio.get_running_loop()
         started, count = loop.time(), 0
+        network = short_id(plan.network_id)
+        peers = list(plan.host.fan.peers(plan.underlay_address))
         try:
-            for peer, slice_ in plan.host.fan.peers(plan.underlay_address):
-                await self._program_peer(links, plan, index, peer, slice_)
-                count += 1
-                if count % BATCH == 0:
-                    await asyncio.sleep(0)
+            with Rtnl() as rtnl:
+                nexthops = await self._nexthops_usable(rtnl, plan, peers)
+                for start in range(0, len(peers), GROUP):
+                    group = peers[start:start + GROUP]
+                    doing = (f"programming peers {group[0][0]}-{group[-1][0]} of network "
+                             f"{network} on {self.tunnel_device(plan)}")
+                    with kernel(doing):
+                        await in_thread(send, rtnl, peer_requests(plan, index, group, nexthops),
+                                        doing)
+                    count += len(group)
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("network %s: programming peers failed after %d",
-                          short_id(plan.network_id), count)
+            log.exception("network %s: programming peers failed after %d", network, count)
             raise
-        log.info("network %s: %d peers programmed in %.1f s", short_id(plan.network_id),
-                 count, loop.time() - started)
+        log.info("network %s: %d peers programmed in %.1f s (%s)", network, count,
+                 loop.time() - started, "nexthop objects" if nexthops else "gateway routes")
 
-    @staticmethod
-    async def _program_peer(links: Links, plan: NetworkPlan, index: int, peer: IPv4Address,
-                            slice_: IPv4Network) -> None:
-        ipr = links.ipr
-        if plan.encap.name == "ipip":
-            await ipr.route("replace", dst=str(slice_), gateway=str(peer), oif=index,
-                            flags=RTNH_F_ONLINK)
-            return
-        vtep, mac = vtep_address(slice_), vtep_mac(peer)
-        await ipr.neigh("replace", ifindex=index, dst=str(vtep), lladdr=mac, state=NUD_PERMANENT)
-        await ipr.fdb("replace", ifindex=index, lladdr=mac, dst=str(peer), state=NUD_PERMANENT,
-                      flags=NTF_SELF)
-        await ipr.route("replace", dst=str(slice_), gateway=str(vtep), oif=index,
-                        flags=RTNH_F_ONLINK)
+    async def _nexthops_usable(self, rtnl: Rtnl, plan: NetworkPlan, peers) -> bool:
+        """Whether this kernel has nexthop objects (found out once); if so,
+        refuse to replace one that another program made under an id we need."""
+        if self.use_nexthops is False:
+            return False
+        existing = await in_thread(_nexthops_or_none, rtnl)
+        if self.use_nexthops is None:
+            self.use_nexthops = existing is not None
+            if existing is None:
+                log.warning("this kernel has no nexthop objects (Linux 5.3+): one route per "
+                            "peer with its own gateway, slow to program for a large underlay")
+        if existing is None:
+            return False
+        needed = {int(next_hop(plan, peer, slice_)) for peer, slice_ in peers}
+        foreign = [n for n in existing if n.id in needed and n.protocol != RTPROT_FAN]
+        if foreign:
+            raise FanError(
+                f"network {short_id(plan.network_id)} needs nexthop id {foreign[0].id} "
+                f"({IPv4Address(foreign[0].id)}), which another program made (protocol "
+                f"{foreign[0].protocol}); delete it (`ip nexthop del id {foreign[0].id}`) "
+                "or use another underlay")
+        return True
+
+
+def _nexthops_or_none(rtnl: Rtnl):
+    """Every IPv4 nexthop object, or None on a kernel without them. Blocking."""
+    try:
+        return ipv4_nexthops(rtnl)
+    except OSError as exc:
+        if exc.errno in NO_NEXTHOPS:
+            return None
+        raise
