@@ -5,7 +5,8 @@ The baseline is a Docker bridge network made by the same dockerd. "Usable"
 means every peer reachable: for mapping=ebpf when `docker network create`
 returns; for mapping=routes, which programs peers in the background, when the
 kernel holds the last peer's route (peers are programmed in address order,
-each as neighbour, FDB entry, then route), polled with `ip route get`.
+each as neighbour, FDB entry, nexthop object, then route), polled with
+`ip route get`.
 Kernel objects are counted in the host's namespace before and after.
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ def kernel_objects(h: FanHost) -> dict:
         "permanent neighbours": count_lines(["ip", "-n", ns, "neigh", "show", "nud",
                                              "permanent"]),
         "fdb entries": count_lines(["bridge", "-n", ns, "fdb", "show"]),
+        "nexthop objects": count_lines(["ip", "-n", ns, "nexthop", "show"]),
         "tc filters": tc,
         "firewall rules": rules,
     }

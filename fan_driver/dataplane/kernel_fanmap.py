@@ -8,18 +8,17 @@ MTU, up, route) goes through pyroute2 as usual.
 """
 from __future__ import annotations
 
-import os
 import struct
 
-from ..errors import FanError
+from ..errors import KernelError
 from ..fanmap import FanMap
 from ..model import Endpoint
 from .base import PeerMapping
-from .netlink import NLM_F_ACK, NLM_F_REQUEST, Links, ifinfomsg, rtnl_message, rtnl_request
+from .netlink import (NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, Links, attr, ifinfomsg,
+                      rtnl_message, rtnl_request)
 from .plan import MARK, VXLAN_PORT, NetworkPlan
 
 RTM_NEWLINK = 16
-NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO = 3, 4, 18
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 NLA_F_NESTED = 0x8000
@@ -30,13 +29,8 @@ FAN_MAP = 33          # IFLA_IPTUN_FAN_MAP and IFLA_VXLAN_FAN_MAP alike
 FAN_MAPPING = 1       # IFLA_FAN_MAPPING
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
-
-
 def _nested(kind: int, *attrs: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(attrs))
+    return attr(kind | NLA_F_NESTED, b"".join(attrs))
 
 
 def fan_mapping(fan: FanMap) -> bytes:
@@ -49,29 +43,29 @@ def fan_mapping(fan: FanMap) -> bytes:
 def newlink_message(name: str, plan: NetworkPlan, underlay_index: int) -> bytes:
     """The whole RTM_NEWLINK request for a fan-mapped tunnel device. Pure."""
     local = plan.underlay_address.packed
-    fan_map = _nested(FAN_MAP, _attr(FAN_MAPPING, fan_mapping(plan.host.fan)))
+    fan_map = _nested(FAN_MAP, attr(FAN_MAPPING, fan_mapping(plan.host.fan)))
     if plan.encap.name == "ipip":
-        data = [_attr(IPIP_ATTRS["link"], struct.pack("=I", underlay_index)),
-                _attr(IPIP_ATTRS["local"], local),
-                _attr(IPIP_ATTRS["ttl"], struct.pack("=B", 64)), fan_map]
+        data = [attr(IPIP_ATTRS["link"], struct.pack("=I", underlay_index)),
+                attr(IPIP_ATTRS["local"], local),
+                attr(IPIP_ATTRS["ttl"], struct.pack("=B", 64)), fan_map]
     else:
-        data = [_attr(VXLAN_ATTRS["id"], struct.pack("=I", plan.vni)),
-                _attr(VXLAN_ATTRS["link"], struct.pack("=I", underlay_index)),
-                _attr(VXLAN_ATTRS["local"], local),
-                _attr(VXLAN_ATTRS["port"], struct.pack("!H", VXLAN_PORT)), fan_map]
+        data = [attr(VXLAN_ATTRS["id"], struct.pack("=I", plan.vni)),
+                attr(VXLAN_ATTRS["link"], struct.pack("=I", underlay_index)),
+                attr(VXLAN_ATTRS["local"], local),
+                attr(VXLAN_ATTRS["port"], struct.pack("!H", VXLAN_PORT)), fan_map]
     body = (ifinfomsg()
-            + _attr(IFLA_IFNAME, name.encode() + b"\0")
-            + _attr(IFLA_MTU, struct.pack("=I", plan.mtu))
-            + _nested(IFLA_LINKINFO, _attr(IFLA_INFO_KIND, plan.encap.name.encode() + b"\0"),
+            + attr(IFLA_IFNAME, name.encode() + b"\0")
+            + attr(IFLA_MTU, struct.pack("=I", plan.mtu))
+            + _nested(IFLA_LINKINFO, attr(IFLA_INFO_KIND, plan.encap.name.encode() + b"\0"),
                       _nested(IFLA_INFO_DATA, *data)))
     flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
     return rtnl_message(RTM_NEWLINK, flags, body)
 
 
-def _send(message: bytes) -> None:
+def _send(name: str, message: bytes) -> None:
     error = rtnl_request(message)
     if error:
-        raise FanError(f"the kernel refused a fan-mapped tunnel device: {os.strerror(-error)}")
+        raise KernelError(f"creating fan-mapped tunnel device {name}", -error)
 
 
 class KernelMapping(PeerMapping):
@@ -91,7 +85,7 @@ class KernelMapping(PeerMapping):
         device = self.tunnel_device(plan)
         index = await links.index(device)
         if index is None:
-            _send(newlink_message(device, plan, await links.index(plan.underlay_interface)))
+            _send(device, newlink_message(device, plan, await links.index(plan.underlay_interface)))
             index = await links.index(device)
         await links.claim(device, plan.encap.name, MARK)
         await links.set_up(index, mtu=plan.mtu)

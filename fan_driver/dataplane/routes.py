@@ -136,6 +136,12 @@ class RoutesMapping(PeerMapping):
             self._programming[plan.network_id] = asyncio.create_task(
                 self._program_peers(plan, index))
 
+    async def programmed(self, plan: NetworkPlan) -> None:
+        """Until the network's peers are in the kernel; their failure, if any."""
+        task = self._programming.get(plan.network_id)
+        if task is not None:
+            await task
+
     async def remove(self, links: Links, plan: NetworkPlan) -> None:
         task = self._programming.pop(plan.network_id, None)
         if task is not None:
@@ -162,30 +168,39 @@ class RoutesMapping(PeerMapping):
             await links.delete(device)
 
     async def remove_orphans(self, links: Links, plans) -> None:
-        """The IPIP device is shared: remove peer routes of overlays that no
-        network in `plans` (this mapping's, from the state) holds, and nexthop
-        objects of ours that no network needs. A VXLAN network has a device
-        of its own, removed as an orphan interface, with its nexthops."""
-        plans = list(plans)
-        index = await links.index(IPIP_DEVICE)
-        if index is not None:
-            await self._sweep(index, [p for p in plans if p.encap.name == "ipip"],
-                              f"removing orphan peer routes and nexthops from {IPIP_DEVICE}")
+        """On each tunnel device of this mapping, remove the peer routes of
+        overlays that no network in `plans` (this mapping's, from the state)
+        holds, and our nexthop objects that none of them uses: the IPIP device
+        is shared, and a crash may leave stale peers on any. A VXLAN device of
+        no network goes whole, as an orphan interface."""
+        keep: Dict[int, List[NetworkPlan]] = {}
+        for plan in plans:
+            index = await links.index(self.tunnel_device(plan))
+            if index is not None:
+                keep.setdefault(index, []).append(plan)
+        ipip = await links.index(IPIP_DEVICE)
+        if ipip is not None:
+            keep.setdefault(ipip, [])
+        if keep:
+            await self._sweep(keep, "removing orphan peer routes and nexthops")
 
-    async def _sweep(self, index: int, keep: List[NetworkPlan], doing: str) -> None:
-        """On a tunnel device, delete the routes outside the overlays of the
-        plans in `keep` and our nexthop objects that none of them uses."""
-        wanted = wanted_nexthops(keep)
+    async def _sweep(self, keep: Dict[int, List[NetworkPlan]], doing: str) -> None:
+        """On each device (index) in `keep`, delete the routes outside the
+        overlays of its plans and our nexthop objects that none of them uses."""
+        wanted = {index: wanted_nexthops(plans) for index, plans in keep.items()}
         with Rtnl() as rtnl, kernel(doing):
             nexthops = await in_thread(_nexthops_or_none, rtnl) or []
             device = {n.id: n.oif for n in nexthops}   # a route through one may not name it
-            routes = [r for r in await in_thread(ipv4_routes, rtnl)
-                      if r.table == MAIN_TABLE and (r.oif or device.get(r.nexthop)) == index
-                      and not any(r.dst.subnet_of(p.overlay) for p in keep)]
-            unused = [n for n in nexthops
-                      if n.oif == index and n.protocol == RTPROT_FAN and n.id not in wanted]
+            routes = []
+            for route in await in_thread(ipv4_routes, rtnl):
+                index = route.oif or device.get(route.nexthop)
+                if route.table == MAIN_TABLE and index in keep and not any(
+                        route.dst.subnet_of(p.overlay) for p in keep[index]):
+                    routes.append(route)
+            unused = [n for n in nexthops if n.protocol == RTPROT_FAN and n.oif in keep
+                      and n.id not in wanted[n.oif]]
             if routes or unused:
-                log.info("%s: %d routes, %d nexthop objects", doing, len(routes), len(unused))
+                log.warning("%s: %d routes, %d nexthop objects", doing, len(routes), len(unused))
             await in_thread(send, rtnl, [del_route_request(r) for r in routes]
                             + [del_nexthop_request(n.id) for n in unused], doing, GONE)
 

@@ -464,7 +464,7 @@ class Run:
                 for n in range(1, u.num_addresses - 1) if base_u | n != me}
         got, odd = set(), []
         for line in ipn(host, "route", "show", "dev", self.device).splitlines():
-            found = re.match(r"^(\S+) via (\S+) .*\bonlink\b", line)
+            found = re.match(r"^(\S+) (?:nhid \d+ )?via (\S+) .*\bonlink\b", line)
             if found:
                 got.add(found.groups())
             elif line.strip():
