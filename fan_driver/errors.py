@@ -27,6 +27,8 @@ KERNEL_FIXES = {
                   "restore the network",
     errno.ENOENT: "something it needs is missing (deleted meanwhile?); restart fan-driver to "
                   "restore the network",
+    errno.ENETDOWN: "a device it needs is down; bring it up (`ip link set DEV up`) or restart "
+                    "fan-driver to restore the network",
     errno.ENOBUFS: "the kernel ran out of room for replies or table entries; raise the "
                    "limits (net.core.rmem_max, neighbour gc_thresh) or use a smaller underlay",
     errno.ENOSPC: "a kernel table is full; raise its limit or use a smaller underlay",

@@ -47,7 +47,7 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_EXT_ACK = 270, 10, 11
 NLMSGERR_ATTR_MSG = 1
 HEADER = struct.Struct("=IHHII")   # struct nlmsghdr
-DUMP_ATTEMPTS = 5
+DUMP_ATTEMPTS = 10
 # Requests in one sendmsg(): their replies (failures only, and one ack for the
 # last) must fit the receive buffer, which is raised to RCVBUF.
 CHUNK = 512

@@ -35,11 +35,12 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def run_in(ns: str, body: str, setup: str = "", user: str = ""):
+def run_in(ns: str, body: str, setup: str = "", without_cap: str = ""):
     """The JSON that `body` (the inside of `async def body(links)`) returns,
-    run in namespace `ns`, after module-level `setup`; as `user` if given."""
+    run in namespace `ns`, after module-level `setup`; without the capability
+    `without_cap` (e.g. "net_admin") if given."""
     code = setup + "\n" + PRELUDE.format(body=textwrap.indent(textwrap.dedent(body), "    "))
-    prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
+    prefix = ["setpriv", f"--bounding-set=-{without_cap}"] if without_cap else []
     result = subprocess.run(["ip", "netns", "exec", ns, *prefix, sys.executable, "-c", code],
                             capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": REPO})

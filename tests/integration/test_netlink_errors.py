@@ -1,0 +1,108 @@
+"""Kernel refusals reach the user as the plugin's errors, naming the object,
+the kernel's reason and the fix; dumps interrupted by changes are read again.
+Each failure is a real one, in a namespace the test made."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .netns_run import Underlay, run_in
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, rtnetlink)")
+SETUP = """
+from fan_driver.errors import KernelError
+from fan_driver.dataplane.netlink import Rtnl, ipv4_nexthops, nexthop_request
+from fan_driver.dataplane.routes import send
+"""
+
+
+@pytest.fixture
+def underlay():
+    u = Underlay()
+    yield u
+    u.close()
+
+
+def refusal(ns: str, body: str, without_cap: str = "") -> str:
+    """The message of the KernelError that `body` (indented by 4) raises."""
+    return run_in(ns, "try:\n" + body.strip("\n") + "\nexcept KernelError as exc:\n"
+                  "    return str(exc)\n", SETUP, without_cap)
+
+
+def test_vni_taken_by_a_stranger_names_the_device(underlay):
+    underlay.ip("link", "add", "squatter", "type", "vxlan", "id", "42", "dstport", "8472",
+                "local", "172.30.0.28")
+    message = refusal(underlay.ns, """
+    await links.claim("fanr-00002a", "vxlan", "fan-driver", vxlan_id=42, vxlan_port=8472,
+                      vxlan_local="172.30.0.28", vxlan_link=await links.index("eth0"))""")
+    print(message)
+    assert message.startswith("creating vxlan device fanr-00002a: File exists (errno 17)")
+    assert "remove it or choose another overlay" in message
+    assert underlay.count("link", "show", "fanr-00002a") == 0
+
+
+def test_without_cap_net_admin_says_so(underlay):
+    message = refusal(underlay.ns, """
+    await links.claim("fan-250-0-28", "bridge", "fan-driver")""", without_cap="net_admin")
+    print(message)
+    assert message == ("creating bridge device fan-250-0-28: Operation not permitted (errno 1): "
+                       "fan-driver needs CAP_NET_ADMIN in the host's network namespace; run it "
+                       "as root or grant the capability")
+
+
+def test_route_through_a_missing_device(underlay):
+    message = refusal(underlay.ns, """
+    await links.ensure_route(IPv4Network("250.0.0.0/8"), 4242)""")
+    print(message)
+    assert message.startswith("adding route 250.0.0.0/8 via interface 4242: No such device "
+                              "(errno 19)")
+
+
+def test_bulk_refusal_carries_the_kernels_explanation(underlay):
+    underlay.ip("link", "set", "eth1", "down")    # eth0's carrier goes with it
+    message = refusal(underlay.ns, """
+    eth0 = await links.index("eth0")
+    await links.ipr.link("set", index=eth0, state="down")
+    with Rtnl() as rtnl:
+        send(rtnl, [nexthop_request(n, IPv4Address("172.30.0.1"), eth0, 250)
+                    for n in range(1, 2000)], "programming 1,999 test nexthops")""")
+    print(message)
+    assert message.startswith("programming 1,999 test nexthops (and 1998 more refused): Network "
+                              "is down (errno 100), Nexthop device is not up: a device it needs is down")
+
+
+CHURN = """
+import subprocess, sys, time
+ns = sys.argv[1]
+while True:   # five changes a second: a busy host, not a storm
+    time.sleep(0.2)
+    subprocess.run(["ip", "-n", ns, "nexthop", "replace", "id", "1", "via", "172.30.0.1",
+                    "dev", "eth0"], check=True)
+    subprocess.run(["ip", "-n", ns, "nexthop", "del", "id", "1"], check=True)
+"""
+
+
+def test_dump_interrupted_by_changes_is_read_again_and_complete(underlay):
+    with open(os.devnull, "w") as quiet:
+        batch = "".join(f"nexthop add id {n} via 172.30.0.1 dev eth0\n" for n in range(2, 5002))
+        subprocess.run(["ip", "-n", underlay.ns, "-batch", "-"], input=batch, text=True,
+                       check=True, stdout=quiet)
+    churn = subprocess.Popen([sys.executable, "-c", CHURN, underlay.ns],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        result = run_in(underlay.ns, """
+        seen, interrupted = [], 0
+        for _ in range(20):
+            with Rtnl() as rtnl:
+                ids = {n.id for n in ipv4_nexthops(rtnl)}
+                interrupted += rtnl.interrupted
+            seen.append(len(ids - {1}))
+        return {"seen": seen, "interrupted": interrupted}""", SETUP)
+    finally:
+        churn.kill()
+        churn.wait()
+    print(result)
+    assert result["seen"] == [5000] * 20   # never a partial table
