@@ -39,7 +39,7 @@ def is_ours(alias: Optional[str], name: str = "") -> bool:
 
 
 RTM_DELLINK = 17
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLM_F_DUMP_INTR = 0x10     # the dump changed while it was read: read it again
 NLM_F_DUMP = 0x300
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
