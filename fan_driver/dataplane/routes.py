@@ -225,7 +225,8 @@ class RoutesMapping(PeerMapping):
         peers = list(plan.host.fan.peers(plan.underlay_address))
         try:
             with Rtnl() as rtnl:
-                nexthops = await self._nexthops_usable(rtnl, plan, peers)
+                with kernel(f"listing nexthop objects for network {network}"):
+                    nexthops = await self._nexthops_usable(rtnl, plan, peers)
                 for start in range(0, len(peers), GROUP):
                     group = peers[start:start + GROUP]
                     doing = (f"programming peers {group[0][0]}-{group[-1][0]} of network "
