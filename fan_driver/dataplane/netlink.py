@@ -165,6 +165,14 @@ class Rtnl:
                         for seq, code, detail in self._acks(self.seq) if code]
         return refused
 
+    def apply(self, requests: Sequence[Tuple[int, int, bytes]], doing: str,
+              tolerate: Iterable[int] = ()) -> None:
+        """send_all, and the first refusal (but those tolerated) as a KernelError."""
+        refused = [r for r in self.send_all(requests) if r.code not in tolerate]
+        if refused:
+            more = f" (and {len(refused) - 1} more refused)" if len(refused) > 1 else ""
+            raise KernelError(f"{doing}{more}", refused[0].code, refused[0].detail)
+
     def _acks(self, last: int):
         """(seq, errno, detail) of every error message until the ack of `last`."""
         while True:

@@ -28,10 +28,10 @@ import logging
 from ipaddress import IPv4Address, IPv4Network
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from ..errors import FanError, KernelError
+from ..errors import FanError
 from ..model import Endpoint, short_id
 from .base import PeerMapping
-from .netlink import (GONE, MAIN_TABLE, Links, Refused, Route, Rtnl, del_nexthop_request,
+from .netlink import (GONE, MAIN_TABLE, Links, Route, Rtnl, del_nexthop_request,
                       del_route_request, fdb_request, ipv4_nexthops, ipv4_routes, kernel,
                       neighbour_request, nexthop_request, route_request)
 from .plan import MARK, NetworkPlan
@@ -88,7 +88,8 @@ def removal_requests(plan: NetworkPlan, keep: List[NetworkPlan], nexthops: bool)
     requests = [del_route_request(Route(slice_, MAIN_TABLE, RTPROT_FAN, None, None))
                 for _, slice_ in plan.host.fan.peers(plan.underlay_address)]
     if nexthops:
-        requests += [del_nexthop_request(n) for n in wanted_nexthops([plan]) - wanted_nexthops(keep)]
+        unshared = wanted_nexthops([plan]) - wanted_nexthops(keep)
+        requests += [del_nexthop_request(n) for n in unshared]
     return requests
 
 
@@ -106,15 +107,6 @@ async def in_thread(fn, *args):
     except asyncio.CancelledError:
         await asyncio.wait([future])
         raise
-
-
-def send(rtnl: Rtnl, requests: List[tuple], doing: str, tolerate=()) -> None:
-    """Send in bulk; the first refusal (but those tolerated) as a KernelError. Blocking."""
-    refused: List[Refused] = [r for r in rtnl.send_all(requests) if r.code not in tolerate]
-    if refused:
-        first = refused[0]
-        more = f" (and {len(refused) - 1} more refused)" if len(refused) > 1 else ""
-        raise KernelError(f"{doing}{more}", first.code, first.detail)
 
 
 class RoutesMapping(PeerMapping):
@@ -167,7 +159,7 @@ class RoutesMapping(PeerMapping):
         nexthops = self.use_nexthops is not False
         doing = f"removing network {short_id(plan.network_id)}'s peers from {device}"
         with Rtnl() as rtnl, kernel(doing):
-            await in_thread(lambda: send(rtnl, removal_requests(plan, keep, nexthops), doing,
+            await in_thread(lambda: rtnl.apply(removal_requests(plan, keep, nexthops), doing,
                                          GONE + NO_NEXTHOPS))
         if not keep:
             await links.delete(device)
@@ -206,7 +198,7 @@ class RoutesMapping(PeerMapping):
                       and n.id not in wanted[n.oif]]
             if routes or unused:
                 log.warning("%s: %d routes, %d nexthop objects", doing, len(routes), len(unused))
-            await in_thread(send, rtnl, [del_route_request(r) for r in routes]
+            await in_thread(rtnl.apply, [del_route_request(r) for r in routes]
                             + [del_nexthop_request(n.id) for n in unused], doing, GONE)
 
     async def _ensure_device(self, links: Links, plan: NetworkPlan) -> int:
@@ -237,7 +229,7 @@ class RoutesMapping(PeerMapping):
                     doing = (f"programming peers {group[0][0]}-{group[-1][0]} of network "
                              f"{network} on {self.tunnel_device(plan)}")
                     with kernel(doing):   # built in the thread too: 10-20 us a request
-                        await in_thread(lambda: send(rtnl, peer_requests(plan, index, group,
+                        await in_thread(lambda: rtnl.apply(peer_requests(plan, index, group,
                                                                          nexthops), doing))
                     count += len(group)
         except asyncio.CancelledError:

@@ -15,7 +15,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, rt
 SETUP = """
 from fan_driver.errors import KernelError
 from fan_driver.dataplane.netlink import Rtnl, ipv4_nexthops, nexthop_request
-from fan_driver.dataplane.routes import send
 """
 
 
@@ -67,11 +66,12 @@ def test_bulk_refusal_carries_the_kernels_explanation(underlay):
     eth0 = await links.index("eth0")
     await links.ipr.link("set", index=eth0, state="down")
     with Rtnl() as rtnl:
-        send(rtnl, [nexthop_request(n, IPv4Address("172.30.0.1"), eth0, 250)
+        rtnl.apply([nexthop_request(n, IPv4Address("172.30.0.1"), eth0, 250)
                     for n in range(1, 2000)], "programming 1,999 test nexthops")""")
     print(message)
     assert message.startswith("programming 1,999 test nexthops (and 1998 more refused): Network "
-                              "is down (errno 100), Nexthop device is not up: a device it needs is down")
+                              "is down (errno 100), Nexthop device is not up: a device it "
+                              "needs is down")
 
 
 CHURN = """
