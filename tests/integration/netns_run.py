@@ -9,6 +9,8 @@ import sys
 import textwrap
 import uuid
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRELUDE = """
 import asyncio, json, sys
@@ -69,6 +71,10 @@ class Underlay:
 
     def count(self, *args: str) -> int:
         return len([line for line in self.ip(*args, check=False).splitlines() if line.strip()])
+
+    def skip_without_nexthops(self) -> None:
+        if sh("ip", "-n", self.ns, "nexthop", "show", check=False).returncode:
+            pytest.skip("this kernel has no nexthop objects (Linux 5.3+)")
 
     def close(self) -> None:
         sh("ip", "netns", "del", self.ns, check=False)

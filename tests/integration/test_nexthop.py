@@ -72,8 +72,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, rt
 def underlay():
     u = Underlay()
     try:
-        if sh("ip", "-n", u.ns, "nexthop", "show", check=False).returncode:
-            pytest.skip("this kernel has no nexthop objects (Linux 5.3+)")
+        u.skip_without_nexthops()
         yield u
     finally:
         u.close()
