@@ -139,12 +139,6 @@ class RoutesMapping(PeerMapping):
             self._programming[plan.network_id] = asyncio.create_task(
                 self._program_peers(plan, index))
 
-    async def programmed(self, plan: NetworkPlan) -> None:
-        """Until the network's peers are in the kernel; their failure, if any."""
-        task = self._programming.get(plan.network_id)
-        if task is not None:
-            await task
-
     async def remove(self, links: Links, plan: NetworkPlan) -> None:
         task = self._programming.pop(plan.network_id, None)
         if task is not None:
@@ -264,6 +258,13 @@ class RoutesMapping(PeerMapping):
                 f"{foreign[0].protocol}); delete it (`ip nexthop del id {foreign[0].id}`) "
                 "or use another underlay")
         return True
+
+
+async def programmed(mapping: RoutesMapping, plan: NetworkPlan) -> None:
+    """Until a network's peers are in the kernel; their failure, if any."""
+    task = mapping._programming.get(plan.network_id)
+    if task is not None:
+        await task
 
 
 def _nexthops_or_none(rtnl: Rtnl):

@@ -22,7 +22,7 @@ PEERS_IN_20 = 2 ** 12 - 3      # usable addresses of a /20 but ours
 SETUP = """
 from ipaddress import IPv4Address, IPv4Network
 from fan_driver.dataplane.plan import NetworkPlan, VXLAN
-from fan_driver.dataplane.routes import RoutesMapping
+from fan_driver.dataplane.routes import RoutesMapping, programmed
 from fan_driver.fanmap import FanMap, HostSlice
 
 def plan(underlay, overlay="250.0.0.0/8"):
@@ -90,7 +90,7 @@ ENSURE = """
 m = RoutesMapping({nexthops})
 p = plan({underlay!r})
 await m.ensure(links, p)
-await m.programmed(p)
+await programmed(m, p)
 return m.tunnel_device(p)
 """
 REMOVE = """
@@ -167,7 +167,7 @@ def test_nexthop_id_held_by_another_program_is_refused(underlay):
         p = plan("172.30.0.0/24")
         await m.ensure(links, p)
         try:
-            await m.programmed(p)
+            await programmed(m, p)
         except FanError as exc:
             return str(exc)
     """, SETUP + "from fan_driver.errors import FanError\n")
