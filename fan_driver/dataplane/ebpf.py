@@ -13,11 +13,13 @@ device has that MAC the receiving device takes the frame as addressed to it.
 whose source is its own MAC as loops.) Learning is off: no FDB entries appear.
 
 Overlay traffic between hosts skips the hosts' IP forwarding: each container's
-veth has a program that sends it straight to the tunnel, and on an L2 tunnel a
+veth has a program that, on VXLAN, encapsulates it and sends it straight out of
+the underlay device (on IPIP, to the tunnel device), and on an L2 tunnel a
 program per network at ingress hands it straight into the container, found in
-a map of the network's endpoints (see bpf.py). So netfilter (FORWARD,
-DOCKER-USER) does not see it; traffic to and from outside the overlay takes
-the kernel's path and the fan's rules as before.
+a map of the network's endpoints (see bpf/fan.bpf.c). So netfilter (FORWARD,
+DOCKER-USER, and for sent VXLAN packets OUTPUT and POSTROUTING) does not see
+it; traffic to and from outside the overlay takes the kernel's path and the
+fan's rules as before.
 
 The map lives as long as the program that uses it; this process keeps an fd to
 fill it. After a restart, ensure() makes a new map and program, and the
