@@ -15,17 +15,20 @@ from ..errors import FanError
 
 LIBRARY = "libbpf.so.1"
 PACKAGE = "libbpf1"   # Debian's and Ubuntu's name for it
-LIBBPF_WARN = 0       # enum libbpf_print_level: WARN, INFO, DEBUG
+LIBBPF_INFO = 1       # enum libbpf_print_level: WARN, INFO, DEBUG
+LOG_TAIL = 40         # lines of the log an error keeps: the verifier's reason is last
 _PRINT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 _messages: List[str] = []
 _lib = None
+# a verifier log comes in one message, and can be long
+_render = ctypes.create_string_buffer(1 << 20)
 
 
 def _print(level: int, fmt: bytes, args: int) -> int:
     """libbpf's messages are printf formats with a va_list: vsnprintf renders them."""
-    buf = ctypes.create_string_buffer(4096)
-    _libc.vsnprintf(buf, len(buf), fmt, ctypes.c_void_p(args))
-    _messages.append(buf.value.decode(errors="replace"))
+    if level <= LIBBPF_INFO:
+        _libc.vsnprintf(_render, len(_render), fmt, ctypes.c_void_p(args))
+        _messages.append(_render.value.decode(errors="replace"))
     return 0
 
 
@@ -77,7 +80,8 @@ def version() -> str:
 
 def _failed(what: str, code: int) -> FanError:
     code = abs(code)
-    said = "\n".join(m.rstrip() for m in _messages if m.strip())
+    lines = "".join(_messages).splitlines()
+    said = "\n".join(line for line in lines[-LOG_TAIL:] if line.strip())
     _messages.clear()
     return FanError(f"{what} failed: {os.strerror(code)} (errno {code})"
                     + (f"; libbpf and verifier log:\n{said}" if said else ""))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import os
 import shutil
 import socket
@@ -380,6 +381,24 @@ def test_verifier_rejection_carries_its_log():
     with pytest.raises(FanError) as err:
         loaded(bad, FAN250, "172.30.0.28")
     assert "R9 !read_ok" in str(err.value) and "verifier" in str(err.value), str(err.value)
+
+
+@needs_root
+def test_object_loads_with_only_the_plugins_capabilities():
+    """The managed plugin has CAP_BPF and CAP_NET_ADMIN but not CAP_PERFMON or
+    CAP_SYS_ADMIN, so the verifier holds it to stricter rules (no variable
+    offsets on packet pointers, no unset stack passed to helpers)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed: cannot drop capabilities")
+    with open(os.path.join(REPO, "plugin", "config.json")) as f:
+        caps = json.load(f)["linux"]["capabilities"]
+    keep = ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
+    probe = "from fan_driver.dataplane import ebpf; print(ebpf.probe_error() or 'LOADED')"
+    res = subprocess.run([setpriv, f"--bounding-set=-all,{keep}", sys.executable, "-c", probe],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=REPO))
+    assert res.stdout.strip() == "LOADED", res.stdout[-3000:] + res.stderr[-2000:]
 
 
 def test_vni_out_of_range_is_refused():

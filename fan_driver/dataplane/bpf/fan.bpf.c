@@ -58,7 +58,8 @@ static __always_inline __u32 fan_outer(__u32 inner)
 	return cfg.underlay_net | ((inner & ~cfg.overlay_mask) >> cfg.shift);
 }
 
-/* The IPv4 header at `off`, pulled into the linear area if need be, or NULL. */
+/* The IPv4 header at `off` (a constant), pulled into the linear area if need
+ * be, or NULL. */
 static __always_inline struct iphdr *ipv4_at(struct __sk_buff *skb, __u32 off)
 {
 	if (skb->protocol != bpf_htons(ETH_P_IP))
@@ -92,12 +93,17 @@ static __always_inline void copy_mac(__u8 *to, const volatile __u8 *from)
 SEC("tc")
 int fan_tunnel_key(struct __sk_buff *skb)
 {
+	/* Helpers rather than packet pointers: the offset differs by tunnel, and a
+	 * loader without CAP_PERFMON (the plugin) may not add a register to one. */
 	__u32 off = cfg.l2_tunnel ? ETH_HLEN : 0;
-	struct iphdr *ip = ipv4_at(skb, off);
+	__u8 version;
+	__be32 daddr;
 
-	if (!ip)
+	if (skb->protocol != bpf_htons(ETH_P_IP) || bpf_skb_load_bytes(skb, off, &version, 1) ||
+	    version >> 4 != 4 ||
+	    bpf_skb_load_bytes(skb, off + offsetof(struct iphdr, daddr), &daddr, sizeof(daddr)))
 		return TC_ACT_UNSPEC;
-	__u32 dst = bpf_ntohl(ip->daddr);
+	__u32 dst = bpf_ntohl(daddr);
 	if (!in_net(dst, cfg.overlay_net, cfg.overlay_mask))
 		return TC_ACT_UNSPEC;
 	if (cfg.l2_tunnel) {
@@ -109,11 +115,13 @@ int fan_tunnel_key(struct __sk_buff *skb)
 			return TC_ACT_UNSPEC;
 		eth->h_source[ETH_ALEN - 1] ^= 1;
 	}
-	struct bpf_tunnel_key key = {
-		.tunnel_id = cfg.vni,
-		.remote_ipv4 = fan_outer(dst), /* host order: the helper converts */
-		.tunnel_ttl = FAN_OUTER_TTL,
-	};
+	struct bpf_tunnel_key key;
+
+	/* every byte set: a loader without CAP_PERFMON may not pass unset stack */
+	__builtin_memset(&key, 0, sizeof(key));
+	key.tunnel_id = cfg.vni;
+	key.remote_ipv4 = fan_outer(dst); /* host order: the helper converts */
+	key.tunnel_ttl = FAN_OUTER_TTL;
 	if (cfg.test_record_key)
 		recorded_key = key;
 	/* No outer UDP checksum, as RFC 7348 advises and Linux's VXLAN defaults to. */
@@ -191,7 +199,11 @@ static __always_inline int vxlan_encap(struct __sk_buff *skb, __u32 remote,
 	eth->h_proto = bpf_htons(ETH_P_IP);
 	if (!have_neigh) {
 		/* the kernel resolves the next hop's MAC and writes the header */
-		struct bpf_redir_neigh nh = {.nh_family = FAN_AF_INET, .ipv4_nh = fib->ipv4_dst};
+		struct bpf_redir_neigh nh;
+
+		__builtin_memset(&nh, 0, sizeof(nh));
+		nh.nh_family = FAN_AF_INET;
+		nh.ipv4_nh = fib->ipv4_dst;
 
 		return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
 	}
@@ -233,7 +245,9 @@ int fan_send(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (cfg.send_encap && cfg.l2_tunnel) {
 		__u32 remote = fan_outer(dst);
-		struct bpf_fib_lookup fib = {};
+		struct bpf_fib_lookup fib;
+
+		__builtin_memset(&fib, 0, sizeof(fib));
 		int neigh = underlay_route(skb, remote, &fib);
 
 		if (neigh < 0)
