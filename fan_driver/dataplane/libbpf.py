@@ -41,7 +41,6 @@ def _signatures(lib) -> None:
     p, i, u32, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_size_t
     for name, res, args in (
             ("libbpf_set_print", p, [_PRINT]),
-            ("libbpf_major_version", u32, []), ("libbpf_minor_version", u32, []),
             ("bpf_object__open_mem", p, [p, sz, p]),
             ("libbpf_get_error", ctypes.c_long, [p]),
             ("bpf_object__load", i, [p]), ("bpf_object__close", None, [p]),
@@ -71,11 +70,6 @@ def library():
         lib.libbpf_set_print(_print_callback)
         _lib = lib
     return _lib
-
-
-def version() -> str:
-    lib = library()
-    return f"{lib.libbpf_major_version()}.{lib.libbpf_minor_version()}"
 
 
 def _failed(what: str, code: int) -> FanError:

@@ -18,7 +18,6 @@ import ctypes
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
