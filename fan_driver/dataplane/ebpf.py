@@ -72,6 +72,7 @@ class EbpfMapping:
         # network ID -> its loaded object: the send program every veth gets
         # (the verifier's work is most of an attach) and the endpoints map
         self._objects: Dict[str, libbpf.BpfObject] = {}
+        self._tunnels: Dict[str, int] = {}   # network ID -> the tunnel index it holds
 
     async def ensure(self, links: Links, plan: NetworkPlan) -> None:
         """The network's programs on the shared device, always loaded anew: they
@@ -89,7 +90,7 @@ class EbpfMapping:
             obj.close()
             raise
         self._forget(plan)
-        self._objects[plan.network_id] = obj
+        self._objects[plan.network_id], self._tunnels[plan.network_id] = obj, index
         await links.ensure_route(plan.overlay, index, metrics={"mtu": plan.mtu})
 
     @staticmethod
@@ -108,7 +109,11 @@ class EbpfMapping:
                               endpoint: Endpoint) -> None:
         """The send program on a container's veth, and the container in the
         receive program's map."""
-        if plan.network_id not in self._objects:
+        tunnel = await links.index(plan.encap.device)
+        if tunnel is None:
+            raise FanError(f"tunnel device {plan.encap.device} is missing; "
+                           "restart fan-driver to restore it")
+        if self._tunnels.get(plan.network_id) != tunnel:   # not loaded, or a new device
             await self.ensure(links, plan)
         obj = self._objects[plan.network_id]
         await bpf.attach(links.ipr, veth_index, obj.program_fd(bpf.SEND),
@@ -129,6 +134,7 @@ class EbpfMapping:
             log.warning("endpoint %s stays in the receive map: %s", endpoint.address, exc)
 
     def _forget(self, plan: NetworkPlan) -> None:
+        self._tunnels.pop(plan.network_id, None)
         obj = self._objects.pop(plan.network_id, None)
         if obj is not None:
             obj.close()
