@@ -12,10 +12,16 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
 # iptables (both the nf_tables and the legacy backend) for the fan's forwarding
-# and NAT rules; skipped when the base image already has it.
-RUN if ! command -v iptables-nft >/dev/null 2>&1 || ! command -v iptables-legacy >/dev/null 2>&1; then \
+# and NAT rules, and libbpf1, which loads its eBPF programs; skipped when the
+# base image already has them.
+RUN missing=""; \
+    if ! command -v iptables-nft >/dev/null 2>&1 || ! command -v iptables-legacy >/dev/null 2>&1; then \
+        missing="iptables"; \
+    fi; \
+    if ! ls /usr/lib/*/libbpf.so.1 /usr/lib/libbpf.so.1 >/dev/null 2>&1; then missing="$missing libbpf1"; fi; \
+    if [ -n "$missing" ]; then \
         apt-get update \
-        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iptables \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 

@@ -7,7 +7,7 @@ from ipaddress import IPv4Network
 from typing import List, Optional
 
 from ..config import DEFAULT_OVERLAY, MIN_MTU, UnderlaySpec, parse_cidr, resolve_underlay
-from ..dataplane import choose
+from ..dataplane import choose, libbpf
 from ..errors import FanError
 from ..fanmap import FanMap, HostSlice
 from ..host import KernelFeatures
@@ -91,13 +91,16 @@ def _judge_kernel(settings: Optional[Settings], features: KernelFeatures, ebpf_e
 
 
 def _ebpf_fix(error: str) -> str:
+    if libbpf.LIBRARY in error:
+        return f"install libbpf (Debian and Ubuntu: apt-get install {libbpf.PACKAGE})"
     if f"errno {errno_mod.EPERM})" in error or "Operation not permitted" in error:
         return ("bpf(2) was refused: fan-driver needs CAP_BPF and CAP_NET_ADMIN (kernel 5.8 "
                 "or later; older kernels want CAP_SYS_ADMIN); in a container: --cap-add BPF")
     if f"errno {errno_mod.ENOSYS})" in error:
         return "this kernel has no bpf(2) (CONFIG_BPF_SYSCALL)"
-    return ("a kernel with tc eBPF and bpf_skb_set_tunnel_key (Linux 4.x or later, "
-            "CONFIG_NET_CLS_BPF)")
+    return ("a kernel with tc eBPF, bpf_skb_set_tunnel_key, bpf_redirect_peer and "
+            "bpf_redirect_neigh (Linux 5.10 or later, CONFIG_NET_CLS_BPF); the verifier's "
+            "log above says what it refused")
 
 
 def _judge_underlay(settings: Settings, overlay_text: str, probe: Probe, add):

@@ -13,11 +13,13 @@ device has that MAC the receiving device takes the frame as addressed to it.
 whose source is its own MAC as loops.) Learning is off: no FDB entries appear.
 
 Overlay traffic between hosts skips the hosts' IP forwarding: each container's
-veth has a program that sends it straight to the tunnel, and on an L2 tunnel a
+veth has a program that, on VXLAN, encapsulates it and sends it straight out of
+the underlay device (on IPIP, to the tunnel device), and on an L2 tunnel a
 program per network at ingress hands it straight into the container, found in
-a map of the network's endpoints (see bpf.py). So netfilter (FORWARD,
-DOCKER-USER) does not see it; traffic to and from outside the overlay takes
-the kernel's path and the fan's rules as before.
+a map of the network's endpoints (see bpf/fan.bpf.c). So netfilter (FORWARD,
+DOCKER-USER, and for sent VXLAN packets OUTPUT and POSTROUTING) does not see
+it; traffic to and from outside the overlay takes the kernel's path and the
+fan's rules as before.
 
 The map lives as long as the program that uses it; this process keeps an fd to
 fill it. After a restart, ensure() makes a new map and program, and the
@@ -27,12 +29,13 @@ hold yet goes through the bridge, never nowhere.
 from __future__ import annotations
 
 import logging
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
+from typing import Dict
 
 from ..errors import FanError
 from ..fanmap import FanMap
 from ..model import Endpoint
-from . import bpf
+from . import bpf, libbpf
 from .base import PeerMapping
 from .netlink import Links
 from .plan import ENCAPS, MARK, VXLAN_PORT, NetworkPlan
@@ -44,27 +47,16 @@ log = logging.getLogger(__name__)
 
 
 def probe_error() -> str | None:
-    """Why this kernel's verifier refuses the fan program or the shortcuts
-    (each loaded, then dropped), or None."""
+    """Why libbpf or this kernel's verifier refuses the fan's programs (the
+    object loaded with a sample network's values, then dropped), or None."""
     sample = FanMap(IPv4Network("250.0.0.0/8"), IPv4Network("172.30.0.0/16"))
-    slice_ = IPv4Network("250.0.28.0/24")
+    config = bpf.Config(sample, IPv4Network("250.0.28.0/24"), 1, True,
+                        IPv4Address("172.30.0.28"), 1, 1, 1, SHARED_VXLAN_MAC)
     try:
-        endpoints = _endpoints_map(slice_, "fan_probe")
-        try:
-            for insns in (bpf.fan_program(sample, 1, bpf.ETH_LEN),
-                          bpf.send_shortcut(sample, slice_, 1, SHARED_VXLAN_MAC),
-                          bpf.receive_shortcut(slice_, 1, endpoints)):
-                bpf.close(bpf.load_program(insns, "fan_probe"))
-        finally:
-            bpf.close(endpoints)
+        bpf.load(config, "fan_probe").close()
     except (FanError, OSError) as exc:
         return str(exc)
     return None
-
-
-def _endpoints_map(slice_: IPv4Network, name: str) -> int:
-    return bpf.create_hash_map(bpf.ENDPOINT_KEY.size, bpf.ENDPOINT_VALUE.size,
-                               slice_.num_addresses, name)
 
 
 def supported() -> bool:
@@ -78,79 +70,78 @@ class EbpfMapping(PeerMapping):
     name = "ebpf"
 
     def __init__(self):
-        self._endpoint_maps = {}   # network ID -> fd of its receive shortcut's map
-        # network ID -> fd of its send shortcut, loaded once and attached to every
-        # veth (the verifier's work is most of an attach), and its instructions
-        self._send_programs, self._send_code = {}, {}
+        # network ID -> its loaded object: the send program every veth gets
+        # (the verifier's work is most of an attach) and the endpoints map
+        self._objects: Dict[str, libbpf.BpfObject] = {}
+        self._tunnels: Dict[str, int] = {}   # network ID -> the tunnel index it holds
 
     async def ensure(self, links: Links, plan: NetworkPlan) -> None:
+        """The network's programs on the shared device, always loaded anew: they
+        hold ifindexes (new after a reboot) and a map this process has an fd of."""
         index = await self._ensure_device(links, plan)
         name = self._program_name(plan)
-        if (await bpf.filters(links.ipr, index)).get(plan.tc_pref) != name:
-            await bpf.attach_program(
-                links.ipr, index,
-                bpf.fan_program(plan.host.fan, plan.vni, plan.encap.inner_ip_offset),
-                name, plan.tc_pref, bpf.EGRESS)
-        if plan.encap.inner_ip_offset >= bpf.ETH_LEN:
-            # always new: the program holds the bridge's index, new after a
-            # reboot, and a map this process has an fd of
-            endpoints = _endpoints_map(plan.slice, name)
-            try:
-                await bpf.attach_program(
-                    links.ipr, index,
-                    bpf.receive_shortcut(plan.slice, await links.index(plan.bridge), endpoints),
-                    name, plan.tc_pref, bpf.INGRESS)
-            except BaseException:
-                bpf.close(endpoints)
-                raise
-            self._forget(self._endpoint_maps, plan)
-            self._endpoint_maps[plan.network_id] = endpoints
+        obj = bpf.load(await self._config(links, plan, index), name)
+        try:
+            await bpf.attach(links.ipr, index, obj.program_fd(bpf.TUNNEL_KEY), name,
+                             plan.tc_pref, bpf.EGRESS)
+            if plan.encap.inner_ip_offset >= bpf.ETH_LEN:
+                await bpf.attach(links.ipr, index, obj.program_fd(bpf.RECEIVE), name,
+                                 plan.tc_pref, bpf.INGRESS)
+        except BaseException:
+            obj.close()
+            raise
+        self._forget(plan)
+        self._objects[plan.network_id], self._tunnels[plan.network_id] = obj, index
         await links.ensure_route(plan.overlay, index, metrics={"mtu": plan.mtu})
+
+    @staticmethod
+    async def _config(links: Links, plan: NetworkPlan, tunnel: int) -> bpf.Config:
+        l2 = plan.encap.inner_ip_offset >= bpf.ETH_LEN
+        underlay = await links.index(plan.underlay_interface)
+        bridge = await links.index(plan.bridge)
+        return bpf.Config(
+            plan.host.fan, plan.slice, plan.vni, l2, plan.underlay_address,
+            tunnel_index=tunnel, underlay_index=underlay or 0, bridge_index=bridge or 0,
+            tunnel_mac=SHARED_VXLAN_MAC if l2 else "00:00:00:00:00:00",
+            # without the underlay device's index, send through the tunnel device
+            send_encap=underlay is not None)
 
     async def attach_endpoint(self, links: Links, plan: NetworkPlan, veth_index: int,
                               endpoint: Endpoint) -> None:
-        """The send shortcut on a container's veth (again after a restore: it holds
-        the tunnel's index), and the container in the receive shortcut's map."""
+        """The send program on a container's veth, and the container in the
+        receive program's map."""
         tunnel = await links.index(plan.encap.device)
         if tunnel is None:
             raise FanError(f"tunnel device {plan.encap.device} is missing; "
                            "restart fan-driver to restore it")
-        mac = SHARED_VXLAN_MAC if plan.encap.inner_ip_offset >= bpf.ETH_LEN else None
-        insns = bpf.send_shortcut(plan.host.fan, plan.slice, tunnel, mac)
-        if self._send_code.get(plan.network_id) != insns:   # new, or a new tunnel
-            self._forget(self._send_programs, plan)
-            self._send_code.pop(plan.network_id, None)
-            self._send_programs[plan.network_id] = bpf.load_program(insns,
-                                                                    self._program_name(plan))
-            self._send_code[plan.network_id] = insns
-        await bpf.attach(links.ipr, veth_index, self._send_programs[plan.network_id],
+        if self._tunnels.get(plan.network_id) != tunnel:   # not loaded, or a new device
+            await self.ensure(links, plan)
+        obj = self._objects[plan.network_id]
+        await bpf.attach(links.ipr, veth_index, obj.program_fd(bpf.SEND),
                          self._program_name(plan), SEND_PREF, bpf.INGRESS)
-        endpoints = self._endpoint_maps.get(plan.network_id)
-        if endpoints is not None:
-            bpf.map_update(endpoints, *bpf.endpoint_entry(int(endpoint.ip), veth_index,
-                                                          endpoint.mac))
+        if plan.encap.inner_ip_offset >= bpf.ETH_LEN:
+            libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
+                              *bpf.endpoint_entry(int(endpoint.ip), veth_index, endpoint.mac))
 
     def detach_endpoint(self, plan: NetworkPlan, endpoint: Endpoint) -> None:
         """Out of the map before its veth goes. A failure only costs drops: the
         veth's ifindex is never reused, so a stale entry cannot misdeliver."""
-        endpoints = self._endpoint_maps.get(plan.network_id)
-        if endpoints is None:
+        obj = self._objects.get(plan.network_id)
+        if obj is None or plan.encap.inner_ip_offset < bpf.ETH_LEN:
             return
         try:
-            bpf.map_delete(endpoints, bpf.ENDPOINT_KEY.pack(int(endpoint.ip)))
+            libbpf.map_delete(obj.map_fd(bpf.ENDPOINTS), bpf.ENDPOINT_KEY.pack(int(endpoint.ip)))
         except FanError as exc:
             log.warning("endpoint %s stays in the receive map: %s", endpoint.address, exc)
 
-    @staticmethod
-    def _forget(fds: dict, plan: NetworkPlan) -> None:
-        fd = fds.pop(plan.network_id, None)
-        if fd is not None:
-            bpf.close(fd)
+    def _forget(self, plan: NetworkPlan) -> None:
+        self._tunnels.pop(plan.network_id, None)
+        obj = self._objects.pop(plan.network_id, None)
+        if obj is not None:
+            obj.close()
 
     async def remove(self, links: Links, plan: NetworkPlan) -> None:
-        self._forget(self._endpoint_maps, plan)
-        self._forget(self._send_programs, plan)
-        self._send_code.pop(plan.network_id, None)
+        self._forget(plan)
         index = await links.index(plan.encap.device)
         if index is None:
             return

@@ -57,7 +57,7 @@ CAPABILITIES = ["CAP_NET_ADMIN", "CAP_BPF", "CAP_NET_RAW"]
 SETTABLE_ENV = {"FAN_LOG_LEVEL", "FAN_UNDERLAY", "FAN_ENCAP", "FAN_IPTABLES"}
 
 BASE_CACHE = Path("/var/tmp/fanlab-base")
-MMDEBSTRAP = ["--variant=apt", "--include=python3,python3-venv,iptables,iproute2,ca-certificates",
+MMDEBSTRAP = ["--variant=apt", "--include=python3,python3-venv,iptables,iproute2,ca-certificates,libbpf1",
               "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
               "--dpkgopt=path-exclude=/usr/share/locale/*",
               "--dpkgopt=path-exclude=/usr/share/info/*", "bookworm"]

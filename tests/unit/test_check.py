@@ -339,3 +339,12 @@ async def test_refusal_server_answers_every_driver_call_with_the_problem(refusin
 
 async def test_refusal_server_still_404s_unknown_methods(refusing):
     assert (await call(refusing, "NetworkDriver.GwAllocCheck"))[0] == 404
+
+
+def test_no_ebpf_for_lack_of_libbpf_names_the_package():
+    from fan_driver.dataplane import libbpf
+    features = KernelFeatures(fan_map=False, ipip=False, vxlan=True, ebpf=False)
+    missing = f"{libbpf.LIBRARY} cannot be loaded (not found): install the {libbpf.PACKAGE} package"
+    items = judge(Settings(), probe(features=features, ebpf_error=missing))
+    assert "libbpf1" in item(items, "ebpf").fix
+    assert item(items, "tunnel").detail.startswith("vxlan with routes mapping")

@@ -1,0 +1,162 @@
+"""The Fan's tc programs (fan.bpf.c beside this file) and how they are put on
+devices: the committed object, its per-network globals, tc attach and detach.
+
+Canonical's Fan needs an Ubuntu-only kernel patch that computes a tunnel
+packet's outer destination from its inner one. Upstream kernels do the same
+with a tunnel device in external (collect_md) mode and a tc program that sets
+the tunnel key; fan.bpf.c says what each of its three programs does.
+
+The object is built by build.sh (clang) and committed, so installing needs no
+compiler; it carries the SHA-256 of the source it was built from, which the
+tests compare with the source beside it.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import struct
+from dataclasses import dataclass
+from importlib import resources
+from ipaddress import IPv4Address, IPv4Network
+from typing import Dict, Tuple
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ...errors import FanError
+from ...fanmap import FanMap
+from .. import libbpf
+
+OBJECT, SOURCES = "fan.bpf.o", ("fan.bpf.c", "fan.h")
+SOURCE_SECTION = ".fan.source"
+TUNNEL_KEY, SEND, RECEIVE = "fan_tunnel_key", "fan_send", "fan_receive"
+ENDPOINTS = "endpoints"
+ETH_LEN = 14
+VNI_LIMIT = 1 << 24
+
+
+def _read(name: str) -> bytes:
+    return resources.files(__package__).joinpath(name).read_bytes()
+
+
+def source_digest() -> str:
+    """SHA-256 of the source as build.sh hashes it: fan.bpf.c then fan.h."""
+    return hashlib.sha256(b"".join(_read(name) for name in SOURCES)).hexdigest()
+
+
+def elf_section(elf: bytes, wanted: str) -> bytes | None:
+    """One section's bytes of a little-endian ELF64 file (as BPF objects are)."""
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    entsize, count, names_index = struct.unpack_from("<HHH", elf, 0x3A)
+
+    def header(i: int) -> Tuple[int, int, int]:
+        name, _, _, _, offset, size = struct.unpack_from("<IIQQQQ", elf, shoff + i * entsize)
+        return name, offset, size
+
+    _, names_at, _ = header(names_index)
+    for i in range(count):
+        name, offset, size = header(i)
+        if elf[names_at + name:elf.index(b"\0", names_at + name)].decode() == wanted:
+            return elf[offset:offset + size]
+    return None
+
+
+@dataclass(frozen=True)
+class Config:
+    """struct fan_config of fan.h: one network's values, read-only to the programs."""
+    fan: FanMap
+    slice: IPv4Network
+    vni: int
+    l2_tunnel: bool            # VXLAN: frames carry an inner Ethernet header
+    local: IPv4Address         # this host's underlay address
+    tunnel_index: int = 0
+    underlay_index: int = 0
+    bridge_index: int = 0
+    tunnel_mac: str = "00:00:00:00:00:00"
+    send_encap: bool = True    # on VXLAN the send program encapsulates itself
+    test_record_key: bool = False
+
+    LAYOUT = struct.Struct("=11I6sBBB3x")
+
+    def pack(self) -> bytes:
+        if not 0 <= self.vni < VNI_LIMIT:
+            raise FanError(f"VNI {self.vni} is out of range 0..{VNI_LIMIT - 1}")
+        fan = self.fan
+        return self.LAYOUT.pack(
+            int(fan.overlay.network_address), int(fan.overlay.netmask),
+            int(fan.underlay.network_address), fan.shift,
+            int(self.slice.network_address), int(self.slice.netmask), self.vni,
+            int(self.local), self.tunnel_index, self.underlay_index, self.bridge_index,
+            bytes.fromhex(self.tunnel_mac.replace(":", "")),
+            self.l2_tunnel, self.send_encap, self.test_record_key)
+
+
+def load(config: Config, name: str, elf: bytes | None = None) -> libbpf.BpfObject:
+    """The object loaded for one network (its endpoints map sized to the slice)."""
+    return libbpf.BpfObject(elf if elf is not None else _read(OBJECT), name, config.pack(),
+                            {ENDPOINTS: config.slice.num_addresses})
+
+
+# The receive program's map: struct fan_endpoint, keyed by the address in host order.
+ENDPOINT_KEY = struct.Struct("=I")
+ENDPOINT_VALUE = struct.Struct("=I6s2x")
+
+
+def endpoint_entry(address: int, veth_index: int, mac: str) -> Tuple[bytes, bytes]:
+    return (ENDPOINT_KEY.pack(address),
+            ENDPOINT_VALUE.pack(veth_index, bytes.fromhex(mac.replace(":", ""))))
+
+
+# --- attaching: tc clsact through pyroute2 ------------------------------------
+EGRESS = 0xFFFFFFF3   # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS): "ffff:fff3"
+INGRESS = 0xFFFFFFF2
+FILTER_HANDLE = 1     # fixed, so "replace" swaps the program instead of adding a second one
+
+
+async def attach(ipr, ifindex: int, prog_fd: int, name: str, pref: int, parent: int) -> None:
+    """Put the program on the device's egress or ingress at `pref`, replacing what is there."""
+    try:
+        await ipr.tc("add", "clsact", ifindex)
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise FanError(f"cannot add clsact qdisc on ifindex {ifindex}: {e}") from e
+    try:
+        # pyroute2's "bpf" plugin packs prio and protocol (ETH_P_ALL) into tcm_info
+        await ipr.tc("replace-filter", "bpf", ifindex, FILTER_HANDLE, parent=parent,
+                     prio=pref, fd=prog_fd, name=name, direct_action=True)
+    except NetlinkError as e:
+        raise FanError(f"cannot attach eBPF filter {name!r} at pref {pref} "
+                       f"on ifindex {ifindex}: {e}") from e
+
+
+async def _filters(ipr, ifindex: int, parent: int) -> list:
+    # read dumps to the end: a half-read dump would be left on the caller's socket
+    return [msg async for msg in await ipr.get_filters(index=ifindex, parent=parent)]
+
+
+async def filters(ipr, ifindex: int, parent: int = EGRESS) -> Dict[int, str]:
+    """pref -> name of the bpf filters at egress (or ingress): what a restarted plugin finds."""
+    found: Dict[int, str] = {}
+    for msg in await _filters(ipr, ifindex, parent):
+        opts = msg.get_attr("TCA_OPTIONS")
+        # the kernel also sends one header message per pref, without options
+        if msg.get_attr("TCA_KIND") == "bpf" and opts is not None:
+            found[msg["info"] >> 16] = opts.get_attr("TCA_BPF_NAME") or ""
+    return found
+
+
+async def detach(ipr, ifindex: int, pref: int, parent: int = EGRESS) -> None:
+    """Remove our filter at `pref`, then the clsact qdisc if nothing else uses it."""
+    try:
+        if pref in await filters(ipr, ifindex, parent):
+            # kind "bpf" makes the kernel refuse to delete another tool's filter at
+            # this pref; protocol 0 in tcm_info matches the one it was added with
+            await ipr.tc("del-filter", "bpf", ifindex, parent=parent, info=pref << 16)
+        if await _filters(ipr, ifindex, EGRESS) or await _filters(ipr, ifindex, INGRESS):
+            return              # some filter remains (ours or another tool's): keep the qdisc
+        # deleting a clsact that is not there gives EINVAL, too vague to ignore: look first
+        if "clsact" in [q.get_attr("TCA_KIND") async for q in await ipr.get_qdiscs(ifindex)]:
+            await ipr.tc("del", "clsact", ifindex)
+    except NetlinkError as e:
+        if e.code not in (errno.ENOENT, errno.ENODEV):   # already gone: fine
+            raise FanError(f"cannot detach eBPF filter at pref {pref} "
+                           f"on ifindex {ifindex}: {e}") from e

@@ -1,0 +1,286 @@
+// SPDX-License-Identifier: GPL-2.0
+/* The Fan's tc programs for stock kernels.
+ *
+ * fan_tunnel_key: on the shared external-mode (collect_md) tunnel device's
+ *   egress, sets each packet's tunnel key by the Fan rule: the outer
+ *   destination computed from the inner one, constant per-host state instead
+ *   of one route/neighbour/FDB entry per peer.
+ * fan_send: on each container veth's ingress, unicast IPv4 for another host's
+ *   slice skips the host's IP forwarding (and netfilter). On VXLAN it is
+ *   encapsulated here and handed straight to the underlay device; on IPIP it
+ *   goes to the tunnel device, whose fan_tunnel_key sets the outer address.
+ * fan_receive: on the VXLAN device's ingress, IPv4 for a container of this
+ *   host's slice goes straight into its namespace (or, unknown, to the bridge).
+ *
+ * Shortcuts decrement the TTL as the router they replace would and leave
+ * everything else (ARP, broadcasts, local traffic, expiring TTLs) to the
+ * kernel. What is not the network's gets TC_ACT_UNSPEC on a shared device, so
+ * that the next network's filter can take it.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/udp.h>
+#include <stddef.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "fan.h"
+
+const volatile struct fan_config cfg = {};
+
+/* Tests only (cfg.test_record_key): the verifier removes the write otherwise. */
+struct bpf_tunnel_key recorded_key = {};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory per entry in use */
+	__uint(max_entries, 256);             /* the loader sets the slice's size */
+	__type(key, __u32);
+	__type(value, struct fan_endpoint);
+} endpoints SEC(".maps");
+
+char LICENSE[] SEC("license") = "GPL"; /* bpf_skb_set_tunnel_key is GPL-only */
+
+/* Accepted by every kernel since 4.x: the fields after it are zero. */
+#define TUNNEL_KEY_SIZE offsetof(struct bpf_tunnel_key, tunnel_label)
+
+static __always_inline int in_net(__u32 addr, __u32 net, __u32 mask)
+{
+	return (addr & mask) == net;
+}
+
+/* REFERENCE §1: underlay_net | ((d & ~overlay_mask) >> (32 - O - H)). */
+static __always_inline __u32 fan_outer(__u32 inner)
+{
+	return cfg.underlay_net | ((inner & ~cfg.overlay_mask) >> cfg.shift);
+}
+
+/* The IPv4 header at `off` (a constant), pulled into the linear area if need
+ * be, or NULL. */
+static __always_inline struct iphdr *ipv4_at(struct __sk_buff *skb, __u32 off)
+{
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return NULL;
+	if ((void *)(long)skb->data + off + sizeof(struct iphdr) > (void *)(long)skb->data_end &&
+	    bpf_skb_pull_data(skb, off + sizeof(struct iphdr)))
+		return NULL;
+	struct iphdr *ip = (void *)(long)skb->data + off;
+	if ((void *)(ip + 1) > (void *)(long)skb->data_end || ip->version != 4)
+		return NULL;
+	return ip;
+}
+
+/* What a router does: TTL - 1, the checksum updated as ip_decrease_ttl does. */
+static __always_inline void decrement_ttl(struct iphdr *ip)
+{
+	__u32 check = ip->check;
+
+	check += bpf_htons(0x0100);
+	ip->check = (__u16)(check + (check >= 0xFFFF));
+	ip->ttl--;
+}
+
+static __always_inline void copy_mac(__u8 *to, const volatile __u8 *from)
+{
+#pragma unroll
+	for (int i = 0; i < ETH_ALEN; i++)
+		to[i] = from[i];
+}
+
+SEC("tc")
+int fan_tunnel_key(struct __sk_buff *skb)
+{
+	/* Helpers rather than packet pointers: the offset differs by tunnel, and a
+	 * loader without CAP_PERFMON (the plugin) may not add a register to one. */
+	__u32 off = cfg.l2_tunnel ? ETH_HLEN : 0;
+	__u8 version;
+	__be32 daddr;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP) || bpf_skb_load_bytes(skb, off, &version, 1) ||
+	    version >> 4 != 4 ||
+	    bpf_skb_load_bytes(skb, off + offsetof(struct iphdr, daddr), &daddr, sizeof(daddr)))
+		return TC_ACT_UNSPEC;
+	__u32 dst = bpf_ntohl(daddr);
+	if (!in_net(dst, cfg.overlay_net, cfg.overlay_mask))
+		return TC_ACT_UNSPEC;
+	if (cfg.l2_tunnel) {
+		/* The frame's source is the device's MAC, which is every host's:
+		 * vxlan_rcv drops frames from its own MAC as loops. Flip a bit. */
+		struct ethhdr *eth = (void *)(long)skb->data;
+
+		if ((void *)(eth + 1) > (void *)(long)skb->data_end)
+			return TC_ACT_UNSPEC;
+		eth->h_source[ETH_ALEN - 1] ^= 1;
+	}
+	struct bpf_tunnel_key key;
+
+	/* every byte set: a loader without CAP_PERFMON may not pass unset stack */
+	__builtin_memset(&key, 0, sizeof(key));
+	key.tunnel_id = cfg.vni;
+	key.remote_ipv4 = fan_outer(dst); /* host order: the helper converts */
+	key.tunnel_ttl = FAN_OUTER_TTL;
+	if (cfg.test_record_key)
+		recorded_key = key;
+	/* No outer UDP checksum, as RFC 7348 advises and Linux's VXLAN defaults to. */
+	if (bpf_skb_set_tunnel_key(skb, &key, TUNNEL_KEY_SIZE, BPF_F_ZERO_CSUM_TX))
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
+}
+
+static __always_inline __u16 ipv4_checksum(struct iphdr *ip)
+{
+	__u16 *words = (__u16 *)ip;
+	__u32 sum = 0;
+
+#pragma unroll
+	for (int i = 0; i < (int)sizeof(*ip) / 2; i++)
+		sum += words[i];
+	sum = (sum & 0xFFFF) + (sum >> 16);
+	sum = (sum & 0xFFFF) + (sum >> 16);
+	return ~sum;
+}
+
+struct vxlanhdr {
+	__be32 flags; /* 0x08000000: the VNI is valid */
+	__be32 vni;   /* VNI << 8 */
+};
+
+/* The frame, routed, to `remote` over VXLAN as the kernel's VXLAN device would
+ * build it, then straight out of the underlay device. Called after a FIB lookup
+ * found the way; a kernel that cannot grow the packet so (before 5.13) leaves it
+ * as it was, for the kernel's path. */
+static __always_inline int vxlan_encap(struct __sk_buff *skb, __u32 remote,
+				       struct bpf_fib_lookup *fib, int have_neigh)
+{
+	/* the flow's hash picks the source port, as udp_flow_src_port does */
+	__u16 sport = (((__u64)bpf_get_hash_recalc(skb) * (61000 - 32768)) >> 32) + 32768;
+	struct ethhdr inner;
+
+	void *data = (void *)(long)skb->data;
+	if (data + sizeof(inner) > (void *)(long)skb->data_end)
+		return TC_ACT_SHOT;
+	__builtin_memcpy(&inner, data, sizeof(inner));
+	copy_mac(inner.h_dest, cfg.tunnel_mac);
+	/* FIXED_GSO: the container's MTU already leaves room for the headers */
+	if (bpf_skb_adjust_room(skb, FAN_VXLAN_ROOM, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
+				BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH |
+				BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN)))
+		return TC_ACT_OK;
+	data = (void *)(long)skb->data;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + ETH_HLEN;
+	struct udphdr *udp = (void *)(ip + 1);
+	struct vxlanhdr *vx = (void *)(udp + 1);
+	struct ethhdr *in = (void *)(vx + 1);
+	struct iphdr *inner_ip = (void *)(in + 1);
+	if ((void *)(inner_ip + 1) > (void *)(long)skb->data_end)
+		return TC_ACT_SHOT;
+	*in = inner;
+	decrement_ttl(inner_ip);
+	vx->flags = bpf_htonl(0x08000000);
+	vx->vni = bpf_htonl(cfg.vni << 8);
+	/* lengths of a GSO packet are set again for each segment */
+	__u32 outer_len = skb->len - ETH_HLEN;
+	udp->source = bpf_htons(sport);
+	udp->dest = bpf_htons(FAN_VXLAN_PORT);
+	udp->len = bpf_htons(outer_len - sizeof(*ip));
+	udp->check = 0;
+	*ip = (struct iphdr){
+		.version = 4, .ihl = 5, .tot_len = bpf_htons(outer_len),
+		.frag_off = bpf_htons(0x4000), /* DF, as Docker's overlay sends */
+		.ttl = FAN_OUTER_TTL, .protocol = IPPROTO_UDP,
+		.saddr = bpf_htonl(cfg.local_ipv4), .daddr = bpf_htonl(remote),
+	};
+	ip->check = ipv4_checksum(ip);
+	eth->h_proto = bpf_htons(ETH_P_IP);
+	if (!have_neigh) {
+		/* the kernel resolves the next hop's MAC and writes the header */
+		struct bpf_redir_neigh nh;
+
+		__builtin_memset(&nh, 0, sizeof(nh));
+		nh.nh_family = FAN_AF_INET;
+		nh.ipv4_nh = fib->ipv4_dst;
+
+		return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
+	}
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+	return bpf_redirect(fib->ifindex, 0);
+}
+
+/* The way to `remote` on the underlay, looked up as the kernel's output path
+ * would: 1 with the next hop's MAC, 0 without it, -1 for none (kernel path). */
+static __always_inline int underlay_route(struct __sk_buff *skb, __u32 remote,
+					  struct bpf_fib_lookup *fib)
+{
+	fib->family = FAN_AF_INET;
+	fib->ipv4_src = bpf_htonl(cfg.local_ipv4);
+	fib->ipv4_dst = bpf_htonl(remote);
+	fib->ifindex = cfg.underlay_ifindex;
+	long found = bpf_fib_lookup(skb, fib, sizeof(*fib), BPF_FIB_LOOKUP_OUTPUT);
+	if (found == BPF_FIB_LKUP_RET_SUCCESS)
+		return 1;
+	return found == BPF_FIB_LKUP_RET_NO_NEIGH ? 0 : -1;
+}
+
+SEC("tc")
+int fan_send(struct __sk_buff *skb)
+{
+	struct iphdr *ip = ipv4_at(skb, ETH_HLEN);
+
+	if (!ip)
+		return TC_ACT_OK;
+	__u32 dst = bpf_ntohl(ip->daddr);
+	if (!in_net(dst, cfg.overlay_net, cfg.overlay_mask) ||
+	    in_net(dst, cfg.slice_net, cfg.slice_mask) || ip->ttl <= 1)
+		return TC_ACT_OK;
+	struct ethhdr *eth = (void *)(long)skb->data;
+	/* unicast only (the container's router is the gateway): broadcasts and
+	 * multicasts stay on the bridge */
+	if ((void *)(eth + 1) > (void *)(long)skb->data_end || eth->h_dest[0] & 1)
+		return TC_ACT_OK;
+	if (cfg.send_encap && cfg.l2_tunnel) {
+		__u32 remote = fan_outer(dst);
+		struct bpf_fib_lookup fib;
+
+		__builtin_memset(&fib, 0, sizeof(fib));
+		int neigh = underlay_route(skb, remote, &fib);
+
+		if (neigh < 0)
+			return TC_ACT_OK;
+		return vxlan_encap(skb, remote, &fib, neigh);
+	}
+	decrement_ttl(ip);
+	if (cfg.l2_tunnel)
+		copy_mac(eth->h_dest, cfg.tunnel_mac);
+	/* an L3 tunnel drops the Ethernet header itself */
+	return bpf_redirect(cfg.tunnel_ifindex, 0);
+}
+
+SEC("tc")
+int fan_receive(struct __sk_buff *skb)
+{
+	struct iphdr *ip = ipv4_at(skb, ETH_HLEN);
+
+	if (!ip)
+		return TC_ACT_UNSPEC;
+	__u32 dst = bpf_ntohl(ip->daddr);
+	/* another network's slice, the gateway (this host), the slice's broadcast,
+	 * an expiring TTL: the next filter, or the kernel's path */
+	if (!in_net(dst, cfg.slice_net, cfg.slice_mask) || dst == cfg.slice_net + 1 ||
+	    dst == (cfg.slice_net | ~cfg.slice_mask) || ip->ttl <= 1)
+		return TC_ACT_UNSPEC;
+	decrement_ttl(ip);
+	struct fan_endpoint *ep = bpf_map_lookup_elem(&endpoints, &dst);
+	if (!ep)   /* not in the map (yet): out of the bridge, by the neighbour table */
+		return bpf_redirect_neigh(cfg.bridge_ifindex, NULL, 0, 0);
+	struct ethhdr *eth = (void *)(long)skb->data;
+	if ((void *)(eth + 1) > (void *)(long)skb->data_end)
+		return TC_ACT_SHOT;
+	__builtin_memcpy(eth->h_dest, ep->mac, ETH_ALEN);
+	return bpf_redirect_peer(ep->ifindex, 0);
+}
