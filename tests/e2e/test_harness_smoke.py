@@ -143,11 +143,11 @@ def test_small_lab_jumbo_frames_and_teardown(root_required):
     assert not lab._lock.path.exists()
 
 
-def test_dockerd_teardown_leaves_nothing(root_required):
+def test_dockerd_teardown_leaves_nothing(docker_flavour):
     with Lab(prefix=SMOKE) as lab:
         host = lab.add_host("d", "172.31.0.3/16")
         lab.add_outside("172.31.255.254/16")
-        daemon = Dockerd(host).start()
+        daemon = Dockerd(host, flavour=docker_flavour).start()
         ensure_busybox(daemon)
         cid = daemon.cli("run", "-d", "--name", "sleeper", "busybox", "sleep", "600").stdout.strip()
         daemon.cli("network", "create", "smokenet")

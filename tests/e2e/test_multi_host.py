@@ -1,8 +1,9 @@
 """Containers on different hosts reach each other over the fan.
 
 Hosts are network namespaces on one underlay switch, each with its own dockerd
-and its own plugin process, and every host runs the same `docker network
-create`. Nothing on a host is told about any other host.
+(all of the session daemon's flavour, so the module runs once per Docker
+version) and its own plugin process, and every host runs the same `docker
+network create`. Nothing on a host is told about any other host.
 """
 from __future__ import annotations
 
@@ -60,14 +61,14 @@ class FanHost:
         }
 
 
-def start_host(lab, name, address, workdirs, started):
+def start_host(lab, name, address, workdirs, started, flavour):
     host = lab.add_host(name, address)
     work = Path(tempfile.mkdtemp(prefix=f"fanlab-{name}-"))
     workdirs.append(work)
     plugin = PluginProcess(host, socket_path=work / "fan.sock", state_dir=work / "state",
                            log_path=work / "plugin.log")
     plugin.start()
-    dockerd = Dockerd(host).start()
+    dockerd = Dockerd(host, flavour=flavour).start()     # the session daemon's version
     started.append((dockerd, plugin))
     ensure_busybox(dockerd)
     return FanHost(name, host, dockerd)
@@ -78,10 +79,11 @@ def fan_hosts(lab, lab_host, dockerd, plugin):
     workdirs, started = [], []
     hosts = [FanHost("h28", lab_host, dockerd)]
     try:
-        hosts += [start_host(lab, n, a, workdirs, started) for n, a in EXTRA_HOSTS.items()]
+        hosts += [start_host(lab, n, a, workdirs, started, dockerd.flavour)
+                  for n, a in EXTRA_HOSTS.items()]
         for h in hosts:
             h.dockerd.cli(*CREATE, "fan")
-        yield hosts, (lambda n, a: start_host(lab, n, a, workdirs, started))
+        yield hosts, (lambda n, a: start_host(lab, n, a, workdirs, started, dockerd.flavour))
     finally:
         dockerd.cli("rm", "-f", "fan-on-h28", check=False)
         dockerd.cli("network", "rm", "fan", check=False)

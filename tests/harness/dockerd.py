@@ -21,6 +21,17 @@ Plugin discovery: /etc/netns/<ns>/docker/plugins/<name>.spec is what dockerd
 sees as /etc/docker/plugins/<name>.spec. The directory must exist before dockerd
 starts (the bind mount is made at `ip netns exec` time); files written into it
 later are seen, because dockerd looks plugins up on demand.
+
+Flavours (FLAVOURS): `host` runs the machine's own dockerd (Debian's docker.io,
+whatever its version); `sid` runs Debian unstable's from the root that
+harness.sidroot caches, as `chroot ROOT dockerd` in the same mount namespace
+after (REFERENCE.md §8): the root bound onto itself (containerd finds its data
+in mountinfo only under a mount point) and made read-only there, so two
+daemons sharing it cannot collide through it; /sys (with the cgroups rebuilt),
+a fresh proc, /dev and the fresh /run bound in; the temporary directory bound
+at the same path (data-root, sockets, the plugin's socket and state all live
+there); and the host's /etc/netns/<ns>/docker/plugins over the root's
+/etc/docker/plugins. The CLI (and compose) are the root's own, run on the host.
 """
 from __future__ import annotations
 
@@ -34,12 +45,15 @@ from pathlib import Path
 
 from . import unixhttp
 from .netlab import Host, shell_join
+from .sidroot import SidRoot, sid_root
 from .procs import (CommandError, cmdline, env_with_sbin, kill_pids,
                     mountinfo, ns_inode, pids_in_ns, remove_cgroup_trees, run_cmd, stop_popen,
                     tail, wait_answering, with_descendants)
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 DEFAULT_NETWORKS = {"bridge", "host", "none"}
+# flavour -> what it is, for test output
+FLAVOURS = {"host": "this machine's docker.io", "sid": "Debian unstable's docker.io"}
 
 
 def docker_cli_path() -> str:
@@ -89,7 +103,14 @@ class Dockerd:
     """
 
     def __init__(self, host: Host, extra_args: tuple[str, ...] = (), debug: bool = True,
-                 daemon_config: dict | None = None, start_timeout: float = 90):
+                 daemon_config: dict | None = None, start_timeout: float = 90,
+                 flavour: str = "host", root: SidRoot | None = None):
+        if flavour not in FLAVOURS:
+            raise ValueError(f"unknown dockerd flavour {flavour!r}: one of {sorted(FLAVOURS)}")
+        self.flavour = flavour
+        # raises SidRootUnavailable before anything is made
+        self.root = (root or sid_root()) if flavour == "sid" else None
+        self.version: str | None = None          # the daemon's, read at start()
         self.host = host
         short = host.name.removeprefix("fanlab-")
         self.tmpdir = Path(tempfile.mkdtemp(prefix=f"fanlab-dockerd-{short}-"))
@@ -112,8 +133,12 @@ class Dockerd:
         self._client = None
         self._log = None
         self._closed = False
-        self.cli_path = docker_cli_path()
         self.cli_config.mkdir()
+        self.cli_path = docker_cli_path() if self.root is None else str(self.root.cli)
+        if self.root is not None:
+            plugins = self.cli_config / "cli-plugins"     # `docker compose`
+            plugins.mkdir()
+            (plugins / "docker-compose").symlink_to(self.root.compose)
         # Safety net: the lab stops us before deleting the namespace.
         host.lab.add_cleanup(self.close, host)
 
@@ -127,6 +152,11 @@ class Dockerd:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def label(self) -> str:
+        """e.g. `docker-sid 28.5.2`, for test output."""
+        return f"docker-{self.flavour} {self.version or '(not started)'}"
+
     def command(self) -> list[str]:
         cmd = ["dockerd", "--data-root", self.data_root, "--exec-root", self.exec_root,
                "--pidfile", self.pidfile, "-H", self.base_url,
@@ -139,9 +169,23 @@ class Dockerd:
     def script(self) -> str:
         lines = ["set -e", *cgroup_mount_commands(),
                  "mount -t tmpfs -o mode=755 fanlab-run /run",
-                 "mkdir -p /run/docker/plugins /run/lock",
-                 "exec " + shell_join(self.command())]
-        return "\n".join(lines)
+                 "mkdir -p /run/docker/plugins /run/lock"]
+        if self.root is None:
+            return "\n".join([*lines, "exec " + shell_join(self.command())])
+        root = str(self.root.path)
+        tmp = str(Path(tempfile.gettempdir()).resolve())
+        binds = [(["--rbind", "/sys"], "sys"), (["--rbind", "/dev"], "dev"),
+                 (["--rbind", "/run"], "run"), (["--bind", tmp], tmp.lstrip("/")),
+                 (["--bind", str(self.host.etc_dir / "docker" / "plugins")],
+                  "etc/docker/plugins")]
+        lines += [shell_join(["mount", "--bind", root, root]),
+                  shell_join(["mount", "-t", "proc", "proc", f"{root}/proc"])]
+        for how, where in binds:
+            lines += [shell_join(["mkdir", "-p", f"{root}/{where}"]),   # exist but for $TMPDIR
+                      shell_join(["mount", *how, f"{root}/{where}"])]
+        # read-only from here on: only the mounts above are writable
+        lines.append(shell_join(["mount", "-o", "remount,bind,ro", root]))
+        return "\n".join([*lines, "exec " + shell_join(["chroot", root, *self.command()])])
 
     def start(self) -> "Dockerd":
         if self._closed:
@@ -166,7 +210,14 @@ class Dockerd:
             raise
         self._mntns = ns_inode(self.proc.pid, "mnt")
         self.start_seconds = time.monotonic() - started
+        self.version = self._server_version()
         return self
+
+    def _server_version(self) -> str:
+        status, body = unixhttp.request(self.socket, "GET", "/version", timeout=10)
+        if status != 200:
+            raise DockerdError(f"GET /version: HTTP {status}: {body}")
+        return json.loads(body)["Version"]
 
     def wait_ready(self, timeout: float = 90) -> None:
         """Poll the API socket until GET /_ping says OK."""
@@ -294,4 +345,5 @@ class Dockerd:
         remove_cgroup_trees(self.cgroup_parent.lstrip("/"))
 
     def __repr__(self) -> str:
-        return f"Dockerd(host={self.host.name}, pid={self.pid}, socket={self.socket})"
+        return (f"Dockerd({self.label}, host={self.host.name}, pid={self.pid}, "
+                f"socket={self.socket})")
