@@ -292,6 +292,16 @@ class Dockerd:
                        timeout=timeout, input=input,
                        env=env_with_sbin({"DOCKER_CONFIG": str(self.cli_config)}))
 
+    def compose(self, project_dir: str | Path, *args: str, check: bool = True,
+                timeout: float = 180) -> subprocess.CompletedProcess:
+        """`docker compose <args>` in project_dir against this daemon, with Debian
+        unstable's docker-compose 2.x whatever the daemon's version (raises
+        SidRootUnavailable when that root cannot be had)."""
+        root = self.root or sid_root()
+        return run_cmd([root.compose, *args], check=check, timeout=timeout, cwd=project_dir,
+                       env=env_with_sbin({"DOCKER_HOST": self.base_url,
+                                          "DOCKER_CONFIG": str(self.cli_config)}))
+
     def log_tail(self, lines: int = 40) -> str:
         return tail(self.log_path, lines)
 

@@ -118,4 +118,19 @@ def _build(target: Path) -> SidRoot:
     return SidRoot(target / "root", time.monotonic() - started)
 
 
+def main() -> int:
+    """For .ci/run (from tests/): build or find the root, say
+    what it holds. Exit status 0 either way: the tests skip docker-sid when
+    the root cannot be had, and say why."""
+    try:
+        root = sid_root()
+    except SidRootUnavailable as exc:
+        print(f"docker-sid: unavailable: {exc}")
+        return 0
+    versions = ", ".join(f"{p} {root.package_version(p)}" for p in ("docker.io", "docker-compose"))
+    print(f"docker-sid: {versions} in {root.path} (built in {root.build_seconds:.0f} s; "
+          f"0 = cached)")
+    return 0
+
+
 __all__ = ["SidRoot", "SidRootUnavailable", "sid_root", "cached_root", "PACKAGES"]
