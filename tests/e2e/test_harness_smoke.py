@@ -47,6 +47,28 @@ def test_docker_run_echo(dockerd, busybox):
     assert dockerd.client.containers.run(busybox, ["echo", "sdk"], remove=True) == b"sdk\n"
 
 
+def test_dockerd_reports_its_flavour_and_version(dockerd):
+    client = dockerd.cli("version", "--format", "{{.Client.Version}}").stdout.strip()
+    assert dockerd.label == f"docker-{dockerd.flavour} {dockerd.version}"
+    if dockerd.flavour == "host":
+        # this machine's own dockerd and CLI, whatever its release ships
+        found = run_cmd(["dockerd", "--version"]).stdout
+        assert f"Docker version {dockerd.version}," in found, found
+        assert dockerd.root is None and os.readlink(f"/proc/{dockerd.pid}/root") == "/"
+        return
+    # Debian unstable's, from the cached root, with its own CLI
+    packaged = dockerd.root.package_version("docker.io")
+    assert packaged.rsplit("-", 1)[0] == dockerd.version == client, (packaged, client)
+    assert int(dockerd.version.split(".")[0]) >= 28, dockerd.version
+    assert os.readlink(f"/proc/{dockerd.pid}/root") == str(dockerd.root.path)
+    # the shared root is read-only for the daemon: two daemons cannot collide in it
+    mounts = Path(f"/proc/{dockerd.pid}/mountinfo").read_text().splitlines()
+    root_mount = [m.split() for m in mounts if m.split()[4] == "/"][-1]
+    assert "ro" in root_mount[5].split(","), root_mount
+    spec_dir = [m.split()[4] for m in mounts if m.split()[4] == "/etc/docker/plugins"]
+    assert spec_dir, "the host's plugin spec directory is not bound into the root"
+
+
 def test_dockerd_runs_inside_the_host_namespace(dockerd, lab_host):
     assert dockerd.pid in lab_host.pids()
     assert Path(f"/proc/{dockerd.pid}/ns/net").stat().st_ino == \

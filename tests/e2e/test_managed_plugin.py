@@ -33,6 +33,7 @@ import pytest
 
 from tests.harness import Dockerd, Lab, ensure_busybox, import_tarball
 from tests.harness.consistency import kernel_snapshot
+from tests.harness.nsclient import container_pid, interface_mtu
 from tests.harness.procs import env_with_sbin, run_cmd
 
 pytestmark = pytest.mark.e2e
@@ -293,7 +294,7 @@ def test_single_host_fan_network(mp):
     for name, ip in found.items():
         assert IPv4Address(ip) in SLICE
         assert "default via 250.0.28.1 dev eth0" in mp.cli("exec", name, "ip", "route").stdout
-        assert mp.cli("exec", name, "cat", "/sys/class/net/eth0/mtu").stdout.strip() == "1450"
+        assert interface_mtu(container_pid(mp.dockerd, name)) == 1450
     assert_trio_connected(mp)
     ping(mp, TRIO[0], OUTSIDE)          # out through the NAT to the underlay address
 
