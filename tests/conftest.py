@@ -159,11 +159,18 @@ def docker_flavour(request, root_required, harness_timings) -> str:
 
 
 @pytest.fixture(scope="session")
-def dockerd(docker_flavour, lab_host, _plugin_state, pytestconfig, harness_timings):
+def dockerd_versions(pytestconfig) -> dict:
+    """{flavour: the version its daemon reported}, printed at the end of the run."""
+    return _holder(pytestconfig)["versions"]
+
+
+@pytest.fixture(scope="session")
+def dockerd(docker_flavour, lab_host, _plugin_state, pytestconfig, harness_timings,
+            dockerd_versions):
     daemon = Dockerd(lab_host, flavour=docker_flavour)
     try:
         daemon.start()
-        _holder(pytestconfig)["versions"][docker_flavour] = daemon.version
+        dockerd_versions[docker_flavour] = daemon.version
         harness_timings[f"dockerd start [{daemon.label}]"] = daemon.start_seconds
         started = time.monotonic()
         ensure_busybox(daemon)

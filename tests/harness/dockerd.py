@@ -24,19 +24,21 @@ later are seen, because dockerd looks plugins up on demand.
 
 Flavours (FLAVOURS): `host` runs the machine's own dockerd (Debian's docker.io,
 whatever its version); `sid` runs Debian unstable's from the root that
-harness.sidroot caches, as `chroot ROOT dockerd` in the same mount namespace
+harness.sidroot caches, pivoted into as the root of the same mount namespace
 after (REFERENCE.md §8): the root bound onto itself (containerd finds its data
-in mountinfo only under a mount point) and made read-only there, so two
-daemons sharing it cannot collide through it; /sys (with the cgroups rebuilt),
-a fresh proc, /dev and the fresh /run bound in; the temporary directory bound
-at the same path (data-root, sockets, the plugin's socket and state all live
-there); and the host's /etc/netns/<ns>/docker/plugins over the root's
-/etc/docker/plugins. The CLI (and compose) are the root's own, run on the host.
+in mountinfo only under a mount point); /sys (with the cgroups rebuilt), a
+fresh proc, /dev and the fresh /run bound in; the temporary directory bound at
+the same path (data-root, sockets, the plugin's socket and state all live
+there); the host's /etc/netns/<ns>/docker/plugins over the root's
+/etc/docker/plugins; then the root made read-only, so two daemons sharing it
+cannot collide through it. The CLI (and compose) are the root's own, run on
+the host.
 """
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -44,6 +46,7 @@ import time
 from pathlib import Path
 
 from . import unixhttp
+from .images import find_static_busybox
 from .netlab import Host, shell_join
 from .sidroot import SidRoot, sid_root
 from .procs import (CommandError, cmdline, env_with_sbin, kill_pids,
@@ -185,7 +188,19 @@ class Dockerd:
                       shell_join(["mount", *how, f"{root}/{where}"])]
         # read-only from here on: only the mounts above are writable
         lines.append(shell_join(["mount", "-o", "remount,bind,ro", root]))
-        return "\n".join([*lines, "exec " + shell_join(["chroot", root, *self.command()])])
+        # The root becomes the mount namespace's own (pivot_root, not a bare
+        # chroot): in a chroot runc cannot pivot_root either and falls back to
+        # chroot, and then `docker exec` lands in the namespace's real root
+        # (this machine's /) instead of the container's filesystem.
+        old_root = "run/fanlab-old-root"
+        lines += [shell_join(["mkdir", "-p", f"{root}/{old_root}"]),
+                  shell_join(["cd", root]),
+                  shell_join(["pivot_root", ".", old_root]),
+                  # the root has no umount: the host's static busybox, from the old root
+                  "exec chroot . sh -c " + shlex.quote(
+                      f"/{old_root}{find_static_busybox()} umount -l /{old_root} && "
+                      f"rmdir /{old_root} && exec " + shell_join(self.command()))]
+        return "\n".join(lines)
 
     def start(self) -> "Dockerd":
         if self._closed:

@@ -3,7 +3,6 @@ run with `nsenter -t PID -n` (busybox wget crashes here and its nc has no UDP,
 REFERENCE.md §8), so clients behave the same whatever the image holds."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -76,14 +75,6 @@ def ns_python(pid: int, code: str, *args: str, check: bool = True,
                    check=check, timeout=timeout)
 
 
-def interface_mtu(pid: int, name: str = "eth0") -> int:
-    """The MTU of interface `name` in pid's network namespace, asked over
-    netlink: a container's /sys may show another namespace's interfaces
-    (seen with dockerd 28 here: the host's, on fan networks)."""
-    out = run_cmd(["nsenter", "-t", str(pid), "-n", "ip", "-j", "link", "show", name]).stdout
-    return json.loads(out)[0]["mtu"]
-
-
 def dns_query(pid: int, name: str, server: str = "127.0.0.11") -> list[str]:
     """The A records `server` gives for `name`, asked from pid's namespace
     (127.0.0.11: Docker's embedded DNS server); [] when it has none."""
@@ -107,5 +98,4 @@ def tcp_fetch(pid: int, address: str, port: int) -> str:
     return ns_python(pid, TCP_FETCH, address, str(port)).stdout
 
 
-__all__ = ["container_pid", "ns_python", "interface_mtu", "dns_query", "tcp_server",
-           "tcp_fetch"]
+__all__ = ["container_pid", "ns_python", "dns_query", "tcp_server", "tcp_fetch"]
