@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.harness import Dockerd, Lab, ensure_busybox, netns_list, private_prefix
 from tests.harness.procs import cgroup_hierarchies
-from tests.harness.procs import pid_alive, run_cmd
+from tests.harness.procs import env_with_sbin, pid_alive, run_cmd
 
 pytestmark = pytest.mark.e2e
 
@@ -47,20 +48,24 @@ def test_docker_run_echo(dockerd, busybox):
     assert dockerd.client.containers.run(busybox, ["echo", "sdk"], remove=True) == b"sdk\n"
 
 
+def found_path() -> str:
+    return shutil.which("dockerd", path=env_with_sbin()["PATH"])
+
+
 def test_dockerd_reports_its_flavour_and_version(dockerd):
     client = dockerd.cli("version", "--format", "{{.Client.Version}}").stdout.strip()
     assert dockerd.label == f"docker-{dockerd.flavour} {dockerd.version}"
     if dockerd.flavour == "host":
         # this machine's own dockerd and CLI, whatever its release ships
-        found = run_cmd(["dockerd", "--version"]).stdout
+        found = run_cmd([found_path(), "--version"]).stdout
         assert f"Docker version {dockerd.version}," in found, found
-        assert dockerd.root is None and os.readlink(f"/proc/{dockerd.pid}/root") == "/"
+        assert dockerd.root is None and os.path.samefile(f"/proc/{dockerd.pid}/exe", found_path())
         return
     # Debian unstable's, from the cached root, with its own CLI
     packaged = dockerd.root.package_version("docker.io")
     assert packaged.rsplit("-", 1)[0] == dockerd.version == client, (packaged, client)
     assert int(dockerd.version.split(".")[0]) >= 28, dockerd.version
-    assert os.readlink(f"/proc/{dockerd.pid}/root") == str(dockerd.root.path)
+    assert os.path.samefile(f"/proc/{dockerd.pid}/exe", dockerd.root.dockerd)
     # the shared root is read-only for the daemon: two daemons cannot collide in it
     mounts = Path(f"/proc/{dockerd.pid}/mountinfo").read_text().splitlines()
     root_mount = [m.split() for m in mounts if m.split()[4] == "/"][-1]
