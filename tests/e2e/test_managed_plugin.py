@@ -355,6 +355,8 @@ def test_dockerd_restart_brings_back_plugin_network_and_containers(mp):
     mp.record("dockerd restart until containers back", time.monotonic() - started)
     assert mp.plugin()["Enabled"] is True
     assert "fan" in mp.cli("network", "ls", "--format", "{{.Name}}").stdout.split()
+    # Kept on 20.10.24 and 28.5.2 alike: mp-a and mp-b by --ip, mp-c because
+    # it is the only one asking without --ip and gets the lowest free again.
     assert addresses(mp) == before
     assert_trio_connected(mp)
     assert_new_container_works(mp, set(before.values()))
