@@ -15,10 +15,10 @@ import re
 
 import pytest
 
-from harness import consistency
-from harness.consistency import kernel_snapshot
-from harness.nsclient import container_pid, dns_query, tcp_fetch, tcp_server
-from harness.sidroot import SidRootUnavailable, sid_root
+from tests.harness import consistency
+from tests.harness.consistency import kernel_snapshot
+from tests.harness.nsclient import container_pid, dns_query, tcp_fetch, tcp_server
+from tests.harness.sidroot import SidRootUnavailable, sid_root
 
 pytestmark = pytest.mark.e2e
 

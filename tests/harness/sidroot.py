@@ -119,7 +119,7 @@ def _build(target: Path) -> SidRoot:
 
 
 def main() -> int:
-    """For .ci/run (from tests/): build or find the root, say
+    """For .ci/run: build or find the root, say
     what it holds. Exit status 0 either way: the tests skip docker-sid when
     the root cannot be had, and say why."""
     try:
