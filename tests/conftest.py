@@ -40,6 +40,7 @@ from tests.harness import (Dockerd, Lab, PluginError, PluginProcess, ensure_busy
                            missing_requirements, plugin_available)
 from tests.harness import images, sidroot
 from tests.harness.dockerd import FLAVOURS
+from tests.harness.procs import env_with_sbin, run_cmd
 
 E2E_DIR = Path(__file__).resolve().parent / "e2e"
 HOLDER = pytest.StashKey[dict]()
