@@ -61,7 +61,7 @@ class FanHost:
         }
 
 
-def start_host(lab, name, address, workdirs, started, flavour):
+def start_host(lab, name, address, workdirs, flavour):
     host = lab.add_host(name, address)
     work = Path(tempfile.mkdtemp(prefix=f"fanlab-{name}-"))
     workdirs.append(work)
@@ -69,27 +69,29 @@ def start_host(lab, name, address, workdirs, started, flavour):
                            log_path=work / "plugin.log")
     plugin.start()
     dockerd = Dockerd(host, flavour=flavour).start()     # the session daemon's version
-    started.append((dockerd, plugin))
     ensure_busybox(dockerd)
     return FanHost(name, host, dockerd)
 
 
 @pytest.fixture(scope="module")
 def fan_hosts(lab, lab_host, dockerd, plugin):
-    workdirs, started = [], []
+    workdirs = []
     hosts = [FanHost("h28", lab_host, dockerd)]
     try:
-        hosts += [start_host(lab, n, a, workdirs, started, dockerd.flavour)
-                  for n, a in EXTRA_HOSTS.items()]
+        hosts += [start_host(lab, n, a, workdirs, dockerd.flavour) for n, a in EXTRA_HOSTS.items()]
         for h in hosts:
             h.dockerd.cli(*CREATE, "fan")
-        yield hosts, (lambda n, a: start_host(lab, n, a, workdirs, started, dockerd.flavour))
+        yield hosts, (lambda n, a: start_host(lab, n, a, workdirs, dockerd.flavour))
     finally:
         dockerd.cli("rm", "-f", "fan-on-h28", check=False)
         dockerd.cli("network", "rm", "fan", check=False)
-        for extra_dockerd, extra_plugin in started:
-            extra_dockerd.close()
-            extra_plugin.close()
+        # The hosts go with their dockerd and plugin (the lab's cleanups for
+        # them): the module runs again for the next dockerd flavour.
+        for name in [n for n, h in lab.hosts.items() if h is not lab_host]:
+            lab.remove_host(name)
+        # h28 would keep sending to the removed hosts' MAC addresses (its
+        # neighbour entries) when hosts with their addresses come back
+        lab_host.run(["ip", "neigh", "flush", "dev", "eth0"])
         for work in workdirs:
             shutil.rmtree(work, ignore_errors=True)
 
