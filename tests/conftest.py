@@ -7,13 +7,24 @@
     plugin          the fan plugin (PluginProcess) in fanlab-h28; skips when
                     `python -m fan_driver serve --help` fails, fails when it
                     does not start. dockerd finds it as `fan` (-d fan --ipam-driver fan)
-    dockerd         one Dockerd in fanlab-h28 with image `busybox`
+    docker_flavour  "host" or "sid" (harness.dockerd.FLAVOURS), a session-scoped
+                    parameter with ids docker-host / docker-sid: every test that
+                    uses it (through dockerd, busybox, the managed plugin's mp, ...)
+                    runs once per flavour, pytest grouping the tests by flavour so
+                    each daemon starts once. docker-sid skips, saying why, when
+                    Debian unstable's root cannot be had (harness.sidroot).
+                    FANLAB_DOCKER=host|sid runs one flavour only.
+    dockerd         one Dockerd of that flavour in fanlab-h28 with image `busybox`;
+                    .flavour, .version (the daemon's), .label ("docker-sid 28.5.2...")
     busybox         the image name ("busybox")
 
 The plugin process is started before dockerd and stopped after it (so dockerd's
 teardown can still remove fan networks); after each test, a session dockerd or
 plugin that the test stopped is started again. A failed e2e test's report
 carries the tail of both logs. FANLAB_LOGS=<dir> keeps copies of the logs.
+
+The report header names the daemons, the summary the versions the tests ran
+against, the harness timings and the time spent per e2e file and flavour.
 """
 from __future__ import annotations
 
@@ -27,7 +38,9 @@ import pytest
 
 from tests.harness import (Dockerd, Lab, PluginError, PluginProcess, ensure_busybox,
                            missing_requirements, plugin_available)
-from tests.harness import images
+from tests.harness import images, sidroot
+from tests.harness.dockerd import FLAVOURS
+from tests.harness.procs import env_with_sbin, run_cmd
 
 E2E_DIR = Path(__file__).resolve().parent / "e2e"
 HOLDER = pytest.StashKey[dict]()
@@ -35,8 +48,30 @@ HOLDER = pytest.StashKey[dict]()
 
 def _holder(config) -> dict:
     if HOLDER not in config.stash:
-        config.stash[HOLDER] = {"timings": {}}
+        config.stash[HOLDER] = {"timings": {}, "versions": {}, "durations": {},
+                                "lock_waits": []}
     return config.stash[HOLDER]
+
+
+def _flavours() -> list[str]:
+    chosen = os.environ.get("FANLAB_DOCKER")
+    if chosen and chosen not in FLAVOURS:
+        raise pytest.UsageError(f"FANLAB_DOCKER={chosen!r}: one of {sorted(FLAVOURS)}")
+    return [chosen] if chosen else list(FLAVOURS)
+
+
+def pytest_report_header(config):
+    lines = []
+    for flavour in _flavours():
+        if flavour == "host":
+            found = shutil.which("dockerd", path=env_with_sbin()["PATH"])
+            what = run_cmd([found, "--version"]).stdout.strip() if found else "no dockerd"
+        else:
+            root = sidroot.cached_root()
+            what = (f"{root} ({sidroot.SidRoot(root, 0).package_version('docker.io')})" if root
+                    else "root not built yet (built by the first test that needs it)")
+        lines.append(f"docker-{flavour} ({FLAVOURS[flavour]}): {what}")
+    return lines
 
 
 def pytest_collection_modifyitems(config, items):
@@ -59,13 +94,21 @@ def harness_timings(pytestconfig) -> dict:
 
 
 @pytest.fixture(scope="session")
-def lab(root_required, harness_timings):
+def lab_lock_waits(pytestconfig) -> list:
+    """Seconds a Lab waited for another run's lock: appended by whoever made
+    the Lab, left out of the time per file (charged to the test being set up)."""
+    return _holder(pytestconfig)["lock_waits"]
+
+
+@pytest.fixture(scope="session")
+def lab(root_required, harness_timings, lab_lock_waits):
     started = time.monotonic()
     lab = Lab()
     try:
         lab.add_host("h28", "172.30.0.28/16")
         lab.add_outside("172.30.255.254/16")
         harness_timings["lab lock wait (another run)"] = lab.lock_wait_seconds
+        lab_lock_waits.append(lab.lock_wait_seconds)
         harness_timings["lab build"] = time.monotonic() - started - lab.lock_wait_seconds
         yield lab
     finally:
@@ -113,15 +156,35 @@ def plugin(_plugin_state):
     return proc
 
 
+@pytest.fixture(scope="session", params=_flavours(), ids=lambda flavour: f"docker-{flavour}")
+def docker_flavour(request, root_required, harness_timings) -> str:
+    flavour = request.param
+    if flavour == "sid":
+        try:
+            root = sidroot.sid_root()
+        except sidroot.SidRootUnavailable as exc:
+            pytest.skip(f"docker-sid ({FLAVOURS['sid']}) cannot run here: {exc}")
+        harness_timings["docker-sid root (mmdebstrap; 0 = cached)"] = root.build_seconds
+    return flavour
+
+
 @pytest.fixture(scope="session")
-def dockerd(lab_host, _plugin_state, pytestconfig, harness_timings):
-    daemon = Dockerd(lab_host)
+def dockerd_versions(pytestconfig) -> dict:
+    """{flavour: the version its daemon reported}, printed at the end of the run."""
+    return _holder(pytestconfig)["versions"]
+
+
+@pytest.fixture(scope="session")
+def dockerd(docker_flavour, lab_host, _plugin_state, pytestconfig, harness_timings,
+            dockerd_versions):
+    daemon = Dockerd(lab_host, flavour=docker_flavour)
     try:
         daemon.start()
-        harness_timings["dockerd start"] = daemon.start_seconds
+        dockerd_versions[docker_flavour] = daemon.version
+        harness_timings[f"dockerd start [{daemon.label}]"] = daemon.start_seconds
         started = time.monotonic()
         ensure_busybox(daemon)
-        harness_timings["busybox import (incl. tarball build)"] = time.monotonic() - started
+        harness_timings[f"busybox import [{daemon.label}]"] = time.monotonic() - started
         if "busybox" in images.CACHE.build_seconds:
             harness_timings["busybox tarball build"] = images.CACHE.build_seconds["busybox"]
         _holder(pytestconfig)["dockerd"] = daemon
@@ -156,6 +219,15 @@ def _revive_session_daemons(request):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    if E2E_DIR in Path(str(item.fspath)).parents:
+        flavour = getattr(item, "callspec", None) and item.callspec.params.get("docker_flavour")
+        key = (Path(str(item.fspath)).name, f"docker-{flavour}" if flavour else "-")
+        holder = _holder(item.config)
+        waited = 0.0
+        if report.when == "setup":
+            waited = sum(holder["lock_waits"])
+            holder["lock_waits"].clear()
+        holder["durations"][key] = holder["durations"].get(key, 0.0) + report.duration - waited
     if report.when != "call" or not report.failed or HOLDER not in item.config.stash:
         return
     holder = item.config.stash[HOLDER]
@@ -165,12 +237,25 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    timings = config.stash[HOLDER]["timings"] if HOLDER in config.stash else {}
-    if timings:
+    if HOLDER not in config.stash:
+        return
+    holder = config.stash[HOLDER]
+    write = terminalreporter.write_line
+    if holder["versions"]:
+        terminalreporter.section("dockerd versions tested")
+        for flavour, version in holder["versions"].items():
+            write(f"docker-{flavour:5s} {version}  ({FLAVOURS[flavour]})")
+    if holder["timings"]:
         terminalreporter.section("fanlab harness timings")
-        for what, seconds in timings.items():
+        for what, seconds in holder["timings"].items():
             if seconds is not None:
-                terminalreporter.write_line(f"{what:40s} {seconds:6.2f} s")
+                write(f"{what:56s} {seconds:7.2f} s")
+    if holder["durations"]:
+        terminalreporter.section("e2e time per file and dockerd (setup + call + teardown, "
+                                 "less waits for the lab lock)")
+        for (name, flavour), seconds in sorted(holder["durations"].items()):
+            version = holder["versions"].get(flavour.removeprefix("docker-"), "")
+            write(f"{name:32s} {flavour:12s} {version:16s} {seconds:8.1f} s")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.harness import Dockerd, Lab, ensure_busybox, netns_list, private_prefix
 from tests.harness.procs import cgroup_hierarchies
-from tests.harness.procs import pid_alive, run_cmd
+from tests.harness.procs import env_with_sbin, pid_alive, run_cmd
 
 pytestmark = pytest.mark.e2e
 
@@ -45,6 +46,32 @@ def test_host_underlay_and_default_route(lab, lab_host):
 def test_docker_run_echo(dockerd, busybox):
     assert dockerd.cli("run", "--rm", busybox, "echo", "hi").stdout == "hi\n"
     assert dockerd.client.containers.run(busybox, ["echo", "sdk"], remove=True) == b"sdk\n"
+
+
+def found_path() -> str:
+    return shutil.which("dockerd", path=env_with_sbin()["PATH"])
+
+
+def test_dockerd_reports_its_flavour_and_version(dockerd):
+    client = dockerd.cli("version", "--format", "{{.Client.Version}}").stdout.strip()
+    assert dockerd.label == f"docker-{dockerd.flavour} {dockerd.version}"
+    if dockerd.flavour == "host":
+        # this machine's own dockerd and CLI, whatever its release ships
+        found = run_cmd([found_path(), "--version"]).stdout
+        assert f"Docker version {dockerd.version}," in found, found
+        assert dockerd.root is None and os.path.samefile(f"/proc/{dockerd.pid}/exe", found_path())
+        return
+    # Debian unstable's, from the cached root, with its own CLI
+    packaged = dockerd.root.package_version("docker.io")
+    assert packaged.rsplit("-", 1)[0] == dockerd.version == client, (packaged, client)
+    assert int(dockerd.version.split(".")[0]) >= 28, dockerd.version
+    assert os.path.samefile(f"/proc/{dockerd.pid}/exe", dockerd.root.dockerd)
+    # the shared root is read-only for the daemon: two daemons cannot collide in it
+    mounts = Path(f"/proc/{dockerd.pid}/mountinfo").read_text().splitlines()
+    root_mount = [m.split() for m in mounts if m.split()[4] == "/"][-1]
+    assert "ro" in root_mount[5].split(","), root_mount
+    spec_dir = [m.split()[4] for m in mounts if m.split()[4] == "/etc/docker/plugins"]
+    assert spec_dir, "the host's plugin spec directory is not bound into the root"
 
 
 def test_dockerd_runs_inside_the_host_namespace(dockerd, lab_host):
@@ -143,11 +170,11 @@ def test_small_lab_jumbo_frames_and_teardown(root_required):
     assert not lab._lock.path.exists()
 
 
-def test_dockerd_teardown_leaves_nothing(root_required):
+def test_dockerd_teardown_leaves_nothing(docker_flavour):
     with Lab(prefix=SMOKE) as lab:
         host = lab.add_host("d", "172.31.0.3/16")
         lab.add_outside("172.31.255.254/16")
-        daemon = Dockerd(host).start()
+        daemon = Dockerd(host, flavour=docker_flavour).start()
         ensure_busybox(daemon)
         cid = daemon.cli("run", "-d", "--name", "sleeper", "busybox", "sleep", "600").stdout.strip()
         daemon.cli("network", "create", "smokenet")

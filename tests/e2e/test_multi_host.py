@@ -1,8 +1,9 @@
 """Containers on different hosts reach each other over the fan.
 
 Hosts are network namespaces on one underlay switch, each with its own dockerd
-and its own plugin process, and every host runs the same `docker network
-create`. Nothing on a host is told about any other host.
+(all of the session daemon's flavour, so the module runs once per Docker
+version) and its own plugin process, and every host runs the same `docker
+network create`. Nothing on a host is told about any other host.
 """
 from __future__ import annotations
 
@@ -60,34 +61,37 @@ class FanHost:
         }
 
 
-def start_host(lab, name, address, workdirs, started):
+def start_host(lab, name, address, workdirs, flavour):
     host = lab.add_host(name, address)
     work = Path(tempfile.mkdtemp(prefix=f"fanlab-{name}-"))
     workdirs.append(work)
     plugin = PluginProcess(host, socket_path=work / "fan.sock", state_dir=work / "state",
                            log_path=work / "plugin.log")
     plugin.start()
-    dockerd = Dockerd(host).start()
-    started.append((dockerd, plugin))
+    dockerd = Dockerd(host, flavour=flavour).start()     # the session daemon's version
     ensure_busybox(dockerd)
     return FanHost(name, host, dockerd)
 
 
 @pytest.fixture(scope="module")
 def fan_hosts(lab, lab_host, dockerd, plugin):
-    workdirs, started = [], []
+    workdirs = []
     hosts = [FanHost("h28", lab_host, dockerd)]
     try:
-        hosts += [start_host(lab, n, a, workdirs, started) for n, a in EXTRA_HOSTS.items()]
+        hosts += [start_host(lab, n, a, workdirs, dockerd.flavour) for n, a in EXTRA_HOSTS.items()]
         for h in hosts:
             h.dockerd.cli(*CREATE, "fan")
-        yield hosts, (lambda n, a: start_host(lab, n, a, workdirs, started))
+        yield hosts, (lambda n, a: start_host(lab, n, a, workdirs, dockerd.flavour))
     finally:
         dockerd.cli("rm", "-f", "fan-on-h28", check=False)
         dockerd.cli("network", "rm", "fan", check=False)
-        for extra_dockerd, extra_plugin in started:
-            extra_dockerd.close()
-            extra_plugin.close()
+        # The hosts go with their dockerd and plugin (the lab's cleanups for
+        # them): the module runs again for the next dockerd flavour.
+        for name in [n for n, h in lab.hosts.items() if h is not lab_host]:
+            lab.remove_host(name)
+        # h28 would keep sending to the removed hosts' MAC addresses (its
+        # neighbour entries) when hosts with their addresses come back
+        lab_host.run(["ip", "neigh", "flush", "dev", "eth0"])
         for work in workdirs:
             shutil.rmtree(work, ignore_errors=True)
 

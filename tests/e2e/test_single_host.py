@@ -11,6 +11,7 @@ from ipaddress import IPv4Address, IPv4Interface
 import pytest
 
 from tests.harness.consistency import kernel_snapshot
+from tests.harness.nsclient import container_pid, dns_query
 
 pytestmark = pytest.mark.e2e
 
@@ -89,6 +90,25 @@ def test_containers_get_slice_addresses_and_reach_each_other(dockerd, trio):
     for name in trio:
         for target in addresses + ["250.0.28.1"]:
             exec_(dockerd, name, "ping", "-c", "1", "-W", "2", target)
+
+
+def test_embedded_dns_answers_container_names_as_on_a_bridge(dockerd, trio):
+    """Docker's embedded DNS server (127.0.0.11 in the container, asked
+    directly: a container's resolv.conf may name another server in this bed)
+    answers the names of containers on the fan network, as it does on a
+    user-defined bridge network of the same daemon."""
+    asker = container_pid(dockerd, trio[0])
+    for other in trio[1:]:
+        assert dns_query(asker, other) == [inspect_net(dockerd, other)["IPAddress"]]
+    dockerd.cli("network", "create", "dnsbridge")
+    try:
+        for name in ("dns-a", "dns-b"):
+            run_container(dockerd, name, net="dnsbridge")
+        assert dns_query(container_pid(dockerd, "dns-a"), "dns-b") == \
+            [inspect_net(dockerd, "dns-b", "dnsbridge")["IPAddress"]]
+    finally:
+        remove_containers(dockerd, "dns-a", "dns-b")
+        dockerd.cli("network", "rm", "dnsbridge", check=False)
 
 
 def _nat_counter(host) -> int:

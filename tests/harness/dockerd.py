@@ -21,11 +21,24 @@ Plugin discovery: /etc/netns/<ns>/docker/plugins/<name>.spec is what dockerd
 sees as /etc/docker/plugins/<name>.spec. The directory must exist before dockerd
 starts (the bind mount is made at `ip netns exec` time); files written into it
 later are seen, because dockerd looks plugins up on demand.
+
+Flavours (FLAVOURS): `host` runs the machine's own dockerd (Debian's docker.io,
+whatever its version); `sid` runs Debian unstable's from the root that
+harness.sidroot caches, pivoted into as the root of the same mount namespace
+after (REFERENCE.md §8): the root bound onto itself (containerd finds its data
+in mountinfo only under a mount point); /sys (with the cgroups rebuilt), a
+fresh proc, /dev and the fresh /run bound in; the temporary directory bound at
+the same path (data-root, sockets, the plugin's socket and state all live
+there); the host's /etc/netns/<ns>/docker/plugins over the root's
+/etc/docker/plugins; then the root made read-only, so two daemons sharing it
+cannot collide through it. The CLI (and compose) are the root's own, run on
+the host.
 """
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -33,13 +46,17 @@ import time
 from pathlib import Path
 
 from . import unixhttp
+from .images import find_static_busybox
 from .netlab import Host, shell_join
+from .sidroot import SidRoot, sid_root
 from .procs import (CommandError, cmdline, env_with_sbin, kill_pids,
                     mountinfo, ns_inode, pids_in_ns, remove_cgroup_trees, run_cmd, stop_popen,
                     tail, wait_answering, with_descendants)
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 DEFAULT_NETWORKS = {"bridge", "host", "none"}
+# flavour -> what it is, for test output
+FLAVOURS = {"host": "this machine's docker.io", "sid": "Debian unstable's docker.io"}
 
 
 def docker_cli_path() -> str:
@@ -89,7 +106,14 @@ class Dockerd:
     """
 
     def __init__(self, host: Host, extra_args: tuple[str, ...] = (), debug: bool = True,
-                 daemon_config: dict | None = None, start_timeout: float = 90):
+                 daemon_config: dict | None = None, start_timeout: float = 90,
+                 flavour: str = "host", root: SidRoot | None = None):
+        if flavour not in FLAVOURS:
+            raise ValueError(f"unknown dockerd flavour {flavour!r}: one of {sorted(FLAVOURS)}")
+        self.flavour = flavour
+        # raises SidRootUnavailable before anything is made
+        self.root = (root or sid_root()) if flavour == "sid" else None
+        self.version: str | None = None          # the daemon's, read at start()
         self.host = host
         short = host.name.removeprefix("fanlab-")
         self.tmpdir = Path(tempfile.mkdtemp(prefix=f"fanlab-dockerd-{short}-"))
@@ -112,8 +136,12 @@ class Dockerd:
         self._client = None
         self._log = None
         self._closed = False
-        self.cli_path = docker_cli_path()
         self.cli_config.mkdir()
+        self.cli_path = docker_cli_path() if self.root is None else str(self.root.cli)
+        if self.root is not None:
+            plugins = self.cli_config / "cli-plugins"     # `docker compose`
+            plugins.mkdir()
+            (plugins / "docker-compose").symlink_to(self.root.compose)
         # Safety net: the lab stops us before deleting the namespace.
         host.lab.add_cleanup(self.close, host)
 
@@ -127,6 +155,11 @@ class Dockerd:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def label(self) -> str:
+        """e.g. `docker-sid 28.5.2`, for test output."""
+        return f"docker-{self.flavour} {self.version or '(not started)'}"
+
     def command(self) -> list[str]:
         cmd = ["dockerd", "--data-root", self.data_root, "--exec-root", self.exec_root,
                "--pidfile", self.pidfile, "-H", self.base_url,
@@ -139,8 +172,34 @@ class Dockerd:
     def script(self) -> str:
         lines = ["set -e", *cgroup_mount_commands(),
                  "mount -t tmpfs -o mode=755 fanlab-run /run",
-                 "mkdir -p /run/docker/plugins /run/lock",
-                 "exec " + shell_join(self.command())]
+                 "mkdir -p /run/docker/plugins /run/lock"]
+        if self.root is None:
+            return "\n".join([*lines, "exec " + shell_join(self.command())])
+        root = str(self.root.path)
+        tmp = str(Path(tempfile.gettempdir()).resolve())
+        binds = [(["--rbind", "/sys"], "sys"), (["--rbind", "/dev"], "dev"),
+                 (["--rbind", "/run"], "run"), (["--bind", tmp], tmp.lstrip("/")),
+                 (["--bind", str(self.host.etc_dir / "docker" / "plugins")],
+                  "etc/docker/plugins")]
+        lines += [shell_join(["mount", "--bind", root, root]),
+                  shell_join(["mount", "-t", "proc", "proc", f"{root}/proc"])]
+        for how, where in binds:
+            lines += [shell_join(["mkdir", "-p", f"{root}/{where}"]),   # exist but for $TMPDIR
+                      shell_join(["mount", *how, f"{root}/{where}"])]
+        # read-only from here on: only the mounts above are writable
+        lines.append(shell_join(["mount", "-o", "remount,bind,ro", root]))
+        # The root becomes the mount namespace's own (pivot_root, not a bare
+        # chroot): in a chroot runc cannot pivot_root either and falls back to
+        # chroot, and then `docker exec` lands in the namespace's real root
+        # (this machine's /) instead of the container's filesystem.
+        old_root = "run/fanlab-old-root"
+        lines += [shell_join(["mkdir", "-p", f"{root}/{old_root}"]),
+                  shell_join(["cd", root]),
+                  shell_join(["pivot_root", ".", old_root]),
+                  # the root has no umount: the host's static busybox, from the old root
+                  "exec chroot . sh -c " + shlex.quote(
+                      f"/{old_root}{find_static_busybox()} umount -l /{old_root} && "
+                      f"rmdir /{old_root} && exec " + shell_join(self.command()))]
         return "\n".join(lines)
 
     def start(self) -> "Dockerd":
@@ -166,7 +225,14 @@ class Dockerd:
             raise
         self._mntns = ns_inode(self.proc.pid, "mnt")
         self.start_seconds = time.monotonic() - started
+        self.version = self._server_version()
         return self
+
+    def _server_version(self) -> str:
+        status, body = unixhttp.request(self.socket, "GET", "/version", timeout=10)
+        if status != 200:
+            raise DockerdError(f"GET /version: HTTP {status}: {body}")
+        return json.loads(body)["Version"]
 
     def wait_ready(self, timeout: float = 90) -> None:
         """Poll the API socket until GET /_ping says OK."""
@@ -241,6 +307,16 @@ class Dockerd:
                        timeout=timeout, input=input,
                        env=env_with_sbin({"DOCKER_CONFIG": str(self.cli_config)}))
 
+    def compose(self, project_dir: str | Path, *args: str, check: bool = True,
+                timeout: float = 180) -> subprocess.CompletedProcess:
+        """`docker compose <args>` in project_dir against this daemon, with Debian
+        unstable's docker-compose 2.x whatever the daemon's version (raises
+        SidRootUnavailable when that root cannot be had)."""
+        root = self.root or sid_root()
+        return run_cmd([root.compose, *args], check=check, timeout=timeout, cwd=project_dir,
+                       env=env_with_sbin({"DOCKER_HOST": self.base_url,
+                                          "DOCKER_CONFIG": str(self.cli_config)}))
+
     def log_tail(self, lines: int = 40) -> str:
         return tail(self.log_path, lines)
 
@@ -294,4 +370,5 @@ class Dockerd:
         remove_cgroup_trees(self.cgroup_parent.lstrip("/"))
 
     def __repr__(self) -> str:
-        return f"Dockerd(host={self.host.name}, pid={self.pid}, socket={self.socket})"
+        return (f"Dockerd({self.label}, host={self.host.name}, pid={self.pid}, "
+                f"socket={self.socket})")

@@ -278,6 +278,10 @@ class Lab:
                  "peer", "name", "eth0", "netns", ns, "mtu", str(mtu)])
         run_cmd(["ip", "-n", self.switch, "link", "set", port, "master", BRIDGE, "up"])
         self._fit_bridge_mtu()
+        # A new namespace copies the root namespace's ip_forward: start from
+        # a fresh machine's 0 instead, whatever this machine did before
+        # (dockerd then turns it on and sets the FORWARD policy to DROP).
+        run_cmd(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=0"])
         run_cmd(["ip", "-n", ns, "addr", "add", str(address), "dev", "eth0"])
         run_cmd(["ip", "-n", ns, "link", "set", "eth0", "up"])
         return Host(self, ns, address, mtu, port)

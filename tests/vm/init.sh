@@ -45,11 +45,13 @@ mount -t 9p -o "$P9,ro,cache=loose" hostroot /lower || fail "mount host root"
 mount -t tmpfs -o mode=755 rw /rw && mkdir /rw/upper /rw/work
 mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot \
     || fail "mount overlay"
-mount -t 9p -o "$P9" project "/newroot$PROJECT" || fail "mount project at $PROJECT"
 # Fresh /run and /tmp: the host's (netns files, sockets, pid files) mean
-# nothing in the guest.
+# nothing in the guest. Mounted before the project, which may live under
+# either (a checkout in /tmp): its mount point is made again in the tmpfs.
 for d in run tmp; do mount -t tmpfs -o mode=1777 "$d" "/newroot/$d"; done
 chmod 755 /newroot/run
+mkdir -p "/newroot$PROJECT"
+mount -t 9p -o "$P9" project "/newroot$PROJECT" || fail "mount project at $PROJECT"
 mkdir -p /newroot/run/fanvm/xfer
 mount -t 9p -o "$P9" xfer /newroot/run/fanvm/xfer || fail "mount transfer directory"
 for d in proc sys dev; do mount --move "/$d" "/newroot/$d"; done

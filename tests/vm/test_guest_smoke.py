@@ -3,6 +3,7 @@ external mode), network namespaces and the project's Python. No skips: a
 guest that cannot be built or booted is a failure with the reason."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -59,3 +60,16 @@ def test_guest_has_ipip_netns_and_project_python(guest):
     assert "PING-ACROSS-IPIP-OK" in output
     assert "IPIP-EXTERNAL-OK" in output and "external" in output
     assert f"PYTHON-OK {guest.python} {guest.project_dir}/fan_driver/__init__.py" in output, output
+
+
+def test_a_project_under_tmp_is_seen_in_the_guest(guest, tmp_path):
+    """The guest mounts a fresh /tmp: a checkout under /tmp must still be there."""
+    project = tmp_path / "checkout"
+    project.mkdir()
+    (project / "marker").write_text("from the host\n")
+    assert str(project).startswith("/tmp/"), project
+    under_tmp = dataclasses.replace(guest, project_dir=project)
+    code, output = under_tmp.run("pwd; cat marker; echo from the guest > written", timeout=300)
+    assert code == 0, output
+    assert output.splitlines()[:2] == [str(project), "from the host"], output
+    assert (project / "written").read_text() == "from the guest\n"
