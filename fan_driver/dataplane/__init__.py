@@ -21,9 +21,11 @@ from ..model import Endpoint, short_id
 from .ebpf import EbpfMapping
 from .kernel_fanmap import KernelMapping
 from .routes import RoutesMapping
-from .firewall import Firewall, network_rules
+from .firewall import Firewall, endpoint_mark, network_rules
 from .netlink import Links
 from .plan import ENCAPS, IPIP, VXLAN, Encap, NetworkPlan
+from .proxy import UserlandProxy
+from .publish import Publisher
 
 log = logging.getLogger(__name__)
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -60,6 +62,7 @@ class Dataplane:
     def __init__(self, ipr: AsyncIPRoute, firewall: Firewall):
         self.links = Links(ipr)
         self.firewall = firewall
+        self.ports = Publisher(firewall, UserlandProxy())
 
     def _rules(self, plan: NetworkPlan):
         return network_rules(plan, MAPPINGS[plan.mapping].tunnel_device(plan))
@@ -130,10 +133,12 @@ class Dataplane:
     async def detach(self, endpoint_id: str) -> None:
         await self.links.delete(Endpoint.host_ifname(endpoint_id))
 
-    async def remove_orphans(self, plans: Iterable[NetworkPlan], endpoint_ids: Set[str]) -> None:
+    async def remove_orphans(self, plans: Iterable[NetworkPlan], endpoint_ids: Set[str],
+                             published: Set[str] = frozenset()) -> None:
         """Delete what we made that no network in the state accounts for: marked
-        interfaces, marked rules (and our chains once empty), and on the tunnel
-        devices networks share, other networks' filters and routes."""
+        interfaces, marked rules (and our chains once empty; port rules of
+        endpoints that publish none), and on the tunnel devices networks share,
+        other networks' filters and routes."""
         plans = list(plans)
         wanted = {Endpoint.host_ifname(e) for e in endpoint_ids}
         wanted |= {p.bridge for p in plans} | {MAPPINGS[p.mapping].tunnel_device(p) for p in plans}
@@ -143,10 +148,11 @@ class Dataplane:
                 await self.links.delete(name)
         for mapping in MAPPINGS.values():
             await mapping.remove_orphans(self.links, [p for p in plans if p.mapping == mapping.name])
-        known = {short_id(p.network_id) for p in plans}
-        for short in await self.firewall.marked_networks() - known:
-            log.warning("removing orphan firewall rules of network %s", short)
-            await self.firewall.remove_marked(short)
+        known = {p.mark for p in plans}
+        known |= {endpoint_mark(p, e) for p in plans for e in published}
+        for mark in await self.firewall.marks() - known:
+            log.warning("removing orphan firewall rules marked %s", mark)
+            await self.firewall.remove_marked(mark)
         await self.firewall.drop_empty_chains()
 
 

@@ -328,4 +328,4 @@ async def test_refusal_server_answers_every_driver_call_with_the_problem(refusin
 
 
 async def test_refusal_server_still_404s_unknown_methods(refusing):
-    assert (await call(refusing, "NetworkDriver.GwAllocCheck"))[0] == 404
+    assert (await call(refusing, "NetworkDriver.NoSuchMethod"))[0] == 404
