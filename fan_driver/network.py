@@ -380,8 +380,9 @@ def _mark_unclaimed(state: State) -> list:
 
 
 def _static_routes(plan: NetworkPlan) -> list:
-    """Docker gives a container on an --internal network no default route: the
-    overlay is routed through the gateway, so other hosts' slices stay reachable."""
+    """On an --internal network the overlay is routed through the gateway: other
+    hosts' slices stay reachable should Docker not route the default through it
+    (its own bridge gives internal networks no gateway at all)."""
     if not plan.internal:
         return []
     return [{"Destination": str(plan.overlay), "RouteType": 0, "NextHop": str(plan.gateway.ip)}]

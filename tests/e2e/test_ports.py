@@ -324,7 +324,7 @@ def internal(dockerd, lab_host, peer):
         d.cli("network", "rm", "fani", check=False)
 
 
-def test_internal_network_reaches_only_itself(lab, lab_host, dockerd, plugin, internal):
+def test_internal_network_reaches_only_itself(lab, lab_host, dockerd, plugin, peer, internal):
     (_, _), (peer_dockerd, _) = internal
     assert json.loads(dockerd.cli("network", "inspect", "fani").stdout)[0]["Internal"] is True
     ip = {(d, n): json.loads(d.cli("inspect", n).stdout)[0]["NetworkSettings"]["Networks"]
@@ -332,7 +332,10 @@ def test_internal_network_reaches_only_itself(lab, lab_host, dockerd, plugin, in
     for target in (ip[(dockerd, "in-b")], ip[(peer_dockerd, "in-a")], GATEWAY):
         dockerd.cli("exec", "in-a", "ping", "-c", "1", "-W", "2", target)
     peer_dockerd.cli("exec", "in-b", "ping", "-c", "1", "-W", "2", ip[(dockerd, "in-a")])
-    for target in (OUTSIDE, HOST, "250.0.28.1"):   # underlay, the host's address, the fan net
+    other_network = json.loads(peer.dockerd.cli("inspect", peer.container).stdout)[0][
+        "NetworkSettings"]["Networks"]["fan"]["IPAddress"]
+    # the underlay's outside, another machine on it, a container of another fan network
+    for target in (OUTSIDE, PEER[1].split("/")[0], other_network):
         result = dockerd.cli("exec", "in-a", "ping", "-c", "1", "-W", "2", target, check=False)
         assert result.returncode != 0, f"{target} reached from an internal network"
     # -p on an internal network publishes nothing, as on Docker's bridge
