@@ -17,7 +17,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import FanError
 from ..host import KernelFeatures
-from ..model import Endpoint, short_id
+from ..model import Endpoint
 from .ebpf import EbpfMapping
 from .kernel_fanmap import KernelMapping
 from .routes import RoutesMapping
