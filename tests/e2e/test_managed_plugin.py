@@ -55,7 +55,7 @@ OUTSIDE = "172.30.255.254"
 # when given with --ip. mp-c's comes from the IPAM (lowest free: .2).
 PINNED = {"mp-a": "250.0.28.11", "mp-b": "250.0.28.12", "mp-c": None}
 TRIO = tuple(PINNED)
-CAPABILITIES = ["CAP_NET_ADMIN", "CAP_BPF", "CAP_NET_RAW"]
+CAPABILITIES = ["CAP_NET_ADMIN", "CAP_BPF", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"]
 SETTABLE_ENV = {"FAN_LOG_LEVEL", "FAN_UNDERLAY", "FAN_ENCAP", "FAN_IPTABLES"}
 
 BASE_CACHE = Path("/var/tmp/fanlab-base")
@@ -304,16 +304,17 @@ def test_single_host_fan_network(mp):
 def test_publishing_ports_through_the_managed_plugin(mp):
     """The managed plugin cannot write /proc/sys (no route_localnet): its
     userland relay serves 127.0.0.1, the kernel's DNAT everything else."""
-    mp.cli("run", "-d", "--name", "mp-web", "--net", "fan", "-p", "8080:80",
+    # port 80: binding a host port below 1024 takes CAP_NET_BIND_SERVICE
+    mp.cli("run", "-d", "--name", "mp-web", "--net", "fan", "-p", "80:80",
            "-p", "127.0.0.1:8081:80", "busybox", "sleep", "600")
     server = start_server(mp.dockerd, mp.host, "mp-web")
     blocker = mp.host.popen([sys.executable, "-c", "import socket,time; s=socket.socket(); "
                              "s.bind(('0.0.0.0', 8096)); s.listen(); print(1, flush=True); "
                              "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     try:
-        assert ask(mp.lab.outside, [], "tcp", "172.30.0.28", 8080) == f"tcp/80 from {OUTSIDE}"
+        assert ask(mp.lab.outside, [], "tcp", "172.30.0.28", 80) == f"tcp/80 from {OUTSIDE}"
         assert ask(mp.host, [], "tcp", "127.0.0.1", 8081) == f"tcp/80 from {GATEWAY}"
-        assert ask(mp.host, [], "tcp", "127.0.0.1", 8080) == f"tcp/80 from {GATEWAY}"
+        assert ask(mp.host, [], "tcp", "127.0.0.1", 80) == f"tcp/80 from {GATEWAY}"
         blocker.stdout.readline()
         taken = mp.cli("run", "-d", "--name", "mp-late", "--net", "fan", "-p", "8096:80",
                        "busybox", "sleep", "600", check=False)

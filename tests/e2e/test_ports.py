@@ -280,7 +280,7 @@ def test_a_crash_while_publishing_leaves_no_rule(lab_host, dockerd, plugin, web)
     assert fan_rules(lab_host) == before
 
 
-def test_reboot_brings_the_ports_back(lab, lab_host, dockerd, plugin, web, peer):
+def test_reboot_brings_the_ports_back(lab, lab_host, dockerd, plugin, web):
     state = consistency.read_state(plugin.state_dir)
     published = sum(len(ep.get("ports", [])) for net in state["networks"].values()
                     for ep in net["endpoints"].values())
