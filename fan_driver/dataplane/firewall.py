@@ -20,13 +20,15 @@ from .plan import MARK, NetworkPlan
 log = logging.getLogger(__name__)
 
 FORWARD_CHAIN = "FAN-FORWARD"
+INPUT_CHAIN = "FAN-INPUT"
 NAT_CHAIN = "FAN-POSTROUTING"
 # Published ports: DNAT for traffic to the host's own addresses, arriving
 # (PREROUTING) or made on the host (OUTPUT, except to 127.0.0.0/8: the kernel
 # cannot send a loopback source out of the host; the userland proxy serves it).
 PORTS_CHAIN = "FAN-PORTS"
 # (table, builtin chain, our chain)
-CHAINS = (("filter", "FORWARD", FORWARD_CHAIN), ("nat", "POSTROUTING", NAT_CHAIN),
+CHAINS = (("filter", "FORWARD", FORWARD_CHAIN), ("filter", "INPUT", INPUT_CHAIN),
+          ("nat", "POSTROUTING", NAT_CHAIN),
           ("nat", "PREROUTING", PORTS_CHAIN), ("nat", "OUTPUT", PORTS_CHAIN))
 JUMP_MATCH = {"PREROUTING": ["-m", "addrtype", "--dst-type", "LOCAL"],
               "OUTPUT": ["!", "-d", "127.0.0.0/8", "-m", "addrtype", "--dst-type", "LOCAL"]}
@@ -47,6 +49,10 @@ def network_rules(plan: NetworkPlan, tunnel_device: str) -> List[Rule]:
                                        *comment, "-j", "ACCEPT"]),
             ("filter", FORWARD_CHAIN, ["-i", bridge, *comment, "-j", "DROP"]),
             ("filter", FORWARD_CHAIN, ["-o", bridge, *comment, "-j", "DROP"]),
+            # The host answers on the gateway only (DNS, ARP), not on its underlay
+            # address or other networks' gateways.
+            ("filter", INPUT_CHAIN, ["-i", bridge, "!", "-d", f"{plan.gateway.ip}/32", *comment,
+                                     "-j", "DROP"]),
         ]
     return [
         # Anything a container sends: to its neighbours, to other hosts, out.

@@ -334,8 +334,9 @@ def test_internal_network_reaches_only_itself(lab, lab_host, dockerd, plugin, pe
     peer_dockerd.cli("exec", "in-b", "ping", "-c", "1", "-W", "2", ip[(dockerd, "in-a")])
     other_network = json.loads(peer.dockerd.cli("inspect", peer.container).stdout)[0][
         "NetworkSettings"]["Networks"]["fan"]["IPAddress"]
-    # the underlay's outside, another machine on it, a container of another fan network
-    for target in (OUTSIDE, PEER[1].split("/")[0], other_network):
+    # the underlay's outside, another machine on it, this host's underlay address, a
+    # container of another fan network
+    for target in (OUTSIDE, PEER[1].split("/")[0], HOST, other_network):
         result = dockerd.cli("exec", "in-a", "ping", "-c", "1", "-W", "2", target, check=False)
         assert result.returncode != 0, f"{target} reached from an internal network"
     # -p on an internal network publishes nothing, as on Docker's bridge
