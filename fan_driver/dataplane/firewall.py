@@ -202,13 +202,15 @@ class Firewall:
                 changes.setdefault(table, []).append(_restore_line(["-A", chain, *spec]))
             await self._restore(changes)
 
-    async def remove_marked(self, mark: str) -> None:
+    async def remove_marked(self, mark: str, drop_empty_chains: bool = True) -> None:
         """Remove every rule in our chains marked `mark` or a mark under it (a
-        network's mark takes its endpoints' port rules too)."""
+        network's mark takes its endpoints' port rules too). An endpoint's
+        ports keep the chains: the next container start would make them again."""
         async with self._lock:
             await self._restore(await self._deletions(
                 lambda m: m == mark or m.startswith(mark + " ")))
-            await self._drop_empty_chains()
+            if drop_empty_chains:
+                await self._drop_empty_chains()
 
     async def _deletions(self, selected) -> Dict[str, List[str]]:
         lines = await self._listings() or {}

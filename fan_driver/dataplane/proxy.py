@@ -45,9 +45,6 @@ class UserlandProxy:
         self._listeners: Dict[Key, object] = {}
         _raise_open_file_limit()   # a 1,000-port range is 1,000 listening sockets
 
-    def holds(self, binding: PortBinding) -> bool:
-        return _key(binding) in self._listeners
-
     async def open(self, binding: PortBinding, target: IPv4Address) -> None:
         """Listen on the binding's host port; PortTaken names who holds it."""
         key = _key(binding)

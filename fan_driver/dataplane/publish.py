@@ -50,7 +50,8 @@ class Publisher:
         except BaseException:
             for binding in bindings:
                 self.proxy.close(binding)
-            await self.firewall.remove_marked(endpoint_mark(plan, endpoint_id))
+            await self.firewall.remove_marked(endpoint_mark(plan, endpoint_id),
+                                              drop_empty_chains=False)
             raise
         return tuple(bindings)
 
@@ -86,7 +87,8 @@ class Publisher:
 
     async def unpublish(self, plan: NetworkPlan, endpoint_id: str,
                         bindings: Sequence[PortBinding]) -> None:
-        await self.firewall.remove_marked(endpoint_mark(plan, endpoint_id))
+        await self.firewall.remove_marked(endpoint_mark(plan, endpoint_id),
+                                          drop_empty_chains=False)
         for binding in bindings:
             self.proxy.close(binding)
 
