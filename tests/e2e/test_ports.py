@@ -26,6 +26,7 @@ pytestmark = pytest.mark.e2e
 HOST = "172.30.0.28"
 OUTSIDE = "172.30.255.254"
 GATEWAY = "250.0.28.1"
+INTERNAL_GATEWAY = "240.0.28.1"
 NETWORK = [*CREATE, "--ipam-opt", "underlay=172.30.0.0/16"]
 PEER = ("h61", "172.30.6.1/16")
 PUBLISH = ["-p", "8080:80", "-p", "9000:9000/udp", "-p", "127.0.0.1:8081:80",
@@ -329,7 +330,7 @@ def test_internal_network_reaches_only_itself(lab, lab_host, dockerd, plugin, pe
     assert json.loads(dockerd.cli("network", "inspect", "fani").stdout)[0]["Internal"] is True
     ip = {(d, n): json.loads(d.cli("inspect", n).stdout)[0]["NetworkSettings"]["Networks"]
           ["fani"]["IPAddress"] for d, _ in internal for n in ("in-a", "in-b")}
-    for target in (ip[(dockerd, "in-b")], ip[(peer_dockerd, "in-a")], GATEWAY):
+    for target in (ip[(dockerd, "in-b")], ip[(peer_dockerd, "in-a")], INTERNAL_GATEWAY):
         dockerd.cli("exec", "in-a", "ping", "-c", "1", "-W", "2", target)
     peer_dockerd.cli("exec", "in-b", "ping", "-c", "1", "-W", "2", ip[(dockerd, "in-a")])
     other_network = json.loads(peer.dockerd.cli("inspect", peer.container).stdout)[0][
