@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 
-from harness.unixhttp import PLUGIN_CONTENT_TYPE
+from tests.harness.unixhttp import PLUGIN_CONTENT_TYPE
 
 from .lab import BenchLab, FanHost
 from .results import Report, Row, median, percentile

@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass
 
 from fan_driver.dataplane.plan import ENCAPS
-from harness.netlab import busybox_path
-from harness.procs import env_with_sbin, run_cmd, stop_popen
+from tests.harness.netlab import busybox_path
+from tests.harness.procs import env_with_sbin, run_cmd, stop_popen
 
 from .lab import KERNEL_FAN, BenchLab, FanHost, in_netns, wait_programmed
 from .results import Report, Row, error_row, median, percentile

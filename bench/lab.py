@@ -18,12 +18,11 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Optional
 
-from harness import (Dockerd, Lab, PluginProcess, ensure_busybox, missing_requirements,
-                     plugin_available)
-from harness.procs import env_with_sbin, run_cmd
-
 from fan_driver.fanmap import FanMap
 from fan_driver.host import KERNEL_FAN_VERSION
+from tests.harness import (Dockerd, Lab, PluginProcess, ensure_busybox, missing_requirements,
+                           plugin_available)
+from tests.harness.procs import env_with_sbin, run_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,14 +24,10 @@ import time
 import traceback
 from pathlib import Path
 
-if __package__ in (None, ""):   # python3 bench/run.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "bench"
-
-from bench import control, datapath, scale  # noqa: E402
-from bench.lab import REPO, BenchLab, requirements_missing  # noqa: E402
-from bench.plot import have_matplotlib, scale_plot  # noqa: E402
-from bench.results import Report, error_row, load_average, markdown_table, text_table  # noqa: E402
+from bench import control, datapath, scale
+from bench.lab import REPO, BenchLab, requirements_missing
+from bench.plot import have_matplotlib, scale_plot
+from bench.results import Report, error_row, load_average, markdown_table, text_table
 
 SECTIONS = ("datapath", "control", "api", "scale")
 DEFAULT_PLOT = REPO / "docs" / "benchmarks.png"

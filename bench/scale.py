@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 
-from harness.procs import run_cmd
+from tests.harness.procs import run_cmd
 
 from .lab import KERNEL_FAN, BenchLab, FanHost, count_lines, peers_of, wait_programmed
 from .results import Report, Row, error_row, median

@@ -1,4 +1,4 @@
-"""fan-driver serve | show: the one place where the parts are built and wired."""
+"""fan-driver serve | show | check: the one place where the parts are built and wired."""
 from __future__ import annotations
 
 import argparse
@@ -8,34 +8,25 @@ import os
 import sys
 from ipaddress import IPv4Interface
 from pathlib import Path
+from typing import Dict
 
-from .config import DEFAULT_UNDERLAY, ENCAPS, LOG_LEVELS, UnderlaySpec
+from . import check
+from .config import UnderlaySpec
+from .dataplane.base import PeerMapping
 from .errors import FanError
 from .model import short_id
+from .settings import Settings, add_flags
 from .store import Store
 
-DEFAULT_SOCKET = "/run/docker/plugins/fan.sock"
-DEFAULT_STATE_DIR = "/var/lib/fan-driver"
 log = logging.getLogger("fan_driver")
 
 
-def parse_args(argv):
+def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fan-driver", description="Fan networking for Docker")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the network and IPAM plugin")
-    serve.add_argument("--socket", default=os.environ.get("FAN_SOCKET", DEFAULT_SOCKET))
-    serve.add_argument("--log-level", default=os.environ.get("FAN_LOG_LEVEL", "info"),
-                       choices=LOG_LEVELS, type=str.lower)
-    serve.add_argument("--default-underlay",
-                       default=os.environ.get("FAN_UNDERLAY", DEFAULT_UNDERLAY),
-                       help="underlay for networks created without one (default: %(default)s)")
-    serve.add_argument("--default-encap", default=os.environ.get("FAN_ENCAP", "auto"),
-                       choices=ENCAPS)
-    show = sub.add_parser("show", help="one line per fan network")
-    for cmd in (serve, show):
-        cmd.add_argument("--state-dir",
-                         default=os.environ.get("FAN_STATE_DIR", DEFAULT_STATE_DIR))
-    from . import check
+    add_flags(sub.add_parser("serve", help="run the network and IPAM plugin"),
+              ("socket", "log_level", "underlay", "encap", "iptables", "state_dir"))
+    add_flags(sub.add_parser("show", help="one line per fan network"), ("state_dir",))
     check.add_arguments(sub.add_parser(
         "check", help="what this host supports and what the plugin would do here"))
     return parser.parse_args(argv)
@@ -43,38 +34,51 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    settings = Settings.from_environment(os.environ, vars(args))
     try:
         if args.command == "serve":
+            problems = settings.problems()
+            if problems:
+                raise FanError("; ".join(problems))
             # Other libraries (pyroute2 logs every netlink message) stay at warnings.
             logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                                 format="%(levelname)s %(name)s: %(message)s")
-            log.setLevel(args.log_level.upper())
-            asyncio.run(serve(args))
+            log.setLevel(settings.log_level.upper())
+            asyncio.run(serve(settings))
         elif args.command == "check":
-            from . import check
-            return check.run(args)
+            return check.run(settings, args)
         else:
-            show(Path(args.state_dir))
+            show(Path(settings.state_dir))
     except FanError as exc:
         print(f"fan-driver: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def serve(args) -> None:
+def peer_mappings() -> Dict[str, PeerMapping]:
+    """One of each peer-mapping mechanism, by name (dataplane.PREFERENCE)."""
+    from .dataplane.ebpf import EbpfMapping
+    from .dataplane.kernel_fanmap import KernelMapping
+    from .dataplane.routes import RoutesMapping
+
+    return {m.name: m for m in (KernelMapping(), EbpfMapping(), RoutesMapping())}
+
+
+async def serve(settings: Settings) -> None:
     from pyroute2 import AsyncIPRoute
 
-    from . import host, server
-    from .dataplane import Dataplane, ebpf
+    from . import host, iptables, server
+    from .dataplane import LinuxDataplane, ebpf
     from .dataplane.firewall import Firewall
     from .faults import Faults
     from .ipam import IpamDriver
     from .ledger import Ledger
     from .network import NetworkDriver
 
-    default_underlay = UnderlaySpec.parse(args.default_underlay)
+    default_underlay = UnderlaySpec.parse(settings.underlay)
     faults = Faults.from_env()   # FAN_CRASH_AT, for crash tests; a no-op when unset
-    store = Store(Path(args.state_dir))
+    firewall = Firewall(iptables.firewall_binary(settings.iptables))
+    store = Store(Path(settings.state_dir))
     state = store.open()
     async with AsyncIPRoute() as ipr:
         features = await host.probe_kernel(ipr, ebpf.supported)
@@ -84,12 +88,13 @@ async def serve(args) -> None:
         def read_facts():
             return host.read_facts(ipr)
 
-        network = NetworkDriver(ledger, Dataplane(ipr, Firewall()), features, read_facts,
-                                args.default_encap, faults=faults)
+        dataplane = LinuxDataplane(ipr, firewall, peer_mappings())
+        network = NetworkDriver(ledger, dataplane, features, read_facts, settings.encap,
+                                faults=faults)
         ipam = IpamDriver(ledger, read_facts, default_underlay, network=network, faults=faults)
         await network.restore()
-        log.info("serving on %s, state in %s", args.socket, args.state_dir)
-        await server.serve_until_stopped(server.make_app(network, ipam), Path(args.socket))
+        log.info("serving on %s, state in %s", settings.socket, settings.state_dir)
+        await server.serve_until_stopped(server.make_app(network, ipam), Path(settings.socket))
         store.close()
 
 

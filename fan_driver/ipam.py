@@ -15,13 +15,19 @@ from .errors import FanError, NotFound
 from .fanmap import FanMap
 from .faults import NO_FAULTS, Faults
 from .ledger import Ledger
-from .model import Pool, pool_id, short_id
+from .model import Owner, Pool, pool_id, short_id
 
 log = logging.getLogger(__name__)
 
 ADDRESS_SPACE = "fan"
 GATEWAY_REQUEST = "com.docker.network.gateway"
-GATEWAY = "gateway"
+# Docker 29 and later name the container in RequestAddress (moby PR 50586).
+ENDPOINT_NAME = "com.docker.network.endpoint.name"
+# Docker does not limit container names; longer ones are not remembered, so a
+# request cannot grow the state file much. With one entry per address too,
+# a pool remembers at most its capacity, and at most MAX_REMEMBERED names.
+MAX_NAME = 255
+MAX_REMEMBERED = 1024
 
 
 def reserved(pool: Pool) -> set:
@@ -35,9 +41,19 @@ def capacity(pool: Pool) -> int:
     return pool.host_slice.slice.num_addresses - len(reserved(pool))
 
 
-def allocate(pool: Pool, requested: Optional[IPv4Address]) -> IPv4Address:
-    """Lowest free address, or exactly the one asked for. Addresses are reused
-    freely: an endpoint's MAC follows its IP, so peers' caches stay right."""
+def allocate(pool: Pool, requested: Optional[IPv4Address],
+             name: Optional[str] = None) -> IPv4Address:
+    """The address for a container, in this order:
+    1. exactly the one asked for (`--ip`), or an error saying why it cannot be had;
+    2. the address `name` last had, when it is free (Docker 29 and later name
+       the container): a container keeps its address across restarts;
+    3. the lowest free address that no name remembers;
+    4. the free address whose name was seen least recently: another container's
+       address is taken only when no other is free, and then the one least
+       likely to be wanted back.
+    Before Docker 29 no name is remembered, so this is the lowest free address.
+    Addresses are reused freely: an endpoint's MAC follows its IP, so peers'
+    caches stay right."""
     net = pool.host_slice.slice
     excluded = reserved(pool)
     if requested is not None:
@@ -50,11 +66,56 @@ def allocate(pool: Pool, requested: Optional[IPv4Address]) -> IPv4Address:
         if str(requested) in pool.addresses:
             raise FanError(f"address {requested} is already in use in slice {net}")
         return requested
+    # Remembered addresses were all handed out here: in the slice, not reserved.
+    previous = pool.remembered.get(name) if name else None
+    if previous is not None and previous not in pool.addresses:
+        return IPv4Address(previous)
+    unwanted = set(pool.addresses).union(pool.remembered.values())
     for host in net.hosts():
-        if host not in excluded and str(host) not in pool.addresses:
+        if host not in excluded and str(host) not in unwanted:
             return host
+    for address in pool.remembered.values():   # least recently seen first
+        if address not in pool.addresses:
+            return IPv4Address(address)
     raise FanError(f"fan slice {net} is full: all {capacity(pool)} container addresses are "
                    "in use; remove containers or give the fan a larger slice per host")
+
+
+def remember(pool: Pool, address: str, name: Optional[str]) -> None:
+    """`address` is now `name`'s (or, without a name, no one's) and `name` was
+    just seen: one entry per name and one per address, the most recent last, at
+    most MAX_REMEMBERED."""
+    for other in [n for n, a in pool.remembered.items() if a == address]:
+        del pool.remembered[other]
+    if name is None:
+        return
+    pool.remembered.pop(name, None)
+    pool.remembered[name] = address
+    while len(pool.remembered) > MAX_REMEMBERED:
+        del pool.remembered[next(iter(pool.remembered))]
+
+
+def seen_leaving(pool: Pool, address: str) -> None:
+    """The container that had `address` lets go of it (it stops or goes): its
+    name is now the most recently seen, its address the last a newcomer gets."""
+    name = next((n for n, a in pool.remembered.items() if a == address), None)
+    if name is not None:
+        remember(pool, address, name)
+
+
+def endpoint_name(options: dict) -> Optional[str]:
+    """The container's name, sent by Docker 29 and later; None before, and for
+    a name too long to keep."""
+    name = options.get(ENDPOINT_NAME)
+    if name is None or name == "":
+        return None
+    if not isinstance(name, str):
+        raise FanError(f"RequestAddress option {ENDPOINT_NAME} must be a string: the "
+                       "container's name, as Docker sends it")
+    if len(name) > MAX_NAME:
+        log.warning("endpoint name of %d characters: its address is not remembered", len(name))
+        return None
+    return name
 
 
 class IpamDriver:
@@ -142,11 +203,13 @@ class IpamDriver:
                     raise FanError(f"the fan's gateway is always {slice_.gateway.ip}; "
                                    "drop --gateway")
                 chosen = slice_.gateway
-                pool.addresses[str(chosen.ip)] = GATEWAY
+                pool.addresses[str(chosen.ip)] = Owner.GATEWAY
             else:
                 requested = _parse_address(address) if address else None
-                chosen = IPv4Interface((allocate(pool, requested), slice_.slice.prefixlen))
-                pool.addresses[str(chosen.ip)] = ""
+                name = endpoint_name(options)
+                chosen = IPv4Interface((allocate(pool, requested, name), slice_.slice.prefixlen))
+                remember(pool, str(chosen.ip), name)
+                pool.addresses[str(chosen.ip)] = Owner.PENDING
         self.faults.check("request_address:after_state")
         return {"Address": str(chosen), "Data": {}}
 
@@ -167,7 +230,8 @@ class IpamDriver:
                 log.warning("address %s released while endpoint %s holds it: removing "
                             "the endpoint", ip, short_id(owner))
                 await self.network.remove_endpoint(state, nid, owner)
-            pool.addresses.pop(ip, None)
+            if pool.addresses.pop(ip, None) is not None:
+                seen_leaving(pool, ip)
         self.faults.check("release_address:after_state")
         return {}
 

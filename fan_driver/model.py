@@ -11,10 +11,16 @@ from .ports import PortBinding
 # Pools are keyed by their overlay: two fan networks can never share one.
 POOL_PREFIX = "fan:"
 ENDPOINT_IFNAME_PREFIX = "fve"
-# The owner of an address that was handed out but not yet used by an endpoint
-# when the plugin (re)started: Docker either claims it within its retries or
-# never will (the reply was lost in a crash), so it is released after a while.
-UNCLAIMED = "unclaimed"
+
+
+class Owner:
+    """Who holds an address in Pool.addresses, when not an endpoint (whose ID is
+    then the owner). Plain strings, as the state file has always stored them."""
+    GATEWAY = "gateway"        # the bridge's .1
+    PENDING = ""               # handed out; the endpoint that uses it is not known yet
+    # PENDING when the plugin (re)started: Docker either claims it within its
+    # retries or never will (the reply was lost in a crash): released after a while.
+    UNCLAIMED = "unclaimed"
 
 
 def pool_id(overlay: IPv4Network) -> str:
@@ -35,11 +41,13 @@ class Pool:
     interface: str           # the link the underlay is on
     mtu: int                 # that link's MTU
     host_reserve: int = 1
-    # address -> owner ("gateway", the endpoint that holds it, "" until known,
-    # UNCLAIMED after a restart)
+    # address -> owner: an endpoint ID or an Owner value
     addresses: Dict[str, str] = field(default_factory=dict)
     # Handed out before a restart and no network uses it yet: released after a while.
     unclaimed: bool = False
+    # endpoint name -> the address it last had, least recently seen first
+    # (Docker 29 and later name the container in RequestAddress; see ipam.py)
+    remembered: Dict[str, str] = field(default_factory=dict)
 
     @property
     def host_slice(self) -> HostSlice:
@@ -96,7 +104,9 @@ class State:
         """A copy as plain data (by hand: dataclasses.asdict is ten times slower,
         and this runs on every change)."""
         return {"version": 1,
-                "pools": {k: dict(vars(p), addresses=dict(p.addresses))
+                # remembered as pairs: the file's keys are sorted, and its order matters
+                "pools": {k: dict(vars(p), addresses=dict(p.addresses),
+                                  remembered=[[n, a] for n, a in p.remembered.items()])
                           for k, p in self.pools.items()},
                 "networks": {k: dict(vars(n), endpoints={e: ep.to_json()
                                                          for e, ep in n.endpoints.items()})
@@ -110,7 +120,8 @@ class State:
             raw = dict(raw)
             eps = {eid: Endpoint.from_json(ep) for eid, ep in raw.pop("endpoints", {}).items()}
             networks[nid] = Network(endpoints=eps, **raw)
-        pools = {pid: Pool(**dict(raw, addresses=dict(raw.get("addresses", {}))))
+        pools = {pid: Pool(**dict(raw, addresses=dict(raw.get("addresses", {})),
+                                  remembered=dict(raw.get("remembered", []))))
                  for pid, raw in data.get("pools", {}).items()}
         return cls(pools=pools, networks=networks)
 

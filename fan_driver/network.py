@@ -10,15 +10,14 @@ from typing import Awaitable, Callable, Iterator, Optional, Set, Tuple
 from .config import (HostFacts, NetworkOptions, is_internal, parse_cidr, require_ipv4,
                      resolve_underlay)
 from .dataplane import Dataplane, choose
-from .dataplane.publish import held_index
 from .dataplane.plan import ENCAPS, NetworkPlan
 from .errors import FanError, NotFound
 from .faults import NO_FAULTS, Faults
 from .host import KernelFeatures
-from .ipam import ADDRESS_SPACE, GATEWAY
+from .ipam import ADDRESS_SPACE
 from .ledger import Ledger
-from .model import UNCLAIMED, Endpoint, Network, State, mac_for, pool_id, short_id
-from .ports import PORTMAP, PortBinding, Publication, bindings_to_docker, runs
+from .model import Endpoint, Network, Owner, State, mac_for, pool_id, short_id
+from .ports import PORTMAP, PortBinding, Publication, bindings_to_docker, held_index, runs
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,7 @@ class NetworkDriver:
         state.pools.pop(net.pool_id, None)
         self.ledger.commit()
         for endpoint_id, endpoint in net.endpoints.items():
-            await self.dataplane.ports.unpublish(plan, endpoint_id, endpoint.ports)
+            await self.dataplane.unpublish(plan, endpoint_id, endpoint.ports)
         self.faults.check("delete_network:after_state")
         await self.dataplane.remove_network(plan, list(net.endpoints))
         self.faults.check("delete_network:after_kernel")
@@ -184,9 +183,9 @@ class NetworkDriver:
             address = _endpoint_address(interface.get("Address"), plan)
             pool = state.pools[net.pool_id]
             owner = pool.addresses.get(str(address.ip))
-            if owner not in (None, "", UNCLAIMED, endpoint_id):
+            if owner not in (None, Owner.PENDING, Owner.UNCLAIMED, endpoint_id):
                 raise FanError(f"address {address.ip} is already used by "
-                               f"{owner if owner == GATEWAY else 'endpoint ' + short_id(owner)}")
+                               f"{owner if owner == Owner.GATEWAY else 'endpoint ' + short_id(owner)}")
             mac = _mac(interface.get("MacAddress")) or mac_for(address)
             endpoint = Endpoint(address=str(address), mac=mac)
             await self.dataplane.attach(plan, endpoint_id, endpoint)
@@ -218,12 +217,12 @@ class NetworkDriver:
         addresses = state.pools[net.pool_id].addresses
         ip = str(endpoint.ip)
         if addresses.get(ip) == endpoint_id:
-            addresses[ip] = ""   # Docker releases the address itself next
+            addresses[ip] = Owner.PENDING   # Docker releases the address itself next
         self.ledger.commit()
         self.faults.check("delete_endpoint:after_state")
         plan = plan_for(state, network_id)
         if endpoint.ports:   # Docker revokes first; after a crash it may not have
-            await self.dataplane.ports.unpublish(plan, endpoint_id, endpoint.ports)
+            await self.dataplane.unpublish(plan, endpoint_id, endpoint.ports)
         self.dataplane.forget(plan, endpoint)
         task = asyncio.get_running_loop().create_task(self._delete_veth(endpoint_id))
         self._deleting.add(task)
@@ -271,12 +270,12 @@ class NetworkDriver:
                 raise FanError(f"fan network {short_id(network_id)} is internal: it publishes "
                                "no ports; drop -p/-P or use a network without --internal")
             if endpoint.ports:    # programmed again (Docker 29: the gateway moved back)
-                await self.dataplane.ports.unpublish(plan, endpoint_id, endpoint.ports)
+                await self.dataplane.unpublish(plan, endpoint_id, endpoint.ports)
                 endpoint.ports = ()
                 self.ledger.commit()
             if not publication.requests:
                 return {}
-            endpoint.ports = await self.dataplane.ports.publish(
+            endpoint.ports = await self.dataplane.publish(
                 plan, endpoint_id, endpoint.ip, publication.requests,
                 held_index(published_ports(state, but=endpoint_id)))
             self.faults.check("program_external_connectivity:after_kernel")
@@ -294,7 +293,7 @@ class NetworkDriver:
             bindings, endpoint.ports = endpoint.ports, ()
             self.ledger.commit()    # a crash from here leaves orphan rules, swept at start
             self.faults.check("revoke_external_connectivity:after_state")
-            await self.dataplane.ports.unpublish(plan_for(state, network_id), endpoint_id,
+            await self.dataplane.unpublish(plan_for(state, network_id), endpoint_id,
                                                  bindings)
         log.info("endpoint %s publishes no ports any more", short_id(endpoint_id))
         return {}
@@ -323,7 +322,7 @@ class NetworkDriver:
                     await self.dataplane.reattach(plan, endpoints)
                     for endpoint_id, endpoint in endpoints.items():
                         if endpoint.ports:
-                            await self.dataplane.ports.restore(plan, endpoint_id, endpoint.ip,
+                            await self.dataplane.restore_ports(plan, endpoint_id, endpoint.ip,
                                                                endpoint.ports)
                 except FanError as exc:   # serve the others; requests on it will say so
                     log.error("network %s cannot be restored: %s", short_id(plan.network_id), exc)
@@ -346,7 +345,7 @@ class NetworkDriver:
                     log.warning("released pool %s: no network used it", pid)
                     continue
                 for ip, owner in list(pool.addresses.items()):
-                    if owner == UNCLAIMED:
+                    if owner == Owner.UNCLAIMED:
                         del pool.addresses[ip]
                         log.warning("released address %s: no endpoint used it", ip)
 
@@ -373,8 +372,8 @@ def _mark_unclaimed(state: State) -> list:
             pool.unclaimed = True
             marked.append(f"pool {pid}")
         for ip, owner in pool.addresses.items():
-            if owner in ("", UNCLAIMED):
-                pool.addresses[ip] = UNCLAIMED
+            if owner in (Owner.PENDING, Owner.UNCLAIMED):
+                pool.addresses[ip] = Owner.UNCLAIMED
                 marked.append(f"address {ip}")
     return marked
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
-from typing import Iterable, Iterator, Mapping, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from .errors import FanError
 
@@ -120,6 +120,17 @@ class Publication:
         if len(raw) > MAX_BINDINGS:
             raise FanError(f"{len(raw)} port bindings: at most {MAX_BINDINGS} can be published")
         return cls(tuple(PortRequest.from_json(entry) for entry in raw))
+
+
+# (proto, host port) -> [(who holds it, binding)]: the fan's own bindings.
+Held = Dict[Tuple[str, int], List[Tuple[str, "PortBinding"]]]
+
+
+def held_index(pairs: Iterable[Tuple[str, PortBinding]]) -> Held:
+    index: Held = {}
+    for holder, binding in pairs:
+        index.setdefault((binding.proto, binding.host_port), []).append((holder, binding))
+    return index
 
 
 def bindings_to_docker(bindings: Iterable[PortBinding], container_ip: IPv4Address) -> list:

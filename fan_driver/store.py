@@ -2,6 +2,7 @@
 
 Every change is written whole to a temporary file, fsynced and renamed over the
 old one, so a crash leaves either the old state or the new one, never a mix.
+A request that changes nothing writes nothing.
 A lock file keeps a second plugin process off the same directory.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Store:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self._lock_fd = None
+        self._on_disk = None   # the file's text, as last read or written
 
     def open(self) -> State:
         """Take the directory's lock and read the state (empty when new)."""
@@ -40,21 +42,27 @@ class Store:
     def load(self) -> State:
         path = self.directory / STATE_FILE
         try:
-            return State.from_json(json.loads(path.read_text()))
+            text = path.read_text()
+            state = State.from_json(json.loads(text))
         except FileNotFoundError:
             return State()
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise FanError(f"state file {path} is corrupt ({exc!r}); move it aside to "
                            "start empty") from exc
+        self._on_disk = text
+        return state
 
     def save(self, state: State) -> dict:
-        """Write the state; returns what was written (plain data)."""
+        """Write the state unless the file already holds it; returns it as plain data."""
         data = state.to_json()
+        # No indent: only then does json use its C encoder (5x faster here).
+        text = json.dumps(data, sort_keys=True)
+        if text == self._on_disk:
+            return data
         path = self.directory / STATE_FILE
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as f:
-            # No indent: only then does json use its C encoder (5x faster here).
-            json.dump(data, f, sort_keys=True)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -63,6 +71,7 @@ class Store:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        self._on_disk = text
         return data
 
     def close(self) -> None:

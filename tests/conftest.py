@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import (Dockerd, Lab, PluginError, PluginProcess,  # noqa: E402
-                     ensure_busybox, missing_requirements, plugin_available)
-from harness import images  # noqa: E402
+from tests.harness import (Dockerd, Lab, PluginError, PluginProcess, ensure_busybox,
+                           missing_requirements, plugin_available)
+from tests.harness import images
 
 E2E_DIR = Path(__file__).resolve().parent / "e2e"
 HOLDER = pytest.StashKey[dict]()

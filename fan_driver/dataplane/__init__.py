@@ -3,14 +3,16 @@
 `Dataplane` states intent (ensure a network, attach an endpoint) and every step
 is idempotent, so the same calls create a network, repair it after a crash and
 restore it after a reboot. How the tunnel finds a peer is one of the
-mechanisms in MAPPINGS; picking one is a single line in `choose`.
+mechanisms (base.PeerMapping) the plugin's wiring (cli.peer_mappings) hands to
+LinuxDataplane; picking one is a single line in `choose`.
 """
 from __future__ import annotations
 
 import logging
 from contextlib import AsyncExitStack
+from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Dict, Iterable, Set, Tuple
+from typing import Dict, Iterable, Mapping, Sequence, Set, Tuple
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -18,9 +20,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from ..errors import FanError
 from ..host import KernelFeatures
 from ..model import Endpoint
-from .ebpf import EbpfMapping
-from .kernel_fanmap import KernelMapping
-from .routes import RoutesMapping
+from ..ports import Held, PortBinding, PortRequest
+from .base import Dataplane, PeerMapping
 from .firewall import Firewall, endpoint_mark, network_rules
 from .netlink import Links
 from .plan import ENCAPS, IPIP, VXLAN, Encap, NetworkPlan
@@ -30,7 +31,7 @@ from .publish import Publisher
 log = logging.getLogger(__name__)
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
-MAPPINGS = {m.name: m for m in (KernelMapping(), EbpfMapping(), RoutesMapping())}
+PREFERENCE = ("kernel", "ebpf", "routes")   # the mappings `auto` tries, in order
 
 
 def choose(encap: str, mapping: str, features: KernelFeatures) -> Tuple[Encap, str]:
@@ -38,11 +39,10 @@ def choose(encap: str, mapping: str, features: KernelFeatures) -> Tuple[Encap, s
     kernel's own fan map where present, else eBPF, else per-peer routes; IPIP
     where the kernel has it (20 bytes of overhead against VXLAN's 50)."""
     if mapping == "auto":
-        mapping = next(m for m in ("kernel", "ebpf", "routes")
-                       if m in MAPPINGS and _mapping_supported(m, features))
-    elif mapping not in MAPPINGS:
+        mapping = next(m for m in PREFERENCE if _mapping_supported(m, features))
+    elif mapping not in PREFERENCE:
         raise FanError(f"mapping={mapping} is not available in this version of fan-driver; "
-                       f"use one of: {', '.join(sorted(MAPPINGS))} or auto")
+                       f"use one of: {', '.join(sorted(PREFERENCE))} or auto")
     elif not _mapping_supported(mapping, features):
         raise FanError(f"this kernel cannot do mapping={mapping} ({features.describe()}); "
                        "use mapping=auto, and run `fan-driver check` for details")
@@ -58,14 +58,16 @@ def _mapping_supported(mapping: str, features: KernelFeatures) -> bool:
     return {"kernel": features.fan_map, "ebpf": features.ebpf, "routes": True}[mapping]
 
 
-class Dataplane:
-    def __init__(self, ipr: AsyncIPRoute, firewall: Firewall):
+class LinuxDataplane(Dataplane):
+    def __init__(self, ipr: AsyncIPRoute, firewall: Firewall,
+                 mappings: Mapping[str, PeerMapping]):
         self.links = Links(ipr)
         self.firewall = firewall
+        self.mappings = mappings   # name -> mechanism, one of each in PREFERENCE
         self.ports = Publisher(firewall, UserlandProxy())
 
     def _rules(self, plan: NetworkPlan):
-        return network_rules(plan, MAPPINGS[plan.mapping].tunnel_device(plan))
+        return network_rules(plan, self.mappings[plan.mapping].tunnel_device(plan))
 
     async def ensure_network(self, plan: NetworkPlan, undo_on_failure: bool = True) -> None:
         """Bridge, tunnel and rules; on failure, whatever was done is undone
@@ -74,7 +76,7 @@ class Dataplane:
             if undo_on_failure:
                 undo.push_async_callback(self._undo, plan)
             await self.links.ensure_bridge(plan.bridge, plan.gateway, plan.mtu, plan.mark)
-            await MAPPINGS[plan.mapping].ensure(self.links, plan)
+            await self.mappings[plan.mapping].ensure(self.links, plan)
             await self.firewall.ensure(self._rules(plan))
             undo.pop_all()
         _enable_forwarding()
@@ -90,7 +92,8 @@ class Dataplane:
                 continue
             try:
                 await self.links.ipr.link("set", index=index, master=bridge, state="up")
-                await MAPPINGS[plan.mapping].attach_endpoint(self.links, plan, index, endpoint)
+                await self.mappings[plan.mapping].attach_endpoint(self.links, plan, index,
+                                                                  endpoint)
             except (NetlinkError, FanError) as exc:
                 log.warning("cannot re-attach %s to %s: %s", Endpoint.host_ifname(endpoint_id),
                             plan.bridge, exc)
@@ -109,7 +112,7 @@ class Dataplane:
         for endpoint_id in endpoint_ids:
             await self.detach(endpoint_id)
         await self.firewall.remove(self._rules(plan))
-        await MAPPINGS[plan.mapping].remove(self.links, plan)
+        await self.mappings[plan.mapping].remove(self.links, plan)
         await self.links.delete(plan.bridge)
 
     async def attach(self, plan: NetworkPlan, endpoint_id: str, endpoint: Endpoint) -> None:
@@ -121,17 +124,29 @@ class Dataplane:
                                              Endpoint.container_ifname(endpoint_id),
                                              plan.mtu, endpoint.mac, bridge, plan.mark)
         try:
-            await MAPPINGS[plan.mapping].attach_endpoint(self.links, plan, index, endpoint)
+            await self.mappings[plan.mapping].attach_endpoint(self.links, plan, index, endpoint)
         except BaseException:
             await self.detach(endpoint_id)   # Docker sees the failure: leave nothing
             raise
 
     def forget(self, plan: NetworkPlan, endpoint: Endpoint) -> None:
         """No more traffic handed to the endpoint: first of its removal."""
-        MAPPINGS[plan.mapping].detach_endpoint(plan, endpoint)
+        self.mappings[plan.mapping].detach_endpoint(plan, endpoint)
 
     async def detach(self, endpoint_id: str) -> None:
         await self.links.delete(Endpoint.host_ifname(endpoint_id))
+
+    async def publish(self, plan: NetworkPlan, endpoint_id: str, container: IPv4Address,
+                      requests: Sequence[PortRequest], held: Held) -> Tuple[PortBinding, ...]:
+        return await self.ports.publish(plan, endpoint_id, container, requests, held)
+
+    async def unpublish(self, plan: NetworkPlan, endpoint_id: str,
+                        bindings: Sequence[PortBinding]) -> None:
+        await self.ports.unpublish(plan, endpoint_id, bindings)
+
+    async def restore_ports(self, plan: NetworkPlan, endpoint_id: str, container: IPv4Address,
+                            bindings: Sequence[PortBinding]) -> None:
+        await self.ports.restore(plan, endpoint_id, container, bindings)
 
     async def remove_orphans(self, plans: Iterable[NetworkPlan], endpoint_ids: Set[str],
                              published: Set[str] = frozenset()) -> None:
@@ -141,12 +156,13 @@ class Dataplane:
         other networks' filters and routes."""
         plans = list(plans)
         wanted = {Endpoint.host_ifname(e) for e in endpoint_ids}
-        wanted |= {p.bridge for p in plans} | {MAPPINGS[p.mapping].tunnel_device(p) for p in plans}
+        wanted |= {p.bridge for p in plans}
+        wanted |= {self.mappings[p.mapping].tunnel_device(p) for p in plans}
         for name in await self.links.marked():
             if name not in wanted:
                 log.warning("removing orphan interface %s", name)
                 await self.links.delete(name)
-        for mapping in MAPPINGS.values():
+        for mapping in self.mappings.values():
             await mapping.remove_orphans(self.links, [p for p in plans if p.mapping == mapping.name])
         known = {p.mark for p in plans}
         known |= {endpoint_mark(p, e) for p in plans for e in published}

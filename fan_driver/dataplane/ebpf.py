@@ -33,6 +33,7 @@ from ..errors import FanError
 from ..fanmap import FanMap
 from ..model import Endpoint
 from . import bpf
+from .base import PeerMapping
 from .netlink import Links
 from .plan import ENCAPS, MARK, VXLAN_PORT, NetworkPlan
 
@@ -73,7 +74,7 @@ def supported() -> bool:
     return error is None
 
 
-class EbpfMapping:
+class EbpfMapping(PeerMapping):
     name = "ebpf"
 
     def __init__(self):

@@ -14,6 +14,7 @@ import struct
 from ..errors import FanError
 from ..fanmap import FanMap
 from ..model import Endpoint
+from .base import PeerMapping
 from .netlink import NLM_F_ACK, NLM_F_REQUEST, Links, ifinfomsg, rtnl_message, rtnl_request
 from .plan import MARK, VXLAN_PORT, NetworkPlan
 
@@ -73,7 +74,7 @@ def _send(message: bytes) -> None:
         raise FanError(f"the kernel refused a fan-mapped tunnel device: {os.strerror(-error)}")
 
 
-class KernelMapping:
+class KernelMapping(PeerMapping):
     name = "kernel"
 
     async def attach_endpoint(self, links: Links, plan: NetworkPlan, veth_index: int,

@@ -5,28 +5,17 @@ from __future__ import annotations
 import logging
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 from ..errors import FanError
 from ..model import short_id
-from ..ports import PortBinding, PortRequest, first_conflict, parse_port_range
+from ..ports import Held, PortBinding, PortRequest, first_conflict, parse_port_range
 from .firewall import Firewall, endpoint_mark, port_rules
 from .plan import NetworkPlan
 from .proxy import PortTaken, UserlandProxy
 
 log = logging.getLogger(__name__)
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-
-# (proto, host port) -> [(who holds it, binding)]: the fan's own bindings.
-Held = Dict[Tuple[str, int], List[Tuple[str, PortBinding]]]
-
-
-def held_index(pairs: Iterable[Tuple[str, PortBinding]]) -> Held:
-    index: Held = {}
-    for holder, binding in pairs:
-        index.setdefault((binding.proto, binding.host_port), []).append((holder, binding))
-    return index
-
 
 class Publisher:
     def __init__(self, firewall: Firewall, proxy: UserlandProxy):

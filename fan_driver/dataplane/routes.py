@@ -21,6 +21,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Dict, Set
 
 from ..model import Endpoint, short_id
+from .base import PeerMapping
 from .netlink import Links
 from .plan import MARK, NetworkPlan
 
@@ -46,7 +47,7 @@ def vtep_address(slice_: IPv4Network) -> IPv4Address:
     return slice_.network_address
 
 
-class RoutesMapping:
+class RoutesMapping(PeerMapping):
     name = "routes"
 
     async def attach_endpoint(self, links: Links, plan: NetworkPlan, veth_index: int,

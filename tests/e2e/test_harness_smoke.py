@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import Dockerd, Lab, ensure_busybox, netns_list, private_prefix
-from harness.procs import cgroup_hierarchies
-from harness.procs import pid_alive, run_cmd
+from tests.harness import Dockerd, Lab, ensure_busybox, netns_list, private_prefix
+from tests.harness.procs import cgroup_hierarchies
+from tests.harness.procs import pid_alive, run_cmd
 
 pytestmark = pytest.mark.e2e
 

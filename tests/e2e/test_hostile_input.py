@@ -31,8 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fan_driver.server import MAX_BODY
-from harness import consistency, unixhttp
-from harness.plugin import REPO_ROOT
+from tests.harness import consistency, unixhttp
+from tests.harness.plugin import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 

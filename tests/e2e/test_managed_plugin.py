@@ -32,10 +32,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import Dockerd, Lab, ensure_busybox, import_tarball
-from harness.consistency import kernel_snapshot
-from harness.procs import env_with_sbin, run_cmd
-from test_ports import ask, start_server
+from tests.e2e.test_ports import ask, start_server
+from tests.harness import Dockerd, Lab, ensure_busybox, import_tarball
+from tests.harness.consistency import kernel_snapshot
+from tests.harness.procs import env_with_sbin, run_cmd
 
 pytestmark = pytest.mark.e2e
 

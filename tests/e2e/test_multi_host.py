@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Dockerd, PluginProcess, ensure_busybox
+from tests.harness import Dockerd, PluginProcess, ensure_busybox
 
 pytestmark = pytest.mark.e2e
 

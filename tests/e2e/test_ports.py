@@ -17,9 +17,9 @@ import time
 import pytest
 
 from fan_driver import faults
-from harness import consistency
-from test_multi_host import CREATE, start_host
-from test_reliability import docker_bg, settled, wipe_kernel
+from tests.e2e.test_multi_host import CREATE, start_host
+from tests.e2e.test_reliability import docker_bg, settled
+from tests.harness import consistency
 
 pytestmark = pytest.mark.e2e
 
@@ -288,7 +288,7 @@ def test_reboot_brings_the_ports_back(lab, lab_host, dockerd, plugin, web):
     dockerd.kill()
     plugin.kill()
     web.kill()
-    wipe_kernel(lab_host)
+    lab_host.wipe_network()
     plugin.start()
     rules = consistency.kernel_view(lab_host)["rules"]
     assert sum(1 for r in rules if "-j DNAT" in r) == published - 1   # not the 127.0.0.1 one

@@ -22,9 +22,9 @@ import pytest
 
 from fan_driver import faults
 from fan_driver.network import NetworkDriver
-from harness import consistency
-from harness.netlab import busybox_path
-from harness.procs import env_with_sbin
+from tests.harness import consistency
+from tests.harness.netlab import busybox_path
+from tests.harness.procs import env_with_sbin
 
 pytestmark = pytest.mark.e2e
 
@@ -302,21 +302,6 @@ def test_crash_in_the_middle_of_concurrent_runs(dockerd, plugin, lab_host, fan):
 
 # --- 3. Host reboot --------------------------------------------------------------------
 
-def wipe_kernel(host):
-    """What a reboot leaves of this host's network: lo and eth0 with its address
-    and default route. Everything else (bridges, veths, tunnels, routes, every
-    iptables rule and chain, forwarding) is gone."""
-    for link in json.loads(host.run(["ip", "-j", "link", "show"]).stdout):
-        if link["ifname"] not in ("lo", "eth0"):
-            host.run(["ip", "link", "del", link["ifname"]], check=False)
-    for table in ("filter", "nat", "mangle", "raw"):
-        host.run(["iptables", "-t", table, "-F"])
-        host.run(["iptables", "-t", table, "-X"])
-    for chain in ("INPUT", "FORWARD", "OUTPUT"):
-        host.run(["iptables", "-P", chain, "ACCEPT"])
-    host.run(["sysctl", "-qw", "net.ipv4.ip_forward=0"])
-
-
 def test_reboot_restores_the_fan_and_restarted_containers_work(dockerd, plugin, lab_host, fan):
     names = ["boot-a", "boot-b", "boot-c"]
     for name in names:
@@ -325,7 +310,7 @@ def test_reboot_restores_the_fan_and_restarted_containers_work(dockerd, plugin, 
         settled(plugin, dockerd, lab_host)
         dockerd.kill()
         plugin.kill()
-        wipe_kernel(lab_host)
+        lab_host.wipe_network()
         left = consistency.kernel_view(lab_host)
         assert not left["marked"] and not left["rules"] and not left["routes"]
 

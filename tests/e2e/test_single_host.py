@@ -10,7 +10,7 @@ from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
 
-from harness.consistency import kernel_snapshot
+from tests.harness.consistency import kernel_snapshot
 
 pytestmark = pytest.mark.e2e
 

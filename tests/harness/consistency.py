@@ -18,7 +18,7 @@ from pathlib import Path
 from fan_driver.fanmap import FanMap, HostSlice
 from fan_driver.dataplane.firewall import network_rules
 from fan_driver.dataplane.plan import ENCAPS, MARK
-from fan_driver.model import UNCLAIMED
+from fan_driver.model import Owner
 
 SHARED_TUNNELS = tuple(encap.device for encap in ENCAPS.values())
 
@@ -111,12 +111,12 @@ def check(plugin, dockerd, host, allow_unclaimed: bool = False) -> dict:
             expect(eps == docker[nid]["endpoints"],
                    f"network {nid[:12]} endpoints: state {_short(eps)} docker "
                    f"{_short(docker[nid]['endpoints'])}")
-        gateway = [ip for ip, owner in pool["addresses"].items() if owner == "gateway"]
+        gateway = [ip for ip, owner in pool["addresses"].items() if owner == Owner.GATEWAY]
         expect(len(gateway) == 1, f"pool {net['pool_id']}: gateways {gateway}")
-        held = {ip: owner for ip, owner in pool["addresses"].items() if owner != "gateway"}
+        held = {ip: owner for ip, owner in pool["addresses"].items() if owner != Owner.GATEWAY}
         extra = {ip: o for ip, o in held.items() if o not in eps or eps[o] != ip}
         if allow_unclaimed:
-            extra = {ip: o for ip, o in extra.items() if o != UNCLAIMED}
+            extra = {ip: o for ip, o in extra.items() if o != Owner.UNCLAIMED}
         expect(not extra, f"pool {net['pool_id']}: addresses held by no endpoint: {extra}")
         expect(set(held) >= set(eps.values()),
                f"pool {net['pool_id']}: endpoint addresses not allocated: "

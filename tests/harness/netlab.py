@@ -183,6 +183,20 @@ class Host:
     def set_default_route(self, gateway: IPv4Address) -> None:
         self.ip_cmd("route", "replace", "default", "via", str(gateway), "dev", "eth0")
 
+    def wipe_network(self) -> None:
+        """What a reboot leaves of this host's network: lo and eth0 with its address
+        and default route. Everything else (bridges, veths, tunnels, routes, every
+        iptables rule and chain, forwarding) is gone."""
+        for link in json.loads(self.run(["ip", "-j", "link", "show"]).stdout):
+            if link["ifname"] not in ("lo", "eth0"):
+                self.run(["ip", "link", "del", link["ifname"]], check=False)
+        for table in ("filter", "nat", "mangle", "raw"):
+            self.run(["iptables", "-t", table, "-F"])
+            self.run(["iptables", "-t", table, "-X"])
+        for chain in ("INPUT", "FORWARD", "OUTPUT"):
+            self.run(["iptables", "-P", chain, "ACCEPT"])
+        self.run(["sysctl", "-qw", "net.ipv4.ip_forward=0"])
+
 
 class Lab:
     """Context manager: `with Lab() as lab: h = lab.add_host("h28", ...)`.

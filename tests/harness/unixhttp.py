@@ -50,9 +50,14 @@ def post_json(path: str | Path, url: str, payload, timeout: float = 10.0):
                           headers={"Content-Type": PLUGIN_CONTENT_TYPE,
                                    "Accept": PLUGIN_CONTENT_TYPE},
                           timeout=timeout)
+    return status, decoded(raw)
+
+
+def decoded(raw: bytes):
+    """A reply's decoded JSON, or its text when it is not JSON, or None when empty."""
     if not raw.strip():
-        return status, None
+        return None
     try:
-        return status, json.loads(raw)
+        return json.loads(raw)
     except ValueError:
-        return status, raw.decode(errors="replace")
+        return raw.decode(errors="replace")

@@ -6,9 +6,14 @@ from fan_driver.store import Store
 
 
 @pytest.fixture
-def ledger(tmp_path):
-    """A Ledger over a real, locked state directory in tmp_path."""
-    store = Store(tmp_path)
-    ledger = Ledger(store, store.open())
-    yield ledger
+def store(tmp_path):
+    """A Store over a real state directory in tmp_path, not yet opened."""
+    store = Store(tmp_path / "state")
+    yield store
     store.close()
+
+
+@pytest.fixture
+def ledger(store):
+    """A Ledger over `store`, opened (so locked)."""
+    return Ledger(store, store.open())

@@ -6,13 +6,15 @@ from ipaddress import IPv4Interface, IPv4Network
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from fan_driver import check
-from fan_driver.check import (FAIL, INFO, OK, WARN, Iptables, Item, Probe, Settings, StateInfo,
-                              choose_backend, exit_status, format_report, judge,
-                              settings_problems)
-from fan_driver.cli import parse_args
+from fan_driver.check.judge import judge
+from fan_driver.check.probe import Iptables, Probe, StateInfo
+from fan_driver.check.refusal import refusal_app
+from fan_driver.check.report import FAIL, INFO, OK, WARN, Item, exit_status, format_report
+from fan_driver.cli import main, parse_args
 from fan_driver.config import HostFacts, Interface
 from fan_driver.host import KernelFeatures
+from fan_driver.iptables import choose as choose_backend
+from fan_driver.settings import Settings
 
 STOCK = KernelFeatures(fan_map=False, ipip=False, vxlan=True, ebpf=True)
 EPERM = "loading eBPF program 'fan_check' failed: Operation not permitted (errno 1); verifier log:"
@@ -49,7 +51,7 @@ def item(items, name) -> Item:
 # --- settings ------------------------------------------------------------------------
 
 def test_default_settings_are_valid():
-    assert settings_problems(Settings()) == []
+    assert Settings().problems() == []
 
 
 @pytest.mark.parametrize("settings,names", [
@@ -60,7 +62,7 @@ def test_default_settings_are_valid():
     (Settings(iptables="ebtables"), ["FAN_IPTABLES='ebtables'", "auto, nft, legacy"]),
 ])
 def test_an_invalid_setting_is_named_with_its_fix(settings, names):
-    problems = settings_problems(settings)
+    problems = settings.problems()
     assert len(problems) == 1
     for fragment in names:
         assert fragment in problems[0]
@@ -69,12 +71,11 @@ def test_an_invalid_setting_is_named_with_its_fix(settings, names):
 
 
 def test_log_level_is_case_insensitive_like_serve():
-    assert settings_problems(Settings(log_level="DEBUG")) == []
+    assert Settings(log_level="DEBUG").problems() == []
 
 
 def test_every_invalid_setting_is_reported():
-    assert len(settings_problems(Settings(underlay="x", encap="gre", log_level="no",
-                                          iptables="x"))) == 4
+    assert len(Settings(underlay="x", encap="gre", log_level="no", iptables="x").problems()) == 4
 
 
 # --- judging -------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def test_no_default_route_means_default_underlay_cannot_resolve():
 
 
 def test_an_overlay_too_small_for_the_underlay_fails():
-    items = judge(Settings(overlay="250.0.0.0/16"), probe())
+    items = judge(Settings(), probe(), overlay="250.0.0.0/16")
     assert item(items, "slice").status == FAIL
     assert "too small" in item(items, "slice").detail
 
@@ -233,8 +234,8 @@ def test_state_lists_networks_and_reports_corruption():
     (True, "", {"nft": None, "legacy": None}, "auto", "nft"),
     (True, "", {"nft": 9, "legacy": 0}, "legacy", "legacy"),
 ])
-def test_backend_choice_matches_the_plugin_entry_point(in_image, version, rules, forced,
-                                                       expected):
+def test_the_backend_in_the_plugin_image_is_the_setting_or_the_fuller_one(
+        in_image, version, rules, forced, expected):
     assert choose_backend(in_image, version, rules, forced)[0] == expected
 
 
@@ -278,25 +279,34 @@ def test_format_of_a_whole_judgement_is_stable_text():
 
 # --- the command line ------------------------------------------------------------------
 
-def test_check_takes_its_settings_from_the_environment(monkeypatch):
+def test_check_takes_its_settings_from_the_environment(monkeypatch, capsys):
     monkeypatch.setenv("FAN_UNDERLAY", "eth1/24")
     monkeypatch.setenv("FAN_ENCAP", "bogus")        # no argparse choices: check reports it
     args = parse_args(["check", "--settings"])
-    assert (args.command, args.default_underlay, args.default_encap) == (
-        "check", "eth1/24", "bogus")
+    assert args.command == "check"
+    assert main(["check", "--settings"]) == 1
+    assert "FAN_ENCAP='bogus'" in capsys.readouterr().err
 
 
 def test_settings_only_exit_status(capsys):
-    assert check.run(parse_args(["check", "--settings", "--default-encap", "vxlan"])) == 0
-    assert check.run(parse_args(["check", "--settings", "--default-underlay", "bogus"])) == 1
+    assert main(["check", "--settings", "--default-encap", "vxlan"]) == 0
+    assert main(["check", "--settings", "--default-underlay", "bogus"]) == 1
     assert "FAN_UNDERLAY='bogus'" in capsys.readouterr().err
+    assert main(["check", "--settings", "--overlay", "250.0.0.0/33"]) == 1
+    assert "--overlay '250.0.0.0/33'" in capsys.readouterr().err
+
+
+def test_serve_refuses_an_invalid_setting_before_touching_the_host(monkeypatch, capsys):
+    monkeypatch.setenv("FAN_LOG_LEVEL", "loud")
+    assert main(["serve", "--state-dir", "/nonexistent/fan"]) == 1
+    assert "FAN_LOG_LEVEL='loud'" in capsys.readouterr().err
 
 
 # --- the refusal server ------------------------------------------------------------------
 
 @pytest.fixture
 async def refusing():
-    app = check.refusal_app("fan-driver cannot start: setting FAN_UNDERLAY='bogus' is invalid")
+    app = refusal_app("fan-driver cannot start: setting FAN_UNDERLAY='bogus' is invalid")
     async with TestClient(TestServer(app)) as client:
         yield client
 

@@ -6,6 +6,7 @@ tests/e2e/test_reliability.py."""
 import asyncio
 import json
 import re
+from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,11 @@ from fan_driver.errors import FanError
 from fan_driver.faults import ENV, POINTS, Faults
 from fan_driver.host import KernelFeatures
 from fan_driver.ipam import GATEWAY_REQUEST, IpamDriver
-from fan_driver.model import UNCLAIMED, Endpoint, Network, Pool, State
+from fan_driver.model import Endpoint, Network, Owner, Pool, State
 from fan_driver.network import NetworkDriver
 from fan_driver.store import STATE_FILE, Store
 
-from ipaddress import IPv4Interface, IPv4Network
+from tests.unit.fakes import FakeDataplane
 
 PACKAGE = Path(__file__).resolve().parents[2] / "fan_driver"
 NID, EID, EID2 = "a" * 64, "b" * 64, "c" * 64
@@ -122,19 +123,6 @@ def pool(addresses=None) -> Pool:
 
 def endpoint(last=2) -> Endpoint:
     return Endpoint(address=f"250.0.28.{last}/24", mac=f"0e:fa:fa:00:1c:{last:02x}")
-
-
-class FakeDataplane:
-    def __init__(self):
-        self.calls = []
-
-    def forget(self, *args):
-        self.calls.append(("forget", args))
-
-    def __getattr__(self, name):
-        async def record(*args, **kwargs):
-            self.calls.append((name, args))
-        return record
 
 
 async def read_facts() -> HostFacts:
@@ -247,10 +235,10 @@ async def test_restore_marks_what_was_in_flight_and_the_sweep_releases_it(driver
     network.UNCLAIMED_GRACE = 0.05
     await network.restore()
     addresses = ledger.state.pools[PID].addresses
-    assert addresses[pending] == UNCLAIMED and addresses[address.split("/")[0]] == EID
+    assert addresses[pending] == Owner.UNCLAIMED and addresses[address.split("/")[0]] == EID
     assert ledger.state.pools["fan:240.0.0.0/8"].unclaimed
     assert not ledger.state.pools[PID].unclaimed
-    assert saved(ledger)["pools"][PID]["addresses"][pending] == UNCLAIMED
+    assert saved(ledger)["pools"][PID]["addresses"][pending] == Owner.UNCLAIMED
     await asyncio.wait_for(network._sweep, 5)
     assert pending not in ledger.state.pools[PID].addresses
     assert "fan:240.0.0.0/8" not in ledger.state.pools

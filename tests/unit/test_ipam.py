@@ -5,12 +5,18 @@ import pytest
 
 from fan_driver.config import HostFacts, Interface, UnderlaySpec
 from fan_driver.errors import FanError, NotFound
-from fan_driver.ipam import GATEWAY_REQUEST, IpamDriver, allocate, capacity, reserved
+from fan_driver.ipam import (ENDPOINT_NAME, GATEWAY_REQUEST, MAX_NAME, MAX_REMEMBERED, IpamDriver,
+                             allocate, capacity, endpoint_name, remember, reserved, seen_leaving)
 from fan_driver.ledger import Ledger
-from fan_driver.model import Network, Pool
+from fan_driver.model import Network, Owner, Pool
 from fan_driver.store import STATE_FILE, Store
 
 GATEWAY = {"RequestAddressType": GATEWAY_REQUEST}
+
+
+def named(name: str) -> dict:
+    """RequestAddress options as Docker 29 sends them for container `name`."""
+    return {ENDPOINT_NAME: name}
 
 
 # --- allocate / reserved / capacity on a Pool -----------------------------------------
@@ -23,7 +29,7 @@ def small_pool(host_reserve: int = 1) -> Pool:
 
 
 def take(pool: Pool, address: IPv4Address) -> None:
-    pool.addresses[str(address)] = ""
+    pool.addresses[str(address)] = Owner.PENDING
 
 
 def ip(text: str) -> IPv4Address:
@@ -130,6 +136,119 @@ def test_released_address_is_reused():
     assert allocate(pool, None) == ip("10.100.28.3")
 
 
+# --- addresses remembered by endpoint name (Docker 29 and later) -------------------------
+
+def hand_out(pool: Pool, name=None) -> IPv4Address:
+    """What request_address does for a container: allocate, remember, take."""
+    address = allocate(pool, None, name)
+    remember(pool, str(address), name)
+    take(pool, address)
+    return address
+
+
+def give_back(pool: Pool, address: IPv4Address) -> None:
+    """What release_address does."""
+    del pool.addresses[str(address)]
+    seen_leaving(pool, str(address))
+
+
+def test_a_name_gets_its_free_address_back_before_lower_free_ones():
+    pool = small_pool()
+    first, second = hand_out(pool, "web"), hand_out(pool, "db")
+    give_back(pool, first)
+    give_back(pool, second)
+
+    assert hand_out(pool, "db") == second == ip("10.100.28.3")
+    assert hand_out(pool, "web") == first == ip("10.100.28.2")
+
+
+def test_newcomers_get_never_remembered_addresses_while_there_are_any():
+    pool = small_pool()
+    web = hand_out(pool, "web")
+    give_back(pool, web)
+
+    assert hand_out(pool, "cache") == ip("10.100.28.3")
+    assert hand_out(pool, None) == ip("10.100.28.4")    # Docker 28 sends no name
+    assert hand_out(pool, "web") == web
+
+
+def test_when_only_remembered_addresses_are_free_the_least_recently_seen_goes_first():
+    pool = small_pool(host_reserve=250)    # .251 .. .254
+    a, b, c, d = (hand_out(pool, n) for n in "abcd")
+    for address in (c, a, d):               # stopped in this order: c seen longest ago
+        give_back(pool, address)
+
+    assert hand_out(pool, "e") == c
+    assert hand_out(pool, None) == a
+    assert list(pool.remembered.items()) == [("b", str(b)), ("d", str(d)), ("e", str(c))]
+    assert hand_out(pool, "f") == d
+    with pytest.raises(FanError, match="is full"):
+        hand_out(pool, "g")
+
+
+def test_a_name_whose_address_is_taken_gets_a_new_one_and_remembers_that():
+    pool = small_pool()
+    old = hand_out(pool, "web")
+    give_back(pool, old)
+    take(pool, old)                          # e.g. `--ip` for another container
+
+    new = hand_out(pool, "web")
+
+    assert new == ip("10.100.28.3")
+    assert pool.remembered == {"web": str(new)}
+
+
+def test_a_requested_address_is_given_exactly_and_remembered_for_the_name():
+    pool = small_pool()
+    web = hand_out(pool, "web")
+    give_back(pool, web)
+
+    assert allocate(pool, ip("10.100.28.2"), "db") == web
+    remember(pool, str(web), "db")
+
+    assert pool.remembered == {"db": str(web)}
+
+
+def test_memory_holds_one_entry_per_name_and_per_address_newest_last():
+    pool = small_pool()
+    remember(pool, "10.100.28.2", "a")
+    remember(pool, "10.100.28.3", "b")
+    remember(pool, "10.100.28.4", "a")      # a moved: its old address is no one's
+    remember(pool, "10.100.28.3", "c")      # b's address went to c
+    remember(pool, "10.100.28.5", None)     # nameless: forgets nothing else
+
+    assert list(pool.remembered.items()) == [("a", "10.100.28.4"), ("c", "10.100.28.3")]
+    seen_leaving(pool, "10.100.28.4")
+    seen_leaving(pool, "10.100.28.9")       # no one's: nothing moves
+    assert list(pool.remembered) == ["c", "a"]
+
+
+def test_memory_is_bounded_and_forgets_the_least_recently_seen():
+    pool = Pool(overlay="10.0.0.0/8", underlay="192.168.1.0/24", underlay_address="192.168.1.28",
+                interface="eth0", mtu=1500)   # a /16 slice: more addresses than the bound
+    first = pool.host_slice.slice.network_address + 2
+    for i in range(MAX_REMEMBERED + 5):
+        remember(pool, str(first + i), f"c{i}")
+
+    assert len(pool.remembered) == MAX_REMEMBERED
+    assert next(iter(pool.remembered)) == "c5"
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({}, None), ({ENDPOINT_NAME: ""}, None), ({ENDPOINT_NAME: "web-1"}, "web-1"),
+    ({ENDPOINT_NAME: "x" * MAX_NAME}, "x" * MAX_NAME),
+    ({ENDPOINT_NAME: "x" * (MAX_NAME + 1)}, None),       # too long to keep: not remembered
+])
+def test_endpoint_name(options, expected):
+    assert endpoint_name(options) == expected
+
+
+@pytest.mark.parametrize("value", [7, ["web"], {"a": 1}, True])
+def test_an_endpoint_name_that_is_not_a_string_is_refused(value):
+    with pytest.raises(FanError, match=f"{ENDPOINT_NAME} must be a string"):
+        endpoint_name({ENDPOINT_NAME: value})
+
+
 # --- IpamDriver over a Store in tmp_path ----------------------------------------------
 
 def host_facts(routes=("172.30.0.0/16",)) -> HostFacts:
@@ -148,18 +267,6 @@ class Host:
 
     async def read_facts(self) -> HostFacts:
         return self.facts
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = Store(tmp_path)
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def ledger(store):
-    return Ledger(store, store.open())
 
 
 @pytest.fixture
@@ -374,8 +481,9 @@ async def test_release_pool_keeps_a_pool_a_network_still_uses(ipam, ledger):
     lambda ipam, pid: ipam.request_address(pid, "nonsense", None),
     lambda ipam, pid: ipam.request_address(pid, "250.0.28.9", GATEWAY),
     lambda ipam, pid: ipam.request_address("fan:240.0.0.0/8", "", None),
+    lambda ipam, pid: ipam.request_address(pid, "", {ENDPOINT_NAME: 7}),
 ], ids=["overlap", "route", "v6", "no-address", "unknown-option", "taken", "outside",
-        "nonsense", "gateway", "no-pool"])
+        "nonsense", "gateway", "no-pool", "name-not-a-string"])
 async def test_failed_request_leaves_the_state_file_unchanged(ipam, ledger, host, store,
                                                               failing_request):
     host.facts = host_facts(routes=("172.30.0.0/16", "10.0.0.0/8"))
@@ -389,3 +497,99 @@ async def test_failed_request_leaves_the_state_file_unchanged(ipam, ledger, host
 
     assert state_bytes(store) == before_file
     assert ledger.state.to_json() == before_state
+
+
+# --- the IPAM as Docker 29 calls it: names, memory in the state file -------------------
+
+async def test_containers_keep_their_addresses_as_docker_29_restarts_them(ipam, ledger):
+    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
+    await ipam.request_address(pid, "", GATEWAY)
+    web = (await ipam.request_address(pid, "", named("web")))["Address"]
+    db = (await ipam.request_address(pid, "", named("db")))["Address"]
+    for address in (web, db):                              # both stop
+        await ipam.release_address(pid, address.split("/")[0])
+
+    newcomer = (await ipam.request_address(pid, "", named("cache")))["Address"]
+    again = [(await ipam.request_address(pid, "", named(n)))["Address"] for n in ("db", "web")]
+
+    assert (web, db, newcomer) == ("250.0.28.2/24", "250.0.28.3/24", "250.0.28.4/24")
+    assert again == [db, web]
+    assert ledger.state.pools[pid].addresses == {
+        "250.0.28.1": Owner.GATEWAY, "250.0.28.2": Owner.PENDING, "250.0.28.3": Owner.PENDING,
+        "250.0.28.4": Owner.PENDING}
+
+
+async def test_the_memory_lives_in_the_state_file_across_a_restart(ipam, ledger, store, host):
+    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
+    web = (await ipam.request_address(pid, "", named("web")))["Address"]
+    await ipam.release_address(pid, web)
+    store.close()
+
+    again = Store(store.directory)
+    try:
+        restarted = IpamDriver(Ledger(again, again.open()), host.read_facts,
+                               UnderlaySpec.parse("default/16"))
+        assert (await restarted.request_address(pid, "", named("other")))["Address"] != web
+        assert (await restarted.request_address(pid, "", named("web")))["Address"] == web
+    finally:
+        again.close()
+
+
+async def test_the_memory_goes_with_the_pool(ipam, ledger):
+    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
+    web = (await ipam.request_address(pid, "", named("web")))["Address"]
+    await ipam.release_address(pid, web)
+    assert ledger.state.pools[pid].remembered == {"web": "250.0.28.2"}
+
+    await ipam.release_pool(pid)
+    await ipam.request_pool("250.0.0.0/8", "", {}, False)
+
+    assert ledger.state.pools[pid].remembered == {}
+
+
+async def test_without_names_nothing_is_remembered(ipam, ledger):
+    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
+    first = (await ipam.request_address(pid, "", {}))["Address"]
+    await ipam.request_address(pid, "", None)
+    await ipam.release_address(pid, first)
+
+    assert (await ipam.request_address(pid, "", {}))["Address"] == first
+    assert ledger.state.pools[pid].remembered == {}
+
+
+# --- a request that changes nothing writes nothing ---------------------------------------
+
+def file_identity(store: Store) -> tuple:
+    st = (store.directory / STATE_FILE).stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+@pytest.mark.parametrize("no_op", [
+    lambda ipam, pid: ipam.release_address(pid, "250.0.28.250"),     # never handed out
+    lambda ipam, pid: ipam.release_address(pid, "250.0.28.2"),       # released already
+    lambda ipam, pid: ipam.release_address("fan:251.0.0.0/8", "251.0.28.2"),
+    lambda ipam, pid: ipam.release_pool("fan:251.0.0.0/8"),
+    lambda ipam, pid: ipam.request_address(pid, "", GATEWAY),         # holds it already
+], ids=["unknown-address", "released-twice", "unknown-pool", "unknown-pool-release",
+        "gateway-again"])
+async def test_a_request_that_changes_nothing_does_not_write_the_file(ipam, store, no_op):
+    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
+    await ipam.request_address(pid, "", GATEWAY)
+    await ipam.request_address(pid, "", named("web"))
+    await ipam.release_address(pid, "250.0.28.2")
+    before = file_identity(store), state_bytes(store)
+
+    await no_op(ipam, pid)
+    await no_op(ipam, pid)
+
+    assert (file_identity(store), state_bytes(store)) == before
+
+
+async def test_a_request_that_changes_something_replaces_the_file(ipam, store):
+    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
+    before = file_identity(store)
+
+    await ipam.request_address(pid, "", None)
+
+    assert file_identity(store)[0] != before[0]
+    assert "250.0.28.2" in store.load().pools[pid].addresses

@@ -6,14 +6,13 @@ import pytest
 from fan_driver.config import is_internal, require_ipv4
 from fan_driver.dataplane.firewall import network_rules, port_rules
 from fan_driver.dataplane.plan import VXLAN, NetworkPlan
-from fan_driver.dataplane.publish import held_index
 from fan_driver.errors import FanError
 from fan_driver.fanmap import FanMap, HostSlice
 from fan_driver.model import Endpoint, State
 from fan_driver.ports import (ANY_ADDRESS, EPHEMERAL_FALLBACK, PortBinding, PortRequest,
-                              Publication, first_conflict, parse_port_range, runs)
+                              Publication, first_conflict, held_index, parse_port_range, runs)
 
-from test_server import assert_err, call, client  # noqa: F401  (the fixture too)
+from tests.unit.test_server import assert_err, call, client  # noqa: F401  (the fixture too)
 
 CONTAINER = IPv4Address("250.0.28.2")
 NETWORK_ID = "5" * 64

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from fan_driver.errors import FanError
-from fan_driver.model import Endpoint, Network, Pool, State
+from fan_driver.model import Endpoint, Network, Owner, Pool, State
 from fan_driver.store import STATE_FILE, Store
 
 
@@ -14,18 +14,13 @@ def sample_state() -> State:
         pools={pid: Pool(overlay="250.0.0.0/8", underlay="172.30.0.0/16",
                          underlay_address="172.30.0.28", interface="eth0", mtu=1500,
                          host_reserve=3,
-                         addresses={"250.0.28.1": "gateway", "250.0.28.4": "e" * 64})},
+                         addresses={"250.0.28.1": Owner.GATEWAY, "250.0.28.4": "e" * 64,
+                                    "250.0.28.5": Owner.PENDING},
+                         remembered={"web": "250.0.28.7", "db": "250.0.28.4"})},
         networks={"n" * 64: Network(
             pool_id=pid, encap="vxlan", mapping="ebpf", mtu=1450, tc_pref=1,
             endpoints={"e" * 64: Endpoint(address="250.0.28.4/24",
                                           mac="0e:fa:fa:00:1c:04")})})
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = Store(tmp_path / "state")
-    yield store
-    store.close()
 
 
 def test_open_on_a_new_directory_gives_empty_state(store):
@@ -126,3 +121,57 @@ def test_directory_can_be_opened_again_after_close(store):
         assert second.open() == State()
     finally:
         second.close()
+
+
+def test_the_remembered_order_survives_the_file(store):
+    store.open()
+    store.save(sample_state())
+
+    assert list(store.load().pools["fan:250.0.0.0/8"].remembered) == ["web", "db"]
+
+
+def test_files_from_before_owners_had_names_and_before_memory_still_load(store):
+    old = {"version": 1, "networks": {}, "pools": {"fan:250.0.0.0/8": {
+        "overlay": "250.0.0.0/8", "underlay": "172.30.0.0/16", "underlay_address": "172.30.0.28",
+        "interface": "eth0", "mtu": 1500, "host_reserve": 1, "unclaimed": False,
+        "addresses": {"250.0.28.1": "gateway", "250.0.28.2": "", "250.0.28.3": "unclaimed"}}}}
+    store.directory.mkdir(parents=True)
+    (store.directory / STATE_FILE).write_text(json.dumps(old))
+
+    pool = store.open().pools["fan:250.0.0.0/8"]
+
+    assert pool.addresses == {"250.0.28.1": Owner.GATEWAY, "250.0.28.2": Owner.PENDING,
+                              "250.0.28.3": Owner.UNCLAIMED}
+    assert pool.remembered == {}
+
+
+def file_identity(store) -> tuple:
+    st = (store.directory / STATE_FILE).stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def test_saving_what_the_file_holds_does_not_write(store):
+    store.open()
+    store.save(sample_state())
+    before = file_identity(store)
+
+    store.save(sample_state())
+    store.close()
+    again = Store(store.directory)
+    try:
+        again.save(again.open())
+    finally:
+        again.close()
+
+    assert file_identity(store) == before
+
+
+def test_a_file_in_an_older_form_is_rewritten_at_the_first_save(store):
+    store.directory.mkdir(parents=True)
+    (store.directory / STATE_FILE).write_text(json.dumps(State().to_json(), indent=1))
+    before = file_identity(store)
+
+    store.save(store.open())
+
+    assert file_identity(store)[0] != before[0]
+    assert store.load() == State()

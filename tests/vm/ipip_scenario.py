@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import http.client
 import json
 import os
 import re
@@ -63,6 +62,9 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
+from tests.harness import unixhttp
+from tests.harness.procs import run_cmd, stop_popen, wait_answering
+
 HOSTS = {"h27": "172.30.0.27", "h28": "172.30.0.28", "h509": "172.30.5.9"}
 OUTSIDE = "172.30.255.254"
 LAB_PREFIXLEN = 16
@@ -70,7 +72,6 @@ LAB_PREFIXLEN = 16
 CONTAINERS = {"c27a": "h27", "c28": "h28", "c509": "h509", "c27b": "h27"}
 OVERLAY = IPv4Network("250.0.0.0/8")
 AUTO_OVERLAY = IPv4Network("251.0.0.0/8")
-CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
 GATEWAY_REQUEST = {"RequestAddressType": "com.docker.network.gateway"}
 BLOB_SIZE = 10 * 1024 * 1024
 HTTP_PORT = 8080
@@ -116,11 +117,8 @@ class Timer:
 def sh(cmd: list[str] | str, check_rc: bool = True, timeout: float = 120) -> str:
     """Run a command (argv list, or a string for /bin/sh -c); return stdout+stderr."""
     argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else cmd
-    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                       timeout=timeout)
-    if check_rc and r.returncode != 0:
-        raise RuntimeError(f"command failed ({r.returncode}): {cmd}\n{r.stdout}")
-    return r.stdout
+    result = run_cmd(argv, check=check_rc, timeout=timeout)
+    return result.stdout + result.stderr
 
 
 def ns(name: str, *argv: str, check_rc: bool = True, timeout: float = 120) -> str:
@@ -138,18 +136,6 @@ def link_exists(netns: str, name: str) -> bool:
 
 # --- the plugin protocol -------------------------------------------------------
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
-
-
 class PluginCallError(RuntimeError):
     pass
 
@@ -164,22 +150,18 @@ CALL_TIMES_LOCK = threading.Lock()
 
 def call(host: str, method: str, body, timeout: float = 120, expect_ok: bool = True):
     """POST like dockerd's plugin client; returns (status, decoded JSON)."""
-    conn = UnixHTTPConnection(socket_path(host), timeout)
     start = time.monotonic()
     try:
         # dockerd's plugin client sends no body at all for nil arguments
-        conn.request("POST", f"/{method}", body=b"" if body is None else json.dumps(body),
-                     headers={"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE})
-        resp = conn.getresponse()
-        status, raw = resp.status, resp.read()
+        status, raw = unixhttp.request(
+            socket_path(host), "POST", f"/{method}",
+            body=b"" if body is None else json.dumps(body).encode(), timeout=timeout,
+            headers={"Content-Type": unixhttp.PLUGIN_CONTENT_TYPE,
+                     "Accept": unixhttp.PLUGIN_CONTENT_TYPE})
     finally:
-        conn.close()
         with CALL_TIMES_LOCK:
             CALL_TIMES.setdefault(method, []).append(time.monotonic() - start)
-    try:
-        data = json.loads(raw) if raw.strip() else None
-    except ValueError:
-        data = raw.decode(errors="replace")
+    data = unixhttp.decoded(raw)
     if expect_ok and status != 200:
         raise PluginCallError(f"{host} {method} {json.dumps(body)} -> HTTP {status} {data}")
     return status, data
@@ -244,28 +226,22 @@ class Plugins:
             log.close()
 
     def wait_ready(self) -> None:
+        """Each plugin answers Activate, then what dockerd asks next when it loads one."""
         deadline = time.monotonic() + PLUGIN_START_WAIT
-        pending = set(HOSTS)
-        while pending:
-            for host in sorted(pending):
-                if self.procs[host].poll() is not None:
-                    raise RuntimeError(f"plugin {host} exited with {self.procs[host].returncode}:\n"
-                                       f"{self.log(host)}")
-                try:
-                    if call(host, "Plugin.Activate", None, timeout=30)[1] == {
-                            "Implements": ["NetworkDriver", "IpamDriver"]}:
-                        # what dockerd asks next when it loads the plugin
-                        ok(host, "NetworkDriver.GetCapabilities", None)
-                        ok(host, "IpamDriver.GetCapabilities", None)
-                        pending.discard(host)
-                        say(f"plugin {host} ready after {time.monotonic() - T0:.1f} s")
-                except OSError:
-                    pass
-            if pending and time.monotonic() > deadline:
-                raise RuntimeError(f"plugins {sorted(pending)} not answering after "
-                                   f"{PLUGIN_START_WAIT} s")
-            if pending:
-                time.sleep(0.5)
+        for host in HOSTS:
+            def activate(host=host):
+                return call(host, "Plugin.Activate", None, timeout=30, expect_ok=False)
+
+            why = wait_answering(self.procs[host], activate,
+                                 max(deadline - time.monotonic(), 1), interval=0.5)
+            if why:
+                raise RuntimeError(f"plugin {host} {why}:\n{self.log(host)}")
+            implements = ok(host, "Plugin.Activate", None)
+            if implements != {"Implements": ["NetworkDriver", "IpamDriver"]}:
+                raise RuntimeError(f"plugin {host} implements {implements}")
+            ok(host, "NetworkDriver.GetCapabilities", None)
+            ok(host, "IpamDriver.GetCapabilities", None)
+            say(f"plugin {host} ready after {time.monotonic() - T0:.1f} s")
 
     def log(self, host: str) -> str:
         try:
@@ -275,15 +251,8 @@ class Plugins:
             return f"(no log: {exc})"
 
     def stop(self) -> None:
-        for host, proc in self.procs.items():
-            if proc.poll() is None:
-                proc.terminate()
-        for host, proc in self.procs.items():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for proc in self.procs.values():
+            stop_popen(proc, timeout=30)
 
 
 # --- one mode --------------------------------------------------------------------

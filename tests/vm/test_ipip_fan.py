@@ -27,7 +27,7 @@ import pytest
 
 from .guest import build_guest
 
-SCENARIO = "tests/vm/ipip_scenario.py"
+SCENARIO = "-m tests.vm.ipip_scenario"   # from the project root, to import tests.harness
 ROUTES_UNDERLAY = os.environ.get("FAN_VM_ROUTES_UNDERLAY", "172.30.0.0/20")
 # A bound, not a target. Measured: about 3.5 minutes on an idle 2-core machine,
 # about 8 with other test runs competing (route programming is CPU-bound).

@@ -1,0 +1,65 @@
+"""fan-driver check: what this host supports and what the plugin would do here.
+
+    fan-driver check              the full report; exit status 1 when a fan
+                                  network could not work here
+    fan-driver check --settings   only the settings (FAN_UNDERLAY, FAN_ENCAP,
+                                  FAN_LOG_LEVEL, FAN_IPTABLES or their flags)
+
+Reading the host (probe.py, into plain data) is kept apart from judging what
+was read (judge.py) and printing it (report.py); those two are pure functions,
+tested without root (tests/unit/test_check.py).
+
+`--settings --serve-refusal` is the managed plugin's guard (refusal.py,
+plugin/entrypoint.sh): with valid settings it returns at once; with an invalid
+one it keeps the plugin socket up and answers every Docker request with the
+problem and its fix.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from ..config import DEFAULT_OVERLAY
+from ..settings import Settings, add_flags
+from .judge import judge, overlay_problems
+from .probe import probe
+from .report import exit_status, format_report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`fan-driver check` options; the settings are read like `serve`'s."""
+    add_flags(parser, ("underlay", "encap", "log_level", "iptables", "state_dir", "socket"),
+              validate=False)   # check reports an invalid value instead of refusing it
+    parser.add_argument("--overlay", default=str(DEFAULT_OVERLAY),
+                        help="overlay to plan a slice of (default: %(default)s)")
+    parser.add_argument("--settings", action="store_true",
+                        help="check only the settings; exit status 1 when one is invalid")
+    parser.add_argument("--serve-refusal", action="store_true",
+                        help="with --settings: when a setting is invalid, keep answering "
+                             "Docker on --socket with the problem instead of exiting (the "
+                             "managed plugin's entry point)")
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    if args.settings:
+        return check_settings(settings, args.overlay, args.serve_refusal)
+    items = judge(settings, asyncio.run(probe(Path(settings.state_dir), settings.iptables)),
+                  args.overlay)
+    print(format_report(items))
+    return exit_status(items)
+
+
+def check_settings(settings: Settings, overlay: str, serve_refusal: bool) -> int:
+    problems = settings.problems() + overlay_problems(overlay)
+    for problem in problems:
+        print(f"fan-driver: {problem}", file=sys.stderr)
+    if problems and serve_refusal:
+        from .refusal import serve_refusal as refuse   # the drivers and aiohttp
+
+        print(f"fan-driver: refusing every request on {settings.socket} until the settings "
+              "are fixed", file=sys.stderr)
+        asyncio.run(refuse(Path(settings.socket), "fan-driver cannot start: " +
+                           "; ".join(problems)))
+    return 1 if problems else 0

@@ -1,0 +1,126 @@
+"""Reading the host for `fan-driver check`: kernel features, interfaces and
+routes, iptables, ip_forward and the state file, as plain data (`Probe`) so
+that judging it is pure."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from pyroute2 import AsyncIPRoute
+
+from .. import host, iptables
+from ..config import HostFacts
+from ..dataplane import ebpf
+from ..dataplane.firewall import CHAINS
+from ..errors import FanError
+from ..host import KernelFeatures
+from ..model import short_id
+from ..store import STATE_FILE, Store
+
+IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+
+
+@dataclass(frozen=True)
+class Iptables:
+    """What iptables looks like from here."""
+    installed: bool = True
+    version: str = ""                       # `iptables --version` of the backend in use
+    backend: Optional[str] = None           # "nft" or "legacy": the one fan-driver uses
+    chosen_by: str = ""                     # why that one
+    # backend -> how many rules it holds (None: cannot be read)
+    rules: Dict[str, Optional[int]] = field(default_factory=dict)
+    forward_policy: Optional[str] = None
+    # FAN-FORWARD / FAN-POSTROUTING -> how many rules (None: no such chain)
+    fan_chains: Dict[str, Optional[int]] = field(default_factory=dict)
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class StateInfo:
+    directory: str
+    networks: Tuple[str, ...] = ()          # one line per network
+    overlays: Tuple[str, ...] = ()          # overlays held by fan networks
+    exists: bool = True
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Everything read from the host."""
+    features: Optional[KernelFeatures]
+    facts: Optional[HostFacts]
+    iptables: Iptables
+    state: StateInfo
+    ip_forward: Optional[str]               # "1", "0", or None when unreadable
+    ebpf_error: str = ""                    # why the eBPF probe failed
+    netlink_error: str = ""                 # reading links or probing devices failed
+
+
+async def probe(state_dir: Path, iptables_setting: str = "auto") -> Probe:
+    features = facts = None
+    netlink_error = ebpf_error = ""
+
+    def ebpf_works() -> bool:   # the probe once, keeping why it failed
+        nonlocal ebpf_error
+        ebpf_error = ebpf.probe_error() or ""
+        return not ebpf_error
+
+    try:
+        async with AsyncIPRoute() as ipr:
+            facts = await host.read_facts(ipr)
+            features = await host.probe_kernel(ipr, ebpf_works)
+    except Exception as exc:   # a report, not a crash: say what failed
+        netlink_error = f"{type(exc).__name__}: {exc}"
+    return Probe(features=features, facts=facts, iptables=probe_iptables(iptables_setting),
+                 state=probe_state(state_dir), ip_forward=_read(IP_FORWARD),
+                 ebpf_error=ebpf_error, netlink_error=netlink_error)
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def probe_iptables(iptables_setting: str = "auto") -> Iptables:
+    backend = iptables.select(iptables_setting)
+    installed = iptables.run([iptables.HOST_IPTABLES, "--version"])[0] is not None or any(
+        shutil.which(f"iptables-{b}") for b in iptables.BACKENDS)
+    if not installed:
+        return Iptables(installed=False, rules=backend.rules)
+    found = dict(backend=backend.name, chosen_by=backend.chosen_by, rules=backend.rules)
+    code, version = iptables.run([backend.binary, "--version"])
+    code, forward = iptables.run([backend.binary, "-w", "-S", "FORWARD"])
+    if code != 0:
+        return Iptables(version=version.strip(), error=forward.strip() or f"exit status {code}",
+                        **found)
+    policy = next((line.split()[2] for line in forward.splitlines()
+                   if line.startswith("-P FORWARD ")), None)
+    chains = {chain: iptables.count_rules(backend.binary, "-w", "-t", table, "-S", chain)
+              for table, _, chain in CHAINS}
+    return Iptables(version=version.strip(), forward_policy=policy, fan_chains=chains, **found)
+
+
+def probe_state(state_dir: Path) -> StateInfo:
+    directory = str(state_dir)
+    if not (Path(state_dir) / STATE_FILE).exists():
+        return StateInfo(directory=directory, exists=False)
+    try:
+        state = Store(Path(state_dir)).load()
+    except (FanError, OSError) as exc:
+        return StateInfo(directory=directory, error=str(exc))
+    lines, overlays = [], []
+    for nid, net in sorted(state.networks.items()):
+        pool = state.pools.get(net.pool_id)
+        if pool is None:
+            lines.append(f"{short_id(nid)}: its pool {net.pool_id} is missing")
+            continue
+        overlays.append(pool.overlay)
+        hs = pool.host_slice
+        lines.append(f"{short_id(nid)}: bridge {hs.bridge_name}, slice {hs.slice} of "
+                     f"{pool.overlay}, {net.encap}/{net.mapping}, MTU {net.mtu}, "
+                     f"{len(net.endpoints)} endpoint(s)")
+    return StateInfo(directory=directory, networks=tuple(lines), overlays=tuple(overlays))

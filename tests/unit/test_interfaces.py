@@ -1,0 +1,55 @@
+"""The declared interfaces (fan_driver/dataplane/base.py) and what implements
+them: the real dataplane, each peer-mapping mechanism and the tests' fakes
+have exactly the protocol's methods, with its signatures."""
+import inspect
+
+import pytest
+
+from fan_driver.cli import peer_mappings
+from fan_driver.dataplane import PREFERENCE, LinuxDataplane
+from fan_driver.dataplane.base import Dataplane, PeerMapping
+from fan_driver.dataplane.ebpf import EbpfMapping
+from fan_driver.dataplane.kernel_fanmap import KernelMapping
+from fan_driver.dataplane.routes import RoutesMapping
+
+from tests.unit.fakes import FakeDataplane
+
+IMPLEMENTATIONS = [(Dataplane, LinuxDataplane), (Dataplane, FakeDataplane),
+                   (PeerMapping, EbpfMapping), (PeerMapping, KernelMapping),
+                   (PeerMapping, RoutesMapping)]
+
+
+def public_methods(cls) -> dict:
+    return {name: member for name, member in inspect.getmembers(cls, inspect.isfunction)
+            if not name.startswith("_")}
+
+
+@pytest.mark.parametrize("protocol,cls", IMPLEMENTATIONS, ids=lambda c: c.__name__)
+def test_an_implementation_has_exactly_the_protocols_methods(protocol, cls):
+    assert protocol in cls.__mro__
+    assert not inspect.isabstract(cls), f"{cls.__name__} lacks {cls.__abstractmethods__}"
+    assert set(public_methods(cls)) == set(public_methods(protocol))
+
+
+@pytest.mark.parametrize("protocol,cls", IMPLEMENTATIONS, ids=lambda c: c.__name__)
+def test_an_implementation_takes_the_protocols_arguments(protocol, cls):
+    for name, declared in public_methods(protocol).items():
+        method = public_methods(cls)[name]
+        assert list(inspect.signature(method).parameters) == list(
+            inspect.signature(declared).parameters), f"{cls.__name__}.{name}"
+        assert inspect.iscoroutinefunction(method) == inspect.iscoroutinefunction(declared)
+
+
+def test_a_fake_with_a_renamed_method_cannot_be_built():
+    methods = {name: f for name, f in vars(FakeDataplane).items() if name != "attach"}
+    methods["attach_endpoint"] = FakeDataplane.attach      # the old name of a renamed method
+    renamed = type("Renamed", (Dataplane,), methods)
+    with pytest.raises(TypeError, match="attach"):
+        renamed()
+
+
+def test_the_wiring_builds_one_mechanism_per_mapping_choose_can_pick():
+    mappings = peer_mappings()
+    assert set(mappings) == set(PREFERENCE)
+    assert all(name == mapping.name for name, mapping in mappings.items())
+    assert peer_mappings()["ebpf"] is not mappings["ebpf"]    # built on each call, not at import
