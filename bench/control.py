@@ -26,6 +26,7 @@ SECTION_API = "control plane: plugin API"
 SECTION_MEM = "control plane: plugin memory"
 CONCURRENCY = 100
 SEQUENTIAL = 20   # endpoints taken through the life cycle one request at a time
+PORT_RANGE = 1000   # -p 20000-20999:20000-20999, programmed in one batch
 API_OVERLAY, API_UNDERLAY = "250.0.0.0/8", "172.30.0.0/16"
 LIFE_CYCLE = ("IpamDriver.RequestAddress", "NetworkDriver.CreateEndpoint",
               "NetworkDriver.Join", "NetworkDriver.EndpointOperInfo", "NetworkDriver.Leave",
@@ -114,6 +115,64 @@ class Client:
         return [d[0] for d in done], [d[1] for d in done]
 
 
+async def open_network(c: "Client") -> tuple:
+    """A fan network as dockerd makes one: (pool ID, gateway answer, network ID)."""
+    _, pool = await c.call("IpamDriver.RequestPool", {
+        "AddressSpace": "fan", "Pool": API_OVERLAY, "SubPool": "",
+        "Options": {"underlay": API_UNDERLAY}, "V6": False})
+    pool_id = pool["PoolID"]
+    _, gw = await c.call("IpamDriver.RequestAddress", {
+        "PoolID": pool_id, "Address": "",
+        "Options": {"RequestAddressType": "com.docker.network.gateway"}})
+    network_id = uuid.uuid4().hex * 2
+    await c.call("NetworkDriver.CreateNetwork", {
+        "NetworkID": network_id,
+        "Options": {"com.docker.network.enable_ipv6": False,
+                    "com.docker.network.generic": {"encap": "vxlan", "mapping": "ebpf"}},
+        "IPv4Data": [{"AddressSpace": "fan", "Pool": API_OVERLAY,
+                      "Gateway": gw["Address"]}], "IPv6Data": []})
+    return pool_id, gw, network_id
+
+
+async def close_network(c: "Client", pool_id: str, gw: dict, network_id: str) -> None:
+    await c.call("NetworkDriver.DeleteNetwork", {"NetworkID": network_id})
+    await c.call("IpamDriver.ReleaseAddress", {"PoolID": pool_id,
+                                               "Address": gw["Address"].split("/")[0]})
+    await c.call("IpamDriver.ReleasePool", {"PoolID": pool_id})
+
+
+def port_map(first: int, count: int) -> dict:
+    """`-p first-last:first-last` as dockerd hands it to ProgramExternalConnectivity."""
+    return {"com.docker.network.portmap": [
+        {"Proto": 6, "IP": "", "Port": p, "HostIP": "", "HostPort": p, "HostPortEnd": p}
+        for p in range(first, first + count)]}
+
+
+async def publish_times(socket_path: str, sizes=(1, PORT_RANGE), rounds: int = 3) -> dict:
+    """{ports: [seconds]} for ProgramExternalConnectivity of one endpoint with a
+    range of that many ports (each round revoked again)."""
+    times = {size: [] for size in sizes}
+    async with Client(socket_path, 1) as c:
+        pool_id, gw, network_id = await open_network(c)
+        _, addr = await c.call("IpamDriver.RequestAddress",
+                               {"PoolID": pool_id, "Address": "", "Options": None})
+        ep = {"NetworkID": network_id, "EndpointID": uuid.uuid4().hex * 2}
+        await c.call("NetworkDriver.CreateEndpoint", {
+            **ep, "Interface": {"Address": addr["Address"], "AddressIPv6": "", "MacAddress": ""},
+            "Options": {}})
+        for _ in range(rounds):
+            for size in sizes:
+                seconds, _ = await c.call("NetworkDriver.ProgramExternalConnectivity",
+                                              {**ep, "Options": port_map(20000, size)})
+                times[size].append(seconds)
+                await c.call("NetworkDriver.RevokeExternalConnectivity", ep)
+        await c.call("NetworkDriver.DeleteEndpoint", ep)
+        await c.call("IpamDriver.ReleaseAddress",
+                     {"PoolID": pool_id, "Address": addr["Address"].split("/")[0]})
+        await close_network(c, pool_id, gw, network_id)
+    return times
+
+
 async def life_cycle(socket_path: str, endpoints: int, pid: int,
                      concurrency: int = CONCURRENCY) -> dict:
     """Network, `endpoints` endpoints through every step, network gone again.
@@ -121,20 +180,7 @@ async def life_cycle(socket_path: str, endpoints: int, pid: int,
     latencies, rss = {}, None
     async with Client(socket_path, concurrency) as c:
         latencies["Plugin.Activate"], _ = await c.many("Plugin.Activate", [{}] * endpoints)
-        _, pool = await c.call("IpamDriver.RequestPool", {
-            "AddressSpace": "fan", "Pool": API_OVERLAY, "SubPool": "",
-            "Options": {"underlay": API_UNDERLAY}, "V6": False})
-        pool_id = pool["PoolID"]
-        _, gw = await c.call("IpamDriver.RequestAddress", {
-            "PoolID": pool_id, "Address": "",
-            "Options": {"RequestAddressType": "com.docker.network.gateway"}})
-        network_id = uuid.uuid4().hex * 2
-        await c.call("NetworkDriver.CreateNetwork", {
-            "NetworkID": network_id,
-            "Options": {"com.docker.network.enable_ipv6": False,
-                        "com.docker.network.generic": {"encap": "vxlan", "mapping": "ebpf"}},
-            "IPv4Data": [{"AddressSpace": "fan", "Pool": API_OVERLAY,
-                          "Gateway": gw["Address"]}], "IPv6Data": []})
+        pool_id, gw, network_id = await open_network(c)
         eids = [uuid.uuid4().hex * 2 for _ in range(endpoints)]
         lat, answers = await c.many("IpamDriver.RequestAddress",
                                     [{"PoolID": pool_id, "Address": "", "Options": None}] *
@@ -160,10 +206,7 @@ async def life_cycle(socket_path: str, endpoints: int, pid: int,
                 rss = rss_mib(pid)
                 continue
             latencies[method], _ = await c.many(method, bodies)
-        await c.call("NetworkDriver.DeleteNetwork", {"NetworkID": network_id})
-        await c.call("IpamDriver.ReleaseAddress", {"PoolID": pool_id,
-                                                   "Address": gw["Address"].split("/")[0]})
-        await c.call("IpamDriver.ReleasePool", {"PoolID": pool_id})
+        await close_network(c, pool_id, gw, network_id)
     return {"latency_ms": {m: [x * 1000 for x in v] for m, v in latencies.items()},
             "rss_endpoints_mib": rss}
 
@@ -233,6 +276,7 @@ def run_api(bl: BenchLab, report: Report, short: bool, log) -> None:
         # One request at a time first: each method's own service time.
         alone = asyncio.run(life_cycle(plugin.socket_path, SEQUENTIAL, plugin.pid, 1))
         data = asyncio.run(life_cycle(plugin.socket_path, endpoints, plugin.pid))
+        published = asyncio.run(publish_times(plugin.socket_path))
     finally:
         plugin.close()
     data.update(rss_idle_mib=idle, rss_floor_mib=floor, endpoints=endpoints,
@@ -241,6 +285,11 @@ def run_api(bl: BenchLab, report: Report, short: bool, log) -> None:
     log(f"plugin API: {endpoints} endpoints; RSS idle {idle:.1f} MiB, "
         f"with endpoints {data['rss_endpoints_mib']:.1f} MiB")
     api_rows(data, endpoints, report, report.raw.get("docker_run_s"))
+    report.raw["publish_s"] = published
+    report.add(Row(SECTION_API, f"ProgramExternalConnectivity, {PORT_RANGE}-port range vs "
+                                "one port", median(published[PORT_RANGE]) * 1000,
+                   median(published[1]) * 1000, "ms",
+                   note="DNAT rules in one iptables-restore, a proxy socket per port"))
     report.add(Row(SECTION_MEM, "plugin RSS idle vs bare python with its imports", idle, floor,
                    "MiB"))
     report.add(Row(SECTION_MEM, f"plugin RSS with {endpoints} endpoints vs idle",

@@ -25,6 +25,8 @@ POINTS = (
     "create_network:after_kernel", "create_network:after_state",
     "create_endpoint:after_kernel", "create_endpoint:after_state",
     "join:after_kernel",
+    # Publishing ports takes them first; revoking forgets them first.
+    "program_external_connectivity:after_kernel", "revoke_external_connectivity:after_state",
     # Removals save the state first, then change the kernel: a crash in between
     # leaves kernel objects that no state accounts for, which restore() removes.
     "delete_network:after_state", "delete_network:after_kernel",

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from .fanmap import FanMap, HostSlice
+from .ports import PortBinding
 
 # Pools are keyed by their overlay: two fan networks can never share one.
 POOL_PREFIX = "fan:"
@@ -58,6 +59,17 @@ class Pool:
 class Endpoint:
     address: str             # a.b.c.d/len
     mac: str
+    ports: Tuple[PortBinding, ...] = ()   # published, as programmed
+
+    def to_json(self) -> dict:
+        return {"address": self.address, "mac": self.mac,
+                "ports": [b.to_json() for b in self.ports]}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "Endpoint":
+        """State files written before ports were published have no "ports"."""
+        return cls(address=raw["address"], mac=raw["mac"],
+                   ports=tuple(PortBinding.from_json(b) for b in raw.get("ports", ())))
 
     @property
     def ip(self) -> IPv4Address:
@@ -79,6 +91,7 @@ class Network:
     mapping: str             # how peers are found: ebpf | routes | kernel
     mtu: int
     tc_pref: int             # the priority of this network's filter on a shared tunnel
+    internal: bool = False   # --internal: no NAT, nothing leaves the overlay
     endpoints: Dict[str, Endpoint] = field(default_factory=dict)
 
 
@@ -95,7 +108,7 @@ class State:
                 "pools": {k: dict(vars(p), addresses=dict(p.addresses),
                                   remembered=[[n, a] for n, a in p.remembered.items()])
                           for k, p in self.pools.items()},
-                "networks": {k: dict(vars(n), endpoints={e: dict(vars(ep))
+                "networks": {k: dict(vars(n), endpoints={e: ep.to_json()
                                                          for e, ep in n.endpoints.items()})
                              for k, n in self.networks.items()}}
 
@@ -105,7 +118,7 @@ class State:
         networks = {}
         for nid, raw in data.get("networks", {}).items():
             raw = dict(raw)
-            eps = {eid: Endpoint(**ep) for eid, ep in raw.pop("endpoints", {}).items()}
+            eps = {eid: Endpoint.from_json(ep) for eid, ep in raw.pop("endpoints", {}).items()}
             networks[nid] = Network(endpoints=eps, **raw)
         pools = {pid: Pool(**dict(raw, addresses=dict(raw.get("addresses", {})),
                                   remembered=dict(raw.get("remembered", []))))

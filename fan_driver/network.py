@@ -5,9 +5,10 @@ import asyncio
 import logging
 import re
 from ipaddress import IPv4Interface
-from typing import Awaitable, Callable, Optional, Set
+from typing import Awaitable, Callable, Iterator, Optional, Set, Tuple
 
-from .config import HostFacts, NetworkOptions, parse_cidr, resolve_underlay
+from .config import (HostFacts, NetworkOptions, is_internal, parse_cidr, require_ipv4,
+                     resolve_underlay)
 from .dataplane import Dataplane, choose
 from .dataplane.plan import ENCAPS, NetworkPlan
 from .errors import FanError, NotFound
@@ -16,6 +17,7 @@ from .host import KernelFeatures
 from .ipam import ADDRESS_SPACE
 from .ledger import Ledger
 from .model import Endpoint, Network, Owner, State, mac_for, pool_id, short_id
+from .ports import PORTMAP, PortBinding, Publication, bindings_to_docker, held_index, runs
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,17 @@ def plan_for(state: State, network_id: str) -> NetworkPlan:
     pool = state.pools[net.pool_id]
     return NetworkPlan(network_id=network_id, host=pool.host_slice,
                        underlay_interface=pool.interface, mtu=net.mtu,
-                       encap=ENCAPS[net.encap], mapping=net.mapping, tc_pref=net.tc_pref)
+                       encap=ENCAPS[net.encap], mapping=net.mapping, tc_pref=net.tc_pref,
+                       internal=net.internal)
+
+
+def published_ports(state: State, but: str = "") -> Iterator[Tuple[str, PortBinding]]:
+    """(holder, binding) for every port the fan publishes, but endpoint `but`'s."""
+    for nid, net in state.networks.items():
+        for eid, endpoint in net.endpoints.items():
+            if eid != but:
+                yield from ((f"endpoint {short_id(eid)} of fan network {short_id(nid)}", b)
+                            for b in endpoint.ports)
 
 
 class NetworkDriver:
@@ -52,11 +64,20 @@ class NetworkDriver:
         self._deleting: Set[asyncio.Task] = set()   # veths going away after the answer
 
     async def capabilities(self) -> dict:
-        return {"Scope": "local", "ConnectivityScope": "global"}
+        # GwAllocChecker: Docker 28 asks GwAllocCheck before it requests any
+        # address, which is the earliest point to refuse an IPv6-only network.
+        return {"Scope": "local", "ConnectivityScope": "global", "GwAllocChecker": True}
+
+    async def gateway_allocation(self, options: dict) -> dict:
+        """A fan bridge always holds its slice's .1, so Docker reserves the gateway."""
+        require_ipv4(options)
+        return {"SkipIPv4": False, "SkipIPv6": False}
 
     async def create_network(self, network_id: str, options: dict, ipv4_data: list,
                              ipv6_data: list) -> dict:
-        opts = NetworkOptions.parse((options or {}).get(GENERIC_OPTIONS))
+        options = options or {}
+        opts = NetworkOptions.parse(options.get(GENERIC_OPTIONS))
+        require_ipv4(options)
         if ipv6_data:
             raise FanError("the fan is IPv4 only; create the network without --ipv6")
         async with self.ledger.change() as state:
@@ -77,15 +98,16 @@ class NetworkDriver:
             state.networks[network_id] = Network(
                 pool_id=pid, encap=encap.name, mapping=mapping,
                 mtu=self._mtu(opts, pool.mtu, encap.overhead, pool.interface),
+                internal=is_internal(options),
                 tc_pref=min(set(range(1, len(state.networks) + 2))
                             - {n.tc_pref for n in state.networks.values()}))
             plan = plan_for(state, network_id)
             await self.dataplane.ensure_network(plan)
             self.faults.check("create_network:after_kernel")
         self.faults.check("create_network:after_state")
-        log.info("network %s: bridge %s slice %s over %s via %s/%s, mtu %d",
+        log.info("network %s: bridge %s slice %s over %s via %s/%s, mtu %d%s",
                  short_id(network_id), plan.bridge, plan.slice, pool.underlay,
-                 encap.name, mapping, plan.mtu)
+                 encap.name, mapping, plan.mtu, ", internal" if plan.internal else "")
         return {}
 
     @staticmethod
@@ -143,6 +165,8 @@ class NetworkDriver:
         net = state.networks.pop(network_id)
         state.pools.pop(net.pool_id, None)
         self.ledger.commit()
+        for endpoint_id, endpoint in net.endpoints.items():
+            await self.dataplane.unpublish(plan, endpoint_id, endpoint.ports)
         self.faults.check("delete_network:after_state")
         await self.dataplane.remove_network(plan, list(net.endpoints))
         self.faults.check("delete_network:after_kernel")
@@ -196,7 +220,10 @@ class NetworkDriver:
             addresses[ip] = Owner.PENDING   # Docker releases the address itself next
         self.ledger.commit()
         self.faults.check("delete_endpoint:after_state")
-        self.dataplane.forget(plan_for(state, network_id), endpoint)
+        plan = plan_for(state, network_id)
+        if endpoint.ports:   # Docker revokes first; after a crash it may not have
+            await self.dataplane.unpublish(plan, endpoint_id, endpoint.ports)
+        self.dataplane.forget(plan, endpoint)
         task = asyncio.get_running_loop().create_task(self._delete_veth(endpoint_id))
         self._deleting.add(task)
         task.add_done_callback(self._deleting.discard)
@@ -214,7 +241,8 @@ class NetworkDriver:
         async with self.ledger.read() as state:
             endpoint = self._endpoint(state, network_id, endpoint_id)
             return {"Value": {"Address": endpoint.address, "MacAddress": endpoint.mac,
-                              "HostInterface": Endpoint.host_ifname(endpoint_id)}}
+                              "HostInterface": Endpoint.host_ifname(endpoint_id),
+                              PORTMAP: bindings_to_docker(endpoint.ports, endpoint.ip)}}
 
     async def join(self, network_id: str, endpoint_id: str) -> dict:
         async with self.ledger.read() as state:
@@ -228,8 +256,47 @@ class NetworkDriver:
         self.faults.check("join:after_kernel")
         return {"InterfaceName": {"SrcName": Endpoint.container_ifname(endpoint_id),
                                   "DstPrefix": "eth"},
-                "Gateway": str(plan.gateway.ip), "StaticRoutes": [],
+                "Gateway": str(plan.gateway.ip), "StaticRoutes": _static_routes(plan),
                 "DisableGatewayService": False}
+
+    async def program_external_connectivity(self, network_id: str, endpoint_id: str,
+                                            publication: Publication) -> dict:
+        """Publish the endpoint's ports: Docker leaves it to a driver whose Join
+        gives a gateway. Any failure leaves no port taken and no rule."""
+        async with self.ledger.change() as state:
+            endpoint = self._endpoint(state, network_id, endpoint_id)
+            plan = plan_for(state, network_id)
+            if plan.internal and publication.requests:
+                raise FanError(f"fan network {short_id(network_id)} is internal: it publishes "
+                               "no ports; drop -p/-P or use a network without --internal")
+            if endpoint.ports:    # programmed again (Docker 29: the gateway moved back)
+                await self.dataplane.unpublish(plan, endpoint_id, endpoint.ports)
+                endpoint.ports = ()
+                self.ledger.commit()
+            if not publication.requests:
+                return {}
+            endpoint.ports = await self.dataplane.publish(
+                plan, endpoint_id, endpoint.ip, publication.requests,
+                held_index(published_ports(state, but=endpoint_id)))
+            self.faults.check("program_external_connectivity:after_kernel")
+        log.info("endpoint %s publishes %s", short_id(endpoint_id),
+                 ", ".join(b.describe() + (f" (+{n - 1})" if n > 1 else "")
+                           for b, n in runs(endpoint.ports)))
+        return {}
+
+    async def revoke_external_connectivity(self, network_id: str, endpoint_id: str) -> dict:
+        async with self.ledger.change() as state:
+            net = state.networks.get(network_id)
+            endpoint = net.endpoints.get(endpoint_id) if net is not None else None
+            if endpoint is None or not endpoint.ports:
+                return {}
+            bindings, endpoint.ports = endpoint.ports, ()
+            self.ledger.commit()    # a crash from here leaves orphan rules, swept at start
+            self.faults.check("revoke_external_connectivity:after_state")
+            await self.dataplane.unpublish(plan_for(state, network_id), endpoint_id,
+                                                 bindings)
+        log.info("endpoint %s publishes no ports any more", short_id(endpoint_id))
+        return {}
 
     async def leave(self, network_id: str, endpoint_id: str) -> dict:
         self.faults.check("leave:before_reply")
@@ -244,12 +311,19 @@ class NetworkDriver:
             unclaimed = _mark_unclaimed(state)
             plans = [plan_for(state, nid) for nid in state.networks]
             endpoints = {eid for net in state.networks.values() for eid in net.endpoints}
-            await self.dataplane.remove_orphans(plans, endpoints)
+            published = {eid for net in state.networks.values()
+                         for eid, ep in net.endpoints.items() if ep.ports}
+            await self.dataplane.remove_orphans(plans, endpoints, published)
             self.faults.check("restore:after_orphans")
             for plan in plans:
                 try:
                     await self.dataplane.ensure_network(plan, undo_on_failure=False)
-                    await self.dataplane.reattach(plan, state.networks[plan.network_id].endpoints)
+                    endpoints = state.networks[plan.network_id].endpoints
+                    await self.dataplane.reattach(plan, endpoints)
+                    for endpoint_id, endpoint in endpoints.items():
+                        if endpoint.ports:
+                            await self.dataplane.restore_ports(plan, endpoint_id, endpoint.ip,
+                                                               endpoint.ports)
                 except FanError as exc:   # serve the others; requests on it will say so
                     log.error("network %s cannot be restored: %s", short_id(plan.network_id), exc)
                     continue
@@ -302,6 +376,15 @@ def _mark_unclaimed(state: State) -> list:
                 pool.addresses[ip] = Owner.UNCLAIMED
                 marked.append(f"address {ip}")
     return marked
+
+
+def _static_routes(plan: NetworkPlan) -> list:
+    """On an --internal network the overlay is routed through the gateway: other
+    hosts' slices stay reachable should Docker not route the default through it
+    (its own bridge gives internal networks no gateway at all)."""
+    if not plan.internal:
+        return []
+    return [{"Destination": str(plan.overlay), "RouteType": 0, "NextHop": str(plan.gateway.ip)}]
 
 
 def _mac(text) -> Optional[str]:

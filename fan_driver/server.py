@@ -19,6 +19,7 @@ from aiohttp import web
 from .errors import FanError, NotFound
 from .ipam import IpamDriver
 from .network import NetworkDriver
+from .ports import Publication
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,12 @@ def routes(network: NetworkDriver, ipam: IpamDriver) -> Dict[str, Handler]:
         "/NetworkDriver.Leave": lambda b: network.leave(n(b), e(b)),
         "/NetworkDriver.DiscoverNew": lambda b: _const({}),
         "/NetworkDriver.DiscoverDelete": lambda b: _const({}),
-        "/NetworkDriver.ProgramExternalConnectivity": lambda b: _const({}),
-        "/NetworkDriver.RevokeExternalConnectivity": lambda b: _const({}),
+        "/NetworkDriver.ProgramExternalConnectivity": lambda b: network.program_external_connectivity(
+            n(b), e(b), Publication.from_options(field(b, "Options", dict, {}))),
+        "/NetworkDriver.RevokeExternalConnectivity": lambda b: network.revoke_external_connectivity(
+            n(b), e(b)),
+        "/NetworkDriver.GwAllocCheck": lambda b: network.gateway_allocation(
+            field(b, "Options", dict, {})),
         "/NetworkDriver.AllocateNetwork": lambda b: _const({}),
         "/NetworkDriver.FreeNetwork": lambda b: _const({}),
         "/IpamDriver.GetCapabilities": lambda b: ipam.capabilities(),

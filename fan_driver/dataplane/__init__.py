@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import logging
 from contextlib import AsyncExitStack
+from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Dict, Iterable, Mapping, Set, Tuple
+from typing import Dict, Iterable, Mapping, Sequence, Set, Tuple
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import FanError
 from ..host import KernelFeatures
-from ..model import Endpoint, short_id
+from ..model import Endpoint
+from ..ports import Held, PortBinding, PortRequest
 from .base import Dataplane, PeerMapping
-from .firewall import Firewall, network_rules
+from .firewall import Firewall, endpoint_mark, network_rules
 from .netlink import Links
 from .plan import ENCAPS, IPIP, VXLAN, Encap, NetworkPlan
+from .proxy import UserlandProxy
+from .publish import Publisher
 
 log = logging.getLogger(__name__)
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -60,6 +64,7 @@ class LinuxDataplane(Dataplane):
         self.links = Links(ipr)
         self.firewall = firewall
         self.mappings = mappings   # name -> mechanism, one of each in PREFERENCE
+        self.ports = Publisher(firewall, UserlandProxy())
 
     def _rules(self, plan: NetworkPlan):
         return network_rules(plan, self.mappings[plan.mapping].tunnel_device(plan))
@@ -131,10 +136,24 @@ class LinuxDataplane(Dataplane):
     async def detach(self, endpoint_id: str) -> None:
         await self.links.delete(Endpoint.host_ifname(endpoint_id))
 
-    async def remove_orphans(self, plans: Iterable[NetworkPlan], endpoint_ids: Set[str]) -> None:
+    async def publish(self, plan: NetworkPlan, endpoint_id: str, container: IPv4Address,
+                      requests: Sequence[PortRequest], held: Held) -> Tuple[PortBinding, ...]:
+        return await self.ports.publish(plan, endpoint_id, container, requests, held)
+
+    async def unpublish(self, plan: NetworkPlan, endpoint_id: str,
+                        bindings: Sequence[PortBinding]) -> None:
+        await self.ports.unpublish(plan, endpoint_id, bindings)
+
+    async def restore_ports(self, plan: NetworkPlan, endpoint_id: str, container: IPv4Address,
+                            bindings: Sequence[PortBinding]) -> None:
+        await self.ports.restore(plan, endpoint_id, container, bindings)
+
+    async def remove_orphans(self, plans: Iterable[NetworkPlan], endpoint_ids: Set[str],
+                             published: Set[str] = frozenset()) -> None:
         """Delete what we made that no network in the state accounts for: marked
-        interfaces, marked rules (and our chains once empty), and on the tunnel
-        devices networks share, other networks' filters and routes."""
+        interfaces, marked rules (and our chains once empty; port rules of
+        endpoints that publish none), and on the tunnel devices networks share,
+        other networks' filters and routes."""
         plans = list(plans)
         wanted = {Endpoint.host_ifname(e) for e in endpoint_ids}
         wanted |= {p.bridge for p in plans}
@@ -145,10 +164,11 @@ class LinuxDataplane(Dataplane):
                 await self.links.delete(name)
         for mapping in self.mappings.values():
             await mapping.remove_orphans(self.links, [p for p in plans if p.mapping == mapping.name])
-        known = {short_id(p.network_id) for p in plans}
-        for short in await self.firewall.marked_networks() - known:
-            log.warning("removing orphan firewall rules of network %s", short)
-            await self.firewall.remove_marked(short)
+        known = {p.mark for p in plans}
+        known |= {endpoint_mark(p, e) for p in plans for e in published}
+        for mark in await self.firewall.marks() - known:
+            log.warning("removing orphan firewall rules marked %s", mark)
+            await self.firewall.remove_marked(mark)
         await self.firewall.drop_empty_chains()
 
 

@@ -9,9 +9,11 @@ has public methods the protocol does not declare.
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Dict, Iterable, List, Protocol, Set
+from ipaddress import IPv4Address
+from typing import Dict, Iterable, List, Protocol, Sequence, Set, Tuple
 
 from ..model import Endpoint
+from ..ports import Held, PortBinding, PortRequest
 from .netlink import Links
 from .plan import NetworkPlan
 
@@ -80,5 +82,22 @@ class Dataplane(Protocol):
         """The endpoint's veth pair."""
 
     @abstractmethod
-    async def remove_orphans(self, plans: Iterable[NetworkPlan], endpoint_ids: Set[str]) -> None:
-        """What we made that no network in the state accounts for."""
+    async def publish(self, plan: NetworkPlan, endpoint_id: str, container: IPv4Address,
+                      requests: Sequence[PortRequest], held: Held) -> Tuple[PortBinding, ...]:
+        """Host ports for the requests (none of `held`) and their rules; all or nothing."""
+
+    @abstractmethod
+    async def unpublish(self, plan: NetworkPlan, endpoint_id: str,
+                        bindings: Sequence[PortBinding]) -> None:
+        """The endpoint's published ports and their rules."""
+
+    @abstractmethod
+    async def restore_ports(self, plan: NetworkPlan, endpoint_id: str, container: IPv4Address,
+                            bindings: Sequence[PortBinding]) -> None:
+        """Published ports again, as the state holds them (after a restart or a reboot)."""
+
+    @abstractmethod
+    async def remove_orphans(self, plans: Iterable[NetworkPlan], endpoint_ids: Set[str],
+                             published: Set[str] = frozenset()) -> None:
+        """What we made that no network in the state accounts for (port rules
+        too, of endpoints not in `published`)."""

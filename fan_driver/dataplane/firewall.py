@@ -9,18 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shlex
-from typing import List, Sequence, Tuple
+from ipaddress import IPv4Address
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import FanError
-from .plan import NetworkPlan
+from ..model import short_id
+from ..ports import ANY_ADDRESS, PortBinding
+from .plan import MARK, NetworkPlan
 
 log = logging.getLogger(__name__)
 
 FORWARD_CHAIN = "FAN-FORWARD"
+INPUT_CHAIN = "FAN-INPUT"
 NAT_CHAIN = "FAN-POSTROUTING"
+# Published ports: DNAT for traffic to the host's own addresses, arriving
+# (PREROUTING) or made on the host (OUTPUT, except to 127.0.0.0/8: the kernel
+# cannot send a loopback source out of the host; the userland proxy serves it).
+PORTS_CHAIN = "FAN-PORTS"
 # (table, builtin chain, our chain)
-CHAINS = (("filter", "FORWARD", FORWARD_CHAIN), ("nat", "POSTROUTING", NAT_CHAIN))
+CHAINS = (("filter", "FORWARD", FORWARD_CHAIN), ("filter", "INPUT", INPUT_CHAIN),
+          ("nat", "POSTROUTING", NAT_CHAIN),
+          ("nat", "PREROUTING", PORTS_CHAIN), ("nat", "OUTPUT", PORTS_CHAIN))
+JUMP_MATCH = {"PREROUTING": ["-m", "addrtype", "--dst-type", "LOCAL"],
+              "OUTPUT": ["!", "-d", "127.0.0.0/8", "-m", "addrtype", "--dst-type", "LOCAL"]}
 
 Rule = Tuple[str, str, List[str]]  # table, chain, match and target
 
@@ -28,6 +39,21 @@ Rule = Tuple[str, str, List[str]]  # table, chain, match and target
 def network_rules(plan: NetworkPlan, tunnel_device: str) -> List[Rule]:
     comment = ["-m", "comment", "--comment", plan.mark]
     bridge, slice_, overlay = plan.bridge, str(plan.slice), str(plan.overlay)
+    if plan.internal:
+        return [
+            # Containers of the network, on this host and across hosts: nothing else.
+            ("filter", FORWARD_CHAIN, ["-i", bridge, "-o", bridge, *comment, "-j", "ACCEPT"]),
+            ("filter", FORWARD_CHAIN, ["-i", bridge, "-o", tunnel_device, "-d", overlay,
+                                       *comment, "-j", "ACCEPT"]),
+            ("filter", FORWARD_CHAIN, ["-i", tunnel_device, "-o", bridge, "-s", overlay,
+                                       *comment, "-j", "ACCEPT"]),
+            ("filter", FORWARD_CHAIN, ["-i", bridge, *comment, "-j", "DROP"]),
+            ("filter", FORWARD_CHAIN, ["-o", bridge, *comment, "-j", "DROP"]),
+            # The host answers on the gateway only (DNS, ARP), not on its underlay
+            # address or other networks' gateways.
+            ("filter", INPUT_CHAIN, ["-i", bridge, "!", "-d", f"{plan.gateway.ip}/32", *comment,
+                                     "-j", "DROP"]),
+        ]
     return [
         # Anything a container sends: to its neighbours, to other hosts, out.
         ("filter", FORWARD_CHAIN, ["-i", bridge, *comment, "-j", "ACCEPT"]),
@@ -40,22 +66,66 @@ def network_rules(plan: NetworkPlan, tunnel_device: str) -> List[Rule]:
     ]
 
 
+def endpoint_mark(plan: NetworkPlan, endpoint_id: str) -> str:
+    return f"{plan.mark} {short_id(endpoint_id)}"
+
+
+def port_rules(plan: NetworkPlan, endpoint_id: str, container: IPv4Address,
+               bindings: Iterable[PortBinding]) -> List[Rule]:
+    """DNAT per published port; for the endpoint, one ACCEPT of what was DNATed to
+    it and one MASQUERADE of what its neighbours send it through a published
+    port (hairpin: else the reply would go straight back over the bridge, from
+    an address the client never asked). Loopback bindings are the proxy's alone."""
+    comment = ["-m", "comment", "--comment", endpoint_mark(plan, endpoint_id)]
+    target = f"{container}/32"
+    dnat = [("nat", PORTS_CHAIN,
+             [*([] if b.host_ip == ANY_ADDRESS else ["-d", f"{b.host_ip}/32"]),
+              "-p", b.proto, "-m", b.proto, "--dport", str(b.host_port), *comment,
+              "-j", "DNAT", "--to-destination", f"{container}:{b.port}"])
+            for b in bindings if not b.loopback]
+    if not dnat:
+        return []
+    dnatted = ["-m", "conntrack", "--ctstate", "DNAT", *comment]
+    return [("filter", FORWARD_CHAIN, ["-o", plan.bridge, "-d", target, *dnatted, "-j", "ACCEPT"]),
+            ("nat", NAT_CHAIN, ["-s", str(plan.slice), "-d", target, *dnatted, "-j", "MASQUERADE"]),
+            *dnat]
+
+
+def _jump(builtin: str, chain: str) -> List[str]:
+    return [*JUMP_MATCH.get(builtin, []), "-j", chain]
+
+
+def _restore_line(args: Sequence[str]) -> str:
+    """A rule as iptables-restore reads it: it knows double quotes only."""
+    return " ".join(f'"{a}"' if " " in a else a for a in args)
+
+
+def _mark_of(line: str) -> Optional[str]:
+    """The fan mark in an `iptables -S` line, or None."""
+    if '--comment "' + MARK + " " not in line:
+        return None
+    return line.split('--comment "', 1)[1].split('"', 1)[0]
+
+
 class Firewall:
     def __init__(self, binary: str = "iptables"):
         self.binary = binary
         # Checking a rule and adding it are two commands: one change at a time.
         self._lock = asyncio.Lock()
 
-    async def _run(self, table: str, *args: str) -> Tuple[int, str]:
+    async def _exec(self, argv: Sequence[str], stdin: Optional[bytes] = None) -> Tuple[int, str]:
         try:
             proc = await asyncio.create_subprocess_exec(
-                self.binary, "-w", "-t", table, *args,
+                *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else None,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         except FileNotFoundError:
-            raise FanError(f"{self.binary} is not installed; the fan needs it for "
+            raise FanError(f"{argv[0]} is not installed; the fan needs it for "
                            "forwarding and NAT rules (apt-get install iptables)") from None
-        out, err = await proc.communicate()
+        out, err = await proc.communicate(stdin)
         return proc.returncode, (out + err).decode(errors="replace").strip()
+
+    async def _run(self, table: str, *args: str) -> Tuple[int, str]:
+        return await self._exec([self.binary, "-w", "-t", table, *args])
 
     async def _must(self, table: str, *args: str) -> str:
         code, out = await self._run(table, *args)
@@ -63,12 +133,24 @@ class Firewall:
             raise FanError(f"{self.binary} -t {table} {' '.join(args)} failed: {out}")
         return out
 
+    async def _restore(self, changes: Dict[str, List[str]]) -> None:
+        """Many rule changes in one process per call: `iptables-restore --noflush`
+        applies each table's lines atomically (a 1,000-port range is one call)."""
+        text = "".join(f"*{table}\n" + "".join(line + "\n" for line in lines) + "COMMIT\n"
+                       for table, lines in changes.items() if lines)
+        if not text:
+            return
+        code, out = await self._exec([self.binary + "-restore", "--noflush", "-w"],
+                                     text.encode())
+        if code != 0:
+            raise FanError(f"{self.binary}-restore failed: {out}")
+
     async def _ensure_chains(self) -> None:
         for table, builtin, chain in CHAINS:
             if (await self._run(table, "-n", "-L", chain))[0] != 0:
                 await self._must(table, "-N", chain)
-            if (await self._run(table, "-C", builtin, "-j", chain))[0] != 0:
-                await self._must(table, "-I", builtin, "1", "-j", chain)
+            if (await self._run(table, "-C", builtin, *_jump(builtin, chain)))[0] != 0:
+                await self._must(table, "-I", builtin, "1", *_jump(builtin, chain))
 
     async def ensure(self, rules: Sequence[Rule]) -> None:
         if await self._complete(rules):
@@ -79,28 +161,64 @@ class Firewall:
                 if (await self._run(table, "-C", chain, *spec))[0] != 0:
                     await self._must(table, "-A", chain, *spec)
 
+    async def _listings(self) -> Optional[Dict[str, List[str]]]:
+        """`iptables -S` of each table we use, in parallel; None if one fails."""
+        tables = sorted({table for table, _, _ in CHAINS})
+        listings = await asyncio.gather(*(self._run(table, "-S") for table in tables))
+        if any(code != 0 for code, _ in listings):
+            return None
+        return {table: out.splitlines() for table, (_, out) in zip(tables, listings)}
+
     async def _complete(self, rules: Sequence[Rule]) -> bool:
         """Whether our jumps and as many marked rules as `rules` are in place:
         one listing per table, in parallel, instead of a check per rule (this
         runs on every container start). It counts, it does not compare: a
         marked rule edited by hand in place is not noticed."""
-        tables = sorted({table for table, _, _ in CHAINS})
-        listings = dict(zip(tables, await asyncio.gather(
-            *(self._run(table, "-S") for table in tables))))
-        lines = {table: out.splitlines() for table, (code, out) in listings.items() if code == 0}
-        if set(lines) != set(tables):
+        lines = await self._listings()
+        if lines is None:
             return False
         for table, builtin, chain in CHAINS:
-            if f"-A {builtin} -j {chain}" not in lines[table]:
+            if " ".join(["-A", builtin, *_jump(builtin, chain)]) not in lines[table]:
                 return False
+        wanted: Dict[Tuple[str, str, str], int] = {}
         for table, chain, spec in rules:
-            mark = spec[spec.index("--comment") + 1]
-            wanted = sum(1 for t, c, sp in rules if (t, c) == (table, chain))
+            key = (table, chain, spec[spec.index("--comment") + 1])
+            wanted[key] = wanted.get(key, 0) + 1
+        for (table, chain, mark), count in wanted.items():
             found = sum(1 for line in lines[table]
-                        if line.startswith(f"-A {chain} ") and f'--comment "{mark}"' in line)
-            if found != wanted:
+                        if line.startswith(f"-A {chain} ") and _mark_of(line) == mark)
+            if found != count:
                 return False
         return True
+
+    async def replace_marked(self, mark: str, rules: Sequence[Rule]) -> None:
+        """Make the rules carrying `mark` exactly `rules`, in one batch per table."""
+        if rules and await self._complete(rules):
+            return
+        async with self._lock:
+            await self._ensure_chains()
+            changes = await self._deletions(lambda m: m == mark)
+            for table, chain, spec in rules:
+                changes.setdefault(table, []).append(_restore_line(["-A", chain, *spec]))
+            await self._restore(changes)
+
+    async def remove_marked(self, mark: str, drop_empty_chains: bool = True) -> None:
+        """Remove every rule in our chains marked `mark` or a mark under it (a
+        network's mark takes its endpoints' port rules too). An endpoint's
+        ports keep the chains: the next container start would make them again."""
+        async with self._lock:
+            await self._restore(await self._deletions(
+                lambda m: m == mark or m.startswith(mark + " ")))
+            if drop_empty_chains:
+                await self._drop_empty_chains()
+
+    async def _deletions(self, selected) -> Dict[str, List[str]]:
+        lines = await self._listings() or {}
+        ours = {chain for _, _, chain in CHAINS}
+        return {table: ["-D" + line[2:] for line in table_lines
+                        if line.startswith("-A ") and line.split()[1] in ours
+                        and selected(_mark_of(line) or "")]
+                for table, table_lines in lines.items()}
 
     async def remove(self, rules: Sequence[Rule]) -> None:
         async with self._lock:
@@ -114,32 +232,21 @@ class Firewall:
             await self._drop_empty_chains()
 
     async def _drop_empty_chains(self) -> None:
+        empty = set()
         for table, builtin, chain in CHAINS:
             code, out = await self._run(table, "-S", chain)
             if code != 0 or any(line.startswith("-A") for line in out.splitlines()):
                 continue
-            while (await self._run(table, "-D", builtin, "-j", chain))[0] == 0:
+            while (await self._run(table, "-D", builtin, *_jump(builtin, chain)))[0] == 0:
                 pass
+            empty.add((table, chain))
+        for table, chain in sorted(empty):   # after every jump to it is gone
             await self._run(table, "-X", chain)
 
-    async def marked_networks(self) -> set:
-        """Short network IDs that have rules in our chains (to find orphans)."""
-        found = set()
-        for table, _, chain in CHAINS:
-            code, out = await self._run(table, "-S", chain)
-            for line in out.splitlines() if code == 0 else ():
-                if '--comment "fan-driver ' in line:
-                    found.add(line.split('--comment "fan-driver ', 1)[1].split('"', 1)[0])
-        return found
-
-    async def remove_marked(self, short_network_id: str) -> None:
-        """Remove every rule in our chains that carries this network's mark."""
-        async with self._lock:
-            for table, _, chain in CHAINS:
-                code, out = await self._run(table, "-S", chain)
-                for line in out.splitlines() if code == 0 else ():
-                    if (f'--comment "fan-driver {short_network_id}"' in line
-                            and line.startswith("-A")):
-                        await self._run(table, "-D", *shlex.split(line[3:]))
-            await self._drop_empty_chains()
-
+    async def marks(self) -> set:
+        """Every fan mark on a rule in our chains: `fan-driver <network>` on a
+        network's rules, `fan-driver <network> <endpoint>` on published ports."""
+        ours = {chain for _, _, chain in CHAINS}
+        return {_mark_of(line) for table_lines in (await self._listings() or {}).values()
+                for line in table_lines
+                if line.startswith("-A ") and line.split()[1] in ours and _mark_of(line)}

@@ -35,6 +35,7 @@ class NetworkPlan:
     encap: Encap
     mapping: str
     tc_pref: int
+    internal: bool = False   # --internal: nothing leaves the overlay, nothing is published
 
     @property
     def overlay(self) -> IPv4Network:

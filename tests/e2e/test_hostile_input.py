@@ -47,14 +47,15 @@ SHELLS = {"sh", "bash", "dash", "zsh", "ash", "busybox"}
 
 BODY_IGNORED = ["Plugin.Activate", "NetworkDriver.GetCapabilities", "IpamDriver.GetCapabilities",
                 "IpamDriver.GetDefaultAddressSpaces", "NetworkDriver.DiscoverNew",
-                "NetworkDriver.DiscoverDelete", "NetworkDriver.ProgramExternalConnectivity",
-                "NetworkDriver.RevokeExternalConnectivity", "NetworkDriver.AllocateNetwork",
+                "NetworkDriver.DiscoverDelete", "NetworkDriver.AllocateNetwork",
                 "NetworkDriver.FreeNetwork"]
 # Removing what is not there is a success, as Docker expects after restarts.
 REMOVALS = ["NetworkDriver.DeleteNetwork", "NetworkDriver.DeleteEndpoint", "NetworkDriver.Leave",
-            "IpamDriver.ReleasePool", "IpamDriver.ReleaseAddress"]
+            "NetworkDriver.RevokeExternalConnectivity", "IpamDriver.ReleasePool",
+            "IpamDriver.ReleaseAddress"]
 WITH_FIELDS = ["NetworkDriver.CreateNetwork", "NetworkDriver.CreateEndpoint",
-               "NetworkDriver.EndpointOperInfo", "NetworkDriver.Join", "IpamDriver.RequestPool",
+               "NetworkDriver.EndpointOperInfo", "NetworkDriver.Join",
+               "NetworkDriver.ProgramExternalConnectivity", "IpamDriver.RequestPool",
                "IpamDriver.RequestAddress"] + REMOVALS
 ALL_METHODS = BODY_IGNORED + WITH_FIELDS
 
@@ -277,6 +278,10 @@ def spec(world) -> dict:
         },
         "NetworkDriver.EndpointOperInfo": ep_ids,
         "NetworkDriver.Join": ep_ids,
+        "NetworkDriver.ProgramExternalConnectivity": {
+            **ep_ids, "Options": {"ok": st.just({}), "malformed": st.one_of(
+                not_of(dict), json_values.map(lambda v: {"com.docker.network.portmap": [v]}))}},
+        "NetworkDriver.RevokeExternalConnectivity": ep_ids,
         "NetworkDriver.Leave": ep_ids,
         "NetworkDriver.DeleteEndpoint": ep_ids,
         "NetworkDriver.DeleteNetwork": {

@@ -11,7 +11,7 @@ The tests run in order and share one lab (prefix fanlab-mp-: one host and the
 outside), one dockerd and one plugin:
 
   build + create + enable -> short names on this Docker -> the single-host
-  scenario -> `fan-driver check` inside the plugin -> dockerd restart ->
+  scenario -> published ports -> `fan-driver check` inside the plugin -> dockerd restart ->
   plugin disable/enable -> replacement by a newly built plugin -> an invalid
   setting -> network rm cleans up.
 """
@@ -22,6 +22,7 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_ports import ask, start_server
 from tests.harness import Dockerd, Lab, ensure_busybox, import_tarball
 from tests.harness.consistency import kernel_snapshot
 from tests.harness.procs import env_with_sbin, run_cmd
@@ -53,7 +55,7 @@ OUTSIDE = "172.30.255.254"
 # when given with --ip. mp-c's comes from the IPAM (lowest free: .2).
 PINNED = {"mp-a": "250.0.28.11", "mp-b": "250.0.28.12", "mp-c": None}
 TRIO = tuple(PINNED)
-CAPABILITIES = ["CAP_NET_ADMIN", "CAP_BPF", "CAP_NET_RAW"]
+CAPABILITIES = ["CAP_NET_ADMIN", "CAP_BPF", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"]
 SETTABLE_ENV = {"FAN_LOG_LEVEL", "FAN_UNDERLAY", "FAN_ENCAP", "FAN_IPTABLES"}
 
 BASE_CACHE = Path("/var/tmp/fanlab-base")
@@ -317,6 +319,34 @@ def test_single_host_fan_network(mp):
     state = state_file(mp)              # the plugin's state is in our host directory
     (network,) = state["networks"].values()
     assert (network["encap"], network["mapping"], len(network["endpoints"])) == ("vxlan", "ebpf", 3)
+
+
+def test_publishing_ports_through_the_managed_plugin(mp):
+    """The managed plugin cannot write /proc/sys (no route_localnet): its
+    userland relay serves 127.0.0.1, the kernel's DNAT everything else."""
+    # port 80: binding a host port below 1024 takes CAP_NET_BIND_SERVICE
+    mp.cli("run", "-d", "--name", "mp-web", "--net", "fan", "-p", "80:80",
+           "-p", "127.0.0.1:8081:80", "busybox", "sleep", "600")
+    server = start_server(mp.dockerd, mp.host, "mp-web")
+    blocker = mp.host.popen([sys.executable, "-c", "import socket,time; s=socket.socket(); "
+                             "s.bind(('0.0.0.0', 8096)); s.listen(); print(1, flush=True); "
+                             "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert ask(mp.lab.outside, [], "tcp", "172.30.0.28", 80) == f"tcp/80 from {OUTSIDE}"
+        assert ask(mp.host, [], "tcp", "127.0.0.1", 8081) == f"tcp/80 from {GATEWAY}"
+        assert ask(mp.host, [], "tcp", "127.0.0.1", 80) == f"tcp/80 from {GATEWAY}"
+        blocker.stdout.readline()
+        taken = mp.cli("run", "-d", "--name", "mp-late", "--net", "fan", "-p", "8096:80",
+                       "busybox", "sleep", "600", check=False)
+        assert taken.returncode != 0 and "host port 8096/tcp is already in use" in taken.stderr
+    finally:
+        server.kill()
+        server.wait()
+        blocker.kill()
+        blocker.wait()
+        mp.cli("rm", "-f", "mp-web", "mp-late", check=False)
+    assert not [line for line in mp.host.run(["iptables-save"]).stdout.splitlines()
+                if "DNAT" in line and "fan-driver" in line]
 
 
 def test_check_runs_inside_the_plugin_and_from_the_image(mp):

@@ -16,6 +16,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 from fan_driver.fanmap import FanMap, HostSlice
+from fan_driver.dataplane.firewall import network_rules
 from fan_driver.dataplane.plan import ENCAPS, MARK
 from fan_driver.model import Owner
 
@@ -98,7 +99,7 @@ def check(plugin, dockerd, host, allow_unclaimed: bool = False) -> dict:
     expect(set(nets) == set(docker),
            f"fan networks: state {sorted(n[:12] for n in nets)} docker "
            f"{sorted(n[:12] for n in docker)}")
-    wanted_links, all_ips = set(), []
+    wanted_links, all_ips, wanted_rules = set(), [], 0
     for nid, net in nets.items():
         pool = pools.get(net["pool_id"])
         expect(pool is not None, f"network {nid[:12]}: pool {net['pool_id']} missing")
@@ -131,8 +132,14 @@ def check(plugin, dockerd, host, allow_unclaimed: bool = False) -> dict:
         expect(kernel["ports"].get(bridge, set()) == veths,
                f"bridge {bridge} ports {sorted(kernel['ports'].get(bridge, set()))} "
                f"!= endpoints {sorted(veths)}")
-        expect(sum(1 for r in kernel["rules"] if f'"{MARK} {nid[:12]}"' in r) == 4,
+        wanted = network_rule_count(net)
+        wanted_rules += wanted + sum(port_rule_count(ep) for ep in net["endpoints"].values())
+        expect(sum(1 for r in kernel["rules"] if f'"{MARK} {nid[:12]}"' in r) == wanted,
                f"network {nid[:12]}: rules {[r for r in kernel['rules'] if nid[:12] in r]}")
+        for eid, ep in net["endpoints"].items():
+            found = sum(1 for r in kernel["rules"] if f'"{MARK} {nid[:12]} {eid[:12]}"' in r)
+            expect(found == port_rule_count(ep),
+                   f"endpoint {eid[:12]}: {found} port rules for {ep.get('ports', [])}")
     if not allow_unclaimed:
         lonely = [pid for pid in pools if pid not in {n["pool_id"] for n in nets.values()}]
         expect(not lonely, f"pools without a network: {lonely}")
@@ -159,14 +166,33 @@ def check(plugin, dockerd, host, allow_unclaimed: bool = False) -> dict:
            f"missing {sorted(wanted_links - set(kernel['marked']))}")
     expect(set(kernel["fv_links"]) <= wanted_links,
            f"endpoint interfaces left in the host: {sorted(set(kernel['fv_links']) - wanted_links)}")
-    expect(len(kernel["rules"]) == 4 * len(nets), f"{len(kernel['rules'])} marked rules for "
-           f"{len(nets)} networks: {kernel['rules']}")
+    expect(len(kernel["rules"]) == wanted_rules, f"{len(kernel['rules'])} marked rules for "
+           f"{len(nets)} networks, {wanted_rules} wanted: {kernel['rules']}")
     if not nets:
         expect(not kernel["chains"], f"our chains left: {kernel['chains']}")
     assert not problems, "state, Docker and kernel disagree:\n  " + "\n  ".join(problems)
     return {"networks": len(nets), "endpoints": len(all_ips),
             "addresses": sum(len(p["addresses"]) for p in pools.values()),
             "interfaces": len(kernel["marked"]), "rules": len(kernel["rules"])}
+
+
+def network_rule_count(net: dict) -> int:
+    return len(network_rules(_plan_stub(net), "tunnel"))
+
+
+def port_rule_count(endpoint: dict) -> int:
+    """A DNAT per published port not on loopback, and then one ACCEPT and one
+    hairpin MASQUERADE for the endpoint (fan_driver.dataplane.firewall.port_rules)."""
+    dnat = sum(1 for b in endpoint.get("ports", ()) if not IPv4Address(b["host_ip"]).is_loopback)
+    return dnat + 2 if dnat else 0
+
+
+def _plan_stub(net: dict):
+    class Stub:   # what network_rules reads of a plan
+        mark, bridge, slice, overlay = MARK, "bridge", "slice", "overlay"
+        gateway = IPv4Interface("250.0.0.1/24")
+        internal = bool(net.get("internal"))
+    return Stub()
 
 
 def _short(eps: dict) -> dict:

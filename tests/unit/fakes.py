@@ -40,5 +40,15 @@ class FakeDataplane(Dataplane):
     async def detach(self, endpoint_id):
         self._record("detach", endpoint_id)
 
-    async def remove_orphans(self, plans, endpoint_ids):
-        self._record("remove_orphans", plans, endpoint_ids)
+    async def publish(self, plan, endpoint_id, container, requests, held):
+        self._record("publish", plan, endpoint_id, container, requests, held)
+        return ()
+
+    async def unpublish(self, plan, endpoint_id, bindings):
+        self._record("unpublish", plan, endpoint_id, bindings)
+
+    async def restore_ports(self, plan, endpoint_id, container, bindings):
+        self._record("restore_ports", plan, endpoint_id, container, bindings)
+
+    async def remove_orphans(self, plans, endpoint_ids, published=frozenset()):
+        self._record("remove_orphans", plans, endpoint_ids, published)

@@ -338,7 +338,7 @@ async def test_refusal_server_answers_every_driver_call_with_the_problem(refusin
 
 
 async def test_refusal_server_still_404s_unknown_methods(refusing):
-    assert (await call(refusing, "NetworkDriver.GwAllocCheck"))[0] == 404
+    assert (await call(refusing, "NetworkDriver.NoSuchMethod"))[0] == 404
 
 
 def test_no_ebpf_for_lack_of_libbpf_names_the_package():

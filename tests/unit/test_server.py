@@ -72,7 +72,7 @@ async def test_activate_with_an_empty_body(client):
 
 async def test_network_capabilities(client):
     assert await call(client, "NetworkDriver.GetCapabilities") == (
-        200, {"Scope": "local", "ConnectivityScope": "global"})
+        200, {"Scope": "local", "ConnectivityScope": "global", "GwAllocChecker": True})
 
 
 async def test_ipam_capabilities(client):
@@ -175,10 +175,10 @@ async def test_create_network_with_an_unknown_option_names_it(client, ledger):
 # --- malformed requests ---------------------------------------------------------------
 
 async def test_unknown_method_is_404_with_err(client):
-    status, reply = await call(client, "NetworkDriver.GwAllocCheck", {"Options": {}})
+    status, reply = await call(client, "NetworkDriver.NoSuchMethod", {"Options": {}})
 
     assert status == 404
-    assert_err(status, reply, "NetworkDriver.GwAllocCheck")
+    assert_err(status, reply, "NetworkDriver.NoSuchMethod")
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe\x00garbage", b"{\"PoolID\": "],

@@ -1,0 +1,89 @@
+"""Published ports on this host: the host ports an endpoint takes (held by the
+userland proxy's sockets) and its DNAT rules, programmed in one batch."""
+from __future__ import annotations
+
+import logging
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+from ..errors import FanError
+from ..model import short_id
+from ..ports import Held, PortBinding, PortRequest, first_conflict, parse_port_range
+from .firewall import Firewall, endpoint_mark, port_rules
+from .plan import NetworkPlan
+from .proxy import PortTaken, UserlandProxy
+
+log = logging.getLogger(__name__)
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+class Publisher:
+    def __init__(self, firewall: Firewall, proxy: UserlandProxy):
+        self.firewall = firewall
+        self.proxy = proxy
+
+    async def publish(self, plan: NetworkPlan, endpoint_id: str, container: IPv4Address,
+                      requests: Sequence[PortRequest], held: Held) -> Tuple[PortBinding, ...]:
+        """Take a host port for each request, then program the rules; on any
+        failure nothing of it is left."""
+        bindings: List[PortBinding] = []
+        ephemeral = parse_port_range(_read(EPHEMERAL_RANGE))
+        try:
+            for request in requests:
+                binding = await self._take(request, container, held, ephemeral)
+                bindings.append(binding)
+                held.setdefault((binding.proto, binding.host_port), []).append(
+                    (f"this container ({request.describe()})", binding))
+            await self.firewall.replace_marked(
+                endpoint_mark(plan, endpoint_id), port_rules(plan, endpoint_id, container, bindings))
+        except BaseException:
+            for binding in bindings:
+                self.proxy.close(binding)
+            await self.firewall.remove_marked(endpoint_mark(plan, endpoint_id),
+                                              drop_empty_chains=False)
+            raise
+        return tuple(bindings)
+
+    async def _take(self, request: PortRequest, container: IPv4Address, held: Held,
+                    ephemeral: Tuple[int, int]) -> PortBinding:
+        candidates = request.candidates(ephemeral)
+        for port in candidates:
+            binding = PortBinding(request.proto, request.host_ip, port, request.port)
+            holder = first_conflict(binding, held.get((binding.proto, port), ()))
+            try:
+                if holder is not None:
+                    raise PortTaken(f"host port {port}/{binding.proto} is already published "
+                                    f"by {holder}")
+                await self.proxy.open(binding, container)
+                return binding
+            except PortTaken as exc:
+                if len(candidates) == 1:
+                    raise PortTaken(f"cannot publish {request.describe()}: {exc}; publish "
+                                    "another host port, or stop what holds it") from None
+        raise PortTaken(f"cannot publish {request.describe()}: every host port from "
+                        f"{candidates.start} to {candidates.stop - 1} is in use")
+
+    async def restore(self, plan: NetworkPlan, endpoint_id: str, container: IPv4Address,
+                      bindings: Sequence[PortBinding]) -> None:
+        """After a restart or a reboot: the proxy's sockets and the rules again."""
+        for binding in bindings:
+            try:
+                await self.proxy.open(binding, container)
+            except FanError as exc:   # the rules still serve other machines
+                log.error("endpoint %s: %s", short_id(endpoint_id), exc)
+        await self.firewall.replace_marked(endpoint_mark(plan, endpoint_id),
+                                           port_rules(plan, endpoint_id, container, bindings))
+
+    async def unpublish(self, plan: NetworkPlan, endpoint_id: str,
+                        bindings: Sequence[PortBinding]) -> None:
+        await self.firewall.remove_marked(endpoint_mark(plan, endpoint_id),
+                                          drop_empty_chains=False)
+        for binding in bindings:
+            self.proxy.close(binding)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
