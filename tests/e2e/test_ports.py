@@ -10,6 +10,7 @@ the same host (hairpin) and a container on a second fan host.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -111,21 +112,22 @@ def fan_rules(host) -> list:
 
 
 @pytest.fixture(scope="module")
-def peer(lab, dockerd, plugin):
-    """A second fan host with a container on the fan network."""
-    workdirs, started = [], []
+def peer(lab, lab_host, dockerd, plugin):
+    """A second fan host, with the session daemon's version, and a container on
+    the fan network."""
+    workdirs = []
     try:
-        other = start_host(lab, *PEER, workdirs, started)
+        other = start_host(lab, *PEER, workdirs, dockerd.flavour)
         other.dockerd.cli(*NETWORK, "fan")
         other.run_container()
         yield other
     finally:
-        for extra_dockerd, extra_plugin in started:
-            extra_dockerd.close()
-            extra_plugin.close()
-        lab.remove_host(PEER[0])
+        lab.remove_host(PEER[0])   # with its dockerd and plugin
+        # h28 would keep sending to the removed host's MAC address when a host
+        # with its address comes back (the module runs once per dockerd flavour)
+        lab_host.run(["ip", "neigh", "flush", "dev", "eth0"])
         for work in workdirs:
-            subprocess.run(["rm", "-rf", str(work)], check=False)
+            shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
