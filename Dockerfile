@@ -18,7 +18,7 @@ RUN missing=""; \
     if ! command -v iptables-nft >/dev/null 2>&1 || ! command -v iptables-legacy >/dev/null 2>&1; then \
         missing="iptables"; \
     fi; \
-    if ! ls /usr/lib/*/libbpf.so.1 /usr/lib/libbpf.so.1 >/dev/null 2>&1; then missing="$missing libbpf1"; fi; \
+    if ! ldconfig -p | grep -q 'libbpf\.so\.1 '; then missing="$missing libbpf1"; fi; \
     if [ -n "$missing" ]; then \
         apt-get update \
         && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing \
