@@ -12,65 +12,20 @@ import time
 import json
 import shutil
 import subprocess
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Dockerd, PluginProcess, ensure_busybox
+from tests.harness.fanhosts import CREATE, FanHost, start_host
 
 pytestmark = pytest.mark.e2e
 
-CREATE = ["network", "create", "-d", "fan", "--ipam-driver", "fan", "--subnet", "250.0.0.0/8"]
 EXTRA_HOSTS = {"h27": "172.30.0.27/16", "h59": "172.30.5.9/16"}
 LATE_HOST = ("h7200", "172.30.7.200/16")
 SLICES = {"h27": "250.0.27.", "h28": "250.0.28.", "h59": "250.5.9.", "h7200": "250.7.200."}
 # Container -> its host (routed: -1) -> the peer host (routed: -1) -> container.
 TTL_ACROSS = 62
 PEERS_IN_20 = 4094 - 1   # usable hosts of a /20 underlay, less this one
-
-
-@dataclass
-class FanHost:
-    name: str
-    host: object
-    dockerd: Dockerd
-
-    @property
-    def container(self) -> str:
-        return f"fan-on-{self.name}"
-
-    def run_container(self, net: str = "fan") -> str:
-        self.dockerd.cli("run", "-d", "--name", self.container, "--net", net,
-                         "busybox", "sleep", "3600")
-        out = self.dockerd.cli("inspect", self.container).stdout
-        return json.loads(out)[0]["NetworkSettings"]["Networks"][net]["IPAddress"]
-
-    def exec(self, *cmd, check=True):
-        return self.dockerd.cli("exec", self.container, *cmd, check=check)
-
-    def kernel_objects(self) -> dict:
-        run = self.host.run
-        return {
-            "routes": len(run(["ip", "route", "show", "table", "all"]).stdout.splitlines()),
-            "permanent neighbours": len(run(["ip", "neigh", "show", "nud", "permanent"])
-                                        .stdout.splitlines()),
-            "fdb entries on fan-vxlan": len(run(["bridge", "fdb", "show", "dev", "fan-vxlan"])
-                                            .stdout.splitlines()),
-        }
-
-
-def start_host(lab, name, address, workdirs, flavour):
-    host = lab.add_host(name, address)
-    work = Path(tempfile.mkdtemp(prefix=f"fanlab-{name}-"))
-    workdirs.append(work)
-    plugin = PluginProcess(host, socket_path=work / "fan.sock", state_dir=work / "state",
-                           log_path=work / "plugin.log")
-    plugin.start()
-    dockerd = Dockerd(host, flavour=flavour).start()     # the session daemon's version
-    ensure_busybox(dockerd)
-    return FanHost(name, host, dockerd)
 
 
 @pytest.fixture(scope="module")

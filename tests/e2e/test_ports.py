@@ -18,8 +18,8 @@ import time
 import pytest
 
 from fan_driver import faults
-from tests.e2e.test_multi_host import CREATE, start_host
-from tests.e2e.test_reliability import docker_bg, settled
+from tests.harness.dockerd import docker_bg
+from tests.harness.fanhosts import CREATE, start_host
 from tests.harness import consistency
 
 pytestmark = pytest.mark.e2e
@@ -223,7 +223,7 @@ def test_a_taken_host_port_is_refused_and_leaves_nothing(lab_host, dockerd, plug
                  "host process": "python3"}[holder]
         assert named in result.stderr, result.stderr
         assert fan_rules(lab_host) == before
-        settled(plugin, dockerd, lab_host)
+        consistency.settled(plugin, dockerd, lab_host)
     finally:
         dockerd.cli("rm", "-f", "late", "bridged", check=False)
         if blocker is not None:
@@ -239,15 +239,15 @@ def test_rules_go_at_stop_and_rm_and_come_back_at_start(lab, lab_host, dockerd, 
         assert len(port_rules(lab_host, endpoint)) == 3    # DNAT, ACCEPT, hairpin
         dockerd.cli("stop", "-t", "0", "brief")
         assert port_rules(lab_host, endpoint) == []
-        settled(plugin, dockerd, lab_host)
+        consistency.settled(plugin, dockerd, lab_host)
         dockerd.cli("start", "brief")
         _, endpoint = endpoint_of(dockerd, "brief")
         assert len(port_rules(lab_host, endpoint)) == 3
-        settled(plugin, dockerd, lab_host)
+        consistency.settled(plugin, dockerd, lab_host)
     finally:
         dockerd.cli("rm", "-f", "brief")
     assert port_rules(lab_host, endpoint) == []
-    settled(plugin, dockerd, lab_host)
+    consistency.settled(plugin, dockerd, lab_host)
 
 
 def test_plugin_restart_keeps_the_ports(lab, lab_host, dockerd, plugin, web):
@@ -258,7 +258,7 @@ def test_plugin_restart_keeps_the_ports(lab, lab_host, dockerd, plugin, web):
     plugin.start()
     assert fan_rules(lab_host) == before
     assert ask(lab_host, [], "tcp", "127.0.0.1", 8081) == f"tcp/80 from {GATEWAY}"
-    settled(plugin, dockerd, lab_host)
+    consistency.settled(plugin, dockerd, lab_host)
 
 
 def test_a_crash_while_publishing_leaves_no_rule(lab_host, dockerd, plugin, web):
@@ -276,10 +276,10 @@ def test_a_crash_while_publishing_leaves_no_rule(lab_host, dockerd, plugin, web)
     plugin.start()
     proc.communicate(timeout=120)
     try:
-        settled(plugin, dockerd, lab_host, allow_unclaimed=True)
+        consistency.settled(plugin, dockerd, lab_host, allow_unclaimed=True)
     finally:
         dockerd.cli("rm", "-f", "crashy", check=False)
-    settled(plugin, dockerd, lab_host, timeout=60)
+    consistency.settled(plugin, dockerd, lab_host, timeout=60)
     assert fan_rules(lab_host) == before
 
 
@@ -304,7 +304,7 @@ def test_reboot_brings_the_ports_back(lab, lab_host, dockerd, plugin, web):
     try:
         assert ask(lab.outside, [], "tcp", HOST, 8080) == f"tcp/80 from {OUTSIDE}"
         assert ask(lab_host, [], "tcp", "127.0.0.1", 8081) == f"tcp/80 from {GATEWAY}"
-        settled(plugin, dockerd, lab_host)
+        consistency.settled(plugin, dockerd, lab_host)
     finally:
         server.kill()
         server.wait()

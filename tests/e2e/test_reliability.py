@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +22,8 @@ import pytest
 from fan_driver import faults
 from fan_driver.network import NetworkDriver
 from tests.harness import consistency
+from tests.harness.dockerd import docker_bg
 from tests.harness.netlab import busybox_path
-from tests.harness.procs import env_with_sbin
 
 pytestmark = pytest.mark.e2e
 
@@ -76,26 +75,6 @@ def ping(dockerd, container, target, count=1):
     return dockerd.cli("exec", container, "ping", "-c", str(count), "-W", "2", target)
 
 
-def docker_bg(dockerd, *args) -> subprocess.Popen:
-    """The docker CLI in the background (it blocks while dockerd retries the plugin)."""
-    return subprocess.Popen([dockerd.cli_path, "-H", dockerd.base_url, *args], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env_with_sbin({"DOCKER_CONFIG": str(dockerd.cli_config)}))
-
-
-def settled(plugin, dockerd, host, allow_unclaimed=False, timeout=15) -> dict:
-    """consistency.check(), retried for a moment: dockerd finishes its rollback
-    calls (ReleaseAddress...) just after the CLI returns."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return consistency.check(plugin, dockerd, host, allow_unclaimed=allow_unclaimed)
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
 def containers_on(dockerd, net) -> list:
     out = dockerd.cli("ps", "-aq", "--filter", f"network={net}").stdout
     return out.split()
@@ -121,7 +100,7 @@ def test_sigkill_during_traffic_loses_nothing(dockerd, plugin, lab_host, fan):
     for name in ("talk-a", "talk-b"):
         run(dockerd, name)
     try:
-        before = settled(plugin, dockerd, lab_host)
+        before = consistency.settled(plugin, dockerd, lab_host)
         target = ip_of(dockerd, "talk-b")
         pings = 60
         flow = docker_bg(dockerd, "exec", "talk-a", "ping", "-c", str(pings), "-i", "0.1",
@@ -139,7 +118,7 @@ def test_sigkill_during_traffic_loses_nothing(dockerd, plugin, lab_host, fan):
         FIGURES["SIGKILL: pings at 10/s answered across kill+restart"] = f"{received}/{pings}"
         assert received == pings, out + err
 
-        after = settled(plugin, dockerd, lab_host)
+        after = consistency.settled(plugin, dockerd, lab_host)
         assert after == before
         # Containers started afterwards work, with new addresses, both ways.
         run(dockerd, "talk-c")
@@ -148,10 +127,10 @@ def test_sigkill_during_traffic_loses_nothing(dockerd, plugin, lab_host, fan):
         ping(dockerd, "talk-c", target)
         ping(dockerd, "talk-a", new)
         ping(dockerd, "talk-c", OUTSIDE)
-        settled(plugin, dockerd, lab_host)
+        consistency.settled(plugin, dockerd, lab_host)
     finally:
         dockerd.cli("rm", "-f", "talk-a", "talk-b", "talk-c", check=False)
-    settled(plugin, dockerd, lab_host)
+    consistency.settled(plugin, dockerd, lab_host)
 
 
 # --- 2. A crash at every step ----------------------------------------------------------
@@ -212,7 +191,7 @@ def test_crash_at_every_step_leaves_nothing_behind(dockerd, plugin, lab_host, fa
         run(dockerd, "victim")
     elif setup == "crashnet":
         create_network(dockerd, CRASH_NET, CRASH_SUBNET)
-    settled(plugin, dockerd, lab_host)
+    consistency.settled(plugin, dockerd, lab_host)
     plugin.stop()
     plugin.env[CRASH_ENV] = point
     try:
@@ -239,7 +218,7 @@ def test_crash_at_every_step_leaves_nothing_behind(dockerd, plugin, lab_host, fa
     FIGURES[f"crash {_crash_id(case)}: docker says"] = outcome
 
     grace = point == "request_address:after_state" and trigger == "run"
-    settled(plugin, dockerd, lab_host, allow_unclaimed=True)
+    consistency.settled(plugin, dockerd, lab_host, allow_unclaimed=True)
     try:
         # Whatever Docker made of it, the same command works now.
         if trigger == "create" and result.returncode != 0:
@@ -260,12 +239,12 @@ def test_crash_at_every_step_leaves_nothing_behind(dockerd, plugin, lab_host, fa
             ping(dockerd, "anchor", ip_of(dockerd, "after"))
             if trigger in ("run", "start"):
                 ping(dockerd, "after", ip_of(dockerd, "victim"))
-        settled(plugin, dockerd, lab_host, allow_unclaimed=grace)
+        consistency.settled(plugin, dockerd, lab_host, allow_unclaimed=grace)
         if grace:
             # The address whose reply the crash swallowed: Docker never learns
             # of it, so the plugin releases it after the grace period.
             started = time.monotonic()
-            settled(plugin, dockerd, lab_host, timeout=GRACE + 20)
+            consistency.settled(plugin, dockerd, lab_host, timeout=GRACE + 20)
             FIGURES["crash: unclaimed address released after (s)"] = \
                 f"{time.monotonic() - started:.1f}"
         if trigger == "start":
@@ -274,7 +253,7 @@ def test_crash_at_every_step_leaves_nothing_behind(dockerd, plugin, lab_host, fa
         dockerd.cli("rm", "-f", "victim", "after", check=False)
         dockerd.cli("network", "rm", CRASH_NET, check=False)
         lab_host.run(["ip", "link", "del", "fan-orphan"], check=False)
-    settled(plugin, dockerd, lab_host)
+    consistency.settled(plugin, dockerd, lab_host)
 
 
 def test_crash_in_the_middle_of_concurrent_runs(dockerd, plugin, lab_host, fan):
@@ -291,11 +270,11 @@ def test_crash_in_the_middle_of_concurrent_runs(dockerd, plugin, lab_host, fan):
         running = [n for n, c in zip(names, codes) if c == 0]
         FIGURES["crash during 20 concurrent runs: started / failed"] = \
             f"{len(running)} / {len(names) - len(running)}"
-        settled(plugin, dockerd, lab_host, allow_unclaimed=True)
+        consistency.settled(plugin, dockerd, lab_host, allow_unclaimed=True)
         for name in running:
             ping(dockerd, "anchor", ip_of(dockerd, name))
         dockerd.cli("rm", "-f", *names, check=False)
-        settled(plugin, dockerd, lab_host, timeout=GRACE + 20)
+        consistency.settled(plugin, dockerd, lab_host, timeout=GRACE + 20)
     finally:
         dockerd.cli("rm", "-f", *names, check=False)
 
@@ -307,7 +286,7 @@ def test_reboot_restores_the_fan_and_restarted_containers_work(dockerd, plugin, 
     for name in names:
         run(dockerd, name, "fan", "--restart", "always")
     try:
-        settled(plugin, dockerd, lab_host)
+        consistency.settled(plugin, dockerd, lab_host)
         dockerd.kill()
         plugin.kill()
         lab_host.wipe_network()
@@ -347,10 +326,10 @@ def test_reboot_restores_the_fan_and_restarted_containers_work(dockerd, plugin, 
         ping(dockerd, names[0], OUTSIDE)
         dockerd.cli("start", "anchor")     # no restart policy: started by hand
         ping(dockerd, "anchor", addresses[0])
-        settled(plugin, dockerd, lab_host)
+        consistency.settled(plugin, dockerd, lab_host)
     finally:
         dockerd.cli("rm", "-f", *names, check=False)
-    settled(plugin, dockerd, lab_host)
+    consistency.settled(plugin, dockerd, lab_host)
 
 
 # --- 4. Load -------------------------------------------------------------------------
@@ -423,7 +402,7 @@ def test_100_concurrent_runs_and_an_api_burst(dockerd, plugin, lab_host, fan):
         FIGURES[f"load: {len(reads)} concurrent reads (OperInfo, Activate, caps)"] = \
             _latency(latencies["reads"])
         FIGURES[f"load: {BURST} concurrent ReleaseAddress"] = _latency(latencies["ReleaseAddress"])
-        counts = settled(plugin, dockerd, lab_host)
+        counts = consistency.settled(plugin, dockerd, lab_host)
         assert counts["endpoints"] == LOAD + 1
 
         # Every container reaches every other (from one of them) and the host reaches all.
@@ -444,7 +423,7 @@ def test_100_concurrent_runs_and_an_api_burst(dockerd, plugin, lab_host, fan):
         assert all(p.wait(timeout=600) == 0 for p in removers)
         FIGURES[f"load: removing {LOAD} (10 concurrent docker rm -f), wall time (s)"] = \
             f"{time.monotonic() - started:.1f}"
-        counts = settled(plugin, dockerd, lab_host)
+        counts = consistency.settled(plugin, dockerd, lab_host)
         assert counts["endpoints"] == 1 and counts["addresses"] == 2   # anchor + gateway
         FIGURES["load: left after removal (endpoints, addresses, interfaces, rules)"] = \
             f"{counts['endpoints']} (anchor), {counts['addresses']} (anchor, gateway), " \
@@ -467,7 +446,7 @@ def test_full_slice_names_itself_and_addresses_are_reused(dockerd, plugin, lab_h
             run(dockerd, name, "tiny")
         taken = {n: ip_of(dockerd, n, "tiny") for n in names}
         assert sorted(taken.values()) == [f"252.0.28.{i}" for i in range(251, 255)]
-        before = settled(plugin, dockerd, lab_host)
+        before = consistency.settled(plugin, dockerd, lab_host)
         full = run(dockerd, "tiny-x", "tiny", check=False)
         assert full.returncode != 0
         assert "252.0.28.0/24" in full.stderr and "all 4 container addresses" in full.stderr, \
@@ -475,7 +454,7 @@ def test_full_slice_names_itself_and_addresses_are_reused(dockerd, plugin, lab_h
         FIGURES["exhaustion: what the 5th container is told"] = \
             full.stderr.strip().splitlines()[-1][:160]
         dockerd.cli("rm", "-f", "tiny-x")
-        assert settled(plugin, dockerd, lab_host) == before
+        assert consistency.settled(plugin, dockerd, lab_host) == before
 
         dockerd.cli("rm", "-f", names[1], names[2])
         for name in ("tiny-y", "tiny-z"):
@@ -483,11 +462,11 @@ def test_full_slice_names_itself_and_addresses_are_reused(dockerd, plugin, lab_h
         reused = {ip_of(dockerd, n, "tiny") for n in ("tiny-y", "tiny-z")}
         assert reused == {taken[names[1]], taken[names[2]]}
         ping(dockerd, "tiny-y", taken[names[0]])
-        settled(plugin, dockerd, lab_host)
+        consistency.settled(plugin, dockerd, lab_host)
     finally:
         dockerd.cli("rm", "-f", *names, "tiny-x", "tiny-y", "tiny-z", check=False)
         dockerd.cli("network", "rm", "tiny", check=False)
-    settled(plugin, dockerd, lab_host)
+    consistency.settled(plugin, dockerd, lab_host)
 
 
 # --- 7. Security: only our own objects; nothing the host already uses -----------------
@@ -522,7 +501,7 @@ def test_only_marked_interfaces_and_rules_are_ever_removed(dockerd, plugin, lab_
         host.run(["iptables", "-D", *foreign_rule], check=False)
         for name in ("fan-251-0-28", "fve0123456789a", "fan-stranger"):
             host.run(["ip", "link", "del", name], check=False)
-    settled(plugin, dockerd, lab_host)
+    consistency.settled(plugin, dockerd, lab_host)
 
 
 @pytest.mark.parametrize("setup, subnet, message", [
@@ -547,4 +526,4 @@ def test_overlays_the_host_already_uses_are_refused(dockerd, plugin, lab_host, f
         dockerd.cli("network", "rm", "takeover", check=False)
         if undo:
             lab_host.run(undo, check=False)
-    settled(plugin, dockerd, lab_host)
+    consistency.settled(plugin, dockerd, lab_host)

@@ -11,6 +11,7 @@ check() raises AssertionError naming every mismatch and returns counts.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -197,3 +198,16 @@ def _plan_stub(net: dict):
 
 def _short(eps: dict) -> dict:
     return {eid[:12]: ip for eid, ip in sorted(eps.items())}
+
+
+def settled(plugin, dockerd, host, allow_unclaimed=False, timeout=15) -> dict:
+    """check(), retried for a moment: dockerd finishes its rollback
+    calls (ReleaseAddress...) just after the CLI returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check(plugin, dockerd, host, allow_unclaimed=allow_unclaimed)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

@@ -372,3 +372,10 @@ class Dockerd:
     def __repr__(self) -> str:
         return (f"Dockerd({self.label}, host={self.host.name}, pid={self.pid}, "
                 f"socket={self.socket})")
+
+
+def docker_bg(dockerd, *args) -> subprocess.Popen:
+    """The docker CLI in the background (it blocks while dockerd retries the plugin)."""
+    return subprocess.Popen([dockerd.cli_path, "-H", dockerd.base_url, *args], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env_with_sbin({"DOCKER_CONFIG": str(dockerd.cli_config)}))
