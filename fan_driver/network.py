@@ -293,8 +293,7 @@ class NetworkDriver:
             bindings, endpoint.ports = endpoint.ports, ()
             self.ledger.commit()    # a crash from here leaves orphan rules, swept at start
             self.faults.check("revoke_external_connectivity:after_state")
-            await self.dataplane.unpublish(plan_for(state, network_id), endpoint_id,
-                                                 bindings)
+            await self.dataplane.unpublish(plan_for(state, network_id), endpoint_id, bindings)
         log.info("endpoint %s publishes no ports any more", short_id(endpoint_id))
         return {}
 
@@ -318,9 +317,9 @@ class NetworkDriver:
             for plan in plans:
                 try:
                     await self.dataplane.ensure_network(plan, undo_on_failure=False)
-                    endpoints = state.networks[plan.network_id].endpoints
-                    await self.dataplane.reattach(plan, endpoints)
-                    for endpoint_id, endpoint in endpoints.items():
+                    on_network = state.networks[plan.network_id].endpoints
+                    await self.dataplane.reattach(plan, on_network)
+                    for endpoint_id, endpoint in on_network.items():
                         if endpoint.ports:
                             await self.dataplane.restore_ports(plan, endpoint_id, endpoint.ip,
                                                                endpoint.ports)
