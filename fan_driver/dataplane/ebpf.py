@@ -14,9 +14,23 @@ whose source is its own MAC as loops.) Learning is off: no FDB entries appear.
 
 Overlay traffic between hosts skips the hosts' IP forwarding: each container's
 veth has a program that, on VXLAN, encapsulates it and sends it straight out of
-the underlay device (on IPIP, to the tunnel device), and on an L2 tunnel a
-program per network at ingress hands it straight into the container, found in
-a map of the network's endpoints (see bpf/fan.bpf.c). So netfilter (FORWARD,
+the underlay device (on IPIP, to the tunnel device). On VXLAN a program per
+network on the underlay device's ingress removes the outer headers of what is
+for one of its containers and hands it straight into the container, found in a
+map of the network's endpoints; what it leaves (unknown addresses, kernels
+that cannot shrink the packet) goes through the VXLAN device, whose ingress
+program does the same after the kernel's decapsulation (see bpf/fan.bpf.c).
+
+The underlay device is not the fan's (in the managed plugin it is the host's
+eth0): each network's filter there sits at its own pref, above the ones tc
+picks by itself, passes on what it does not recognise, never replaces another
+tool's filter, and leaves the clsact qdisc in place when it goes (it may have
+been there before, and an empty one costs nothing). One filter per network
+rather than one per device with a VNI-keyed map: the network's loaded object
+already holds its endpoints map and its values, so attach, detach, restore and
+the orphan sweep are the same per-network steps as on the tunnel device, and a
+packet that is not VXLAN for this host is passed on after a few comparisons by
+each. So netfilter (FORWARD,
 DOCKER-USER, and for sent VXLAN packets OUTPUT and POSTROUTING) does not see
 it; traffic to and from outside the overlay takes the kernel's path and the
 fan's rules as before.
@@ -29,6 +43,7 @@ hold yet goes through the bridge, never nowhere.
 from __future__ import annotations
 
 import logging
+import socket
 from ipaddress import IPv4Address, IPv4Network
 from typing import Dict
 
@@ -37,13 +52,25 @@ from ..fanmap import FanMap
 from ..model import Endpoint
 from . import bpf, libbpf
 from .base import PeerMapping
-from .netlink import Links
+from .netlink import Links, dumped
 from .plan import ENCAPS, MARK, VXLAN_PORT, NetworkPlan
 
 SHARED_VXLAN_MAC = "0e:fa:00:00:00:01"
 PROGRAM_PREFIX = "fan_"
 SEND_PREF = 1   # the only filter on a container's veth
+# On the underlay device, network n's filter is at DECAP_PREF + n: above tc's own
+# choices (49152 and down), so that it neither takes nor shadows another tool's.
+DECAP_PREF = 0xF000
 log = logging.getLogger(__name__)
+
+
+def decap_pref(plan: NetworkPlan) -> int:
+    return DECAP_PREF + plan.tc_pref
+
+
+async def _underlay_filter(links: Links, underlay: int, pref: int) -> str | None:
+    """The name of the eBPF filter at `pref` of the underlay's ingress, if any."""
+    return (await bpf.filters(links.ipr, underlay, bpf.INGRESS)).get(pref)
 
 
 def probe_error() -> str | None:
@@ -93,6 +120,26 @@ class EbpfMapping(PeerMapping):
         self._forget(plan)
         self._objects[plan.network_id], self._tunnels[plan.network_id] = obj, index
         await links.ensure_route(plan.overlay, index, metrics={"mtu": plan.mtu})
+        if plan.encap.inner_ip_offset >= bpf.ETH_LEN:
+            await self._attach_decap(links, plan, obj)
+
+    async def _attach_decap(self, links: Links, plan: NetworkPlan, obj: libbpf.BpfObject) -> None:
+        """The receive shortcut on the underlay device: without it (another tool's
+        filter at its pref, no such device) packets take the VXLAN device."""
+        underlay = await links.index(plan.underlay_interface)
+        pref, name = decap_pref(plan), self._program_name(plan)
+        try:
+            if underlay is None:
+                raise FanError(f"the underlay interface {plan.underlay_interface} is missing")
+            there = await _underlay_filter(links, underlay, pref)
+            if there is not None and not there.startswith(PROGRAM_PREFIX):
+                raise FanError(f"another tool's eBPF filter {there!r} is at pref {pref} "
+                               f"of {plan.underlay_interface}'s ingress")
+            await bpf.attach(links.ipr, underlay, obj.program_fd(bpf.DECAP), name, pref,
+                             bpf.INGRESS)
+        except FanError as exc:
+            log.warning("network %s receives through %s, not straight from %s: %s",
+                        plan.network_id[:12], plan.encap.device, plan.underlay_interface, exc)
 
     @staticmethod
     async def _config(links: Links, plan: NetworkPlan, tunnel: int) -> bpf.Config:
@@ -142,6 +189,7 @@ class EbpfMapping(PeerMapping):
 
     async def remove(self, links: Links, plan: NetworkPlan) -> None:
         self._forget(plan)
+        await self._detach_decap(links, plan)
         index = await links.index(plan.encap.device)
         if index is None:
             return
@@ -150,6 +198,13 @@ class EbpfMapping(PeerMapping):
         await bpf.detach(links.ipr, index, plan.tc_pref, bpf.EGRESS)
         if not await bpf.filters(links.ipr, index):
             await links.delete(plan.encap.device)
+
+    @staticmethod
+    async def _detach_decap(links: Links, plan: NetworkPlan) -> None:
+        underlay = await links.index(plan.underlay_interface)
+        there = underlay and await _underlay_filter(links, underlay, decap_pref(plan))
+        if there and there.startswith(PROGRAM_PREFIX):
+            await bpf.detach(links.ipr, underlay, decap_pref(plan), bpf.INGRESS, keep_qdisc=True)
 
     def tunnel_device(self, plan: NetworkPlan) -> str:
         return plan.encap.device
@@ -175,6 +230,24 @@ class EbpfMapping(PeerMapping):
                 if dst not in overlays:
                     log.warning("removing orphan route %s on %s", dst, encap.device)
                     await links.remove_route(dst, index)
+        await self._remove_orphan_decaps(links, plans)
+
+    async def _remove_orphan_decaps(self, links: Links, plans) -> None:
+        """Our filters on underlay devices (any interface with an IPv4 address:
+        a network that left no plan may have used any) that no plan accounts for."""
+        wanted = set()
+        for p in plans:
+            if p.encap.inner_ip_offset >= bpf.ETH_LEN:
+                wanted.add((await links.index(p.underlay_interface), decap_pref(p)))
+        addresses = await dumped("listing IPv4 addresses",
+                                 lambda: links.ipr.get_addr(family=socket.AF_INET))
+        for index in sorted({a["index"] for a in addresses}):
+            for pref, name in (await bpf.filters(links.ipr, index, bpf.INGRESS)).items():
+                if (pref >= DECAP_PREF and name.startswith(PROGRAM_PREFIX)
+                        and (index, pref) not in wanted):
+                    log.warning("removing orphan eBPF filter %s (pref %d) on interface %d",
+                                name, pref, index)
+                    await bpf.detach(links.ipr, index, pref, bpf.INGRESS, keep_qdisc=True)
 
     @staticmethod
     def _program_name(plan: NetworkPlan) -> str:

@@ -370,6 +370,76 @@ def test_receive_hands_this_slice_to_the_container(elf, underlay_ns):
         libbpf.map_delete(obj.map_fd(bpf.ENDPOINTS), bpf.ENDPOINT_KEY.pack(int(A("250.0.28.9"))))
 
 
+REMOTE_HOST = "172.30.5.9"
+
+
+def vxlan(inner: bytes, local: str = "172.30.0.28", vni: int = 4242, dport: int = 4789,
+          proto: int = 17, frag: int = 0x4000, ethertype: int = ETH_P_IP,
+          dst_mac: str = "000000000000", flags: int = 0x08000000) -> bytes:
+    """`inner` as a peer's send program sends it to `local`. The outer destination
+    MAC is the test run's device's (loopback: zeros), as the underlay NIC's would be."""
+    udp_len = 16 + len(inner)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 1, frag, 64, proto, 0,
+                     A(REMOTE_HOST).packed, A(local).packed)
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    return (bytes.fromhex(dst_mac) + bytes.fromhex(UNDERLAY_MAC) + struct.pack("!H", ethertype)
+            + ip + struct.pack("!HHHH", 40000, dport, udp_len, 0)
+            + struct.pack("!II", flags, vni << 8) + inner)
+
+
+def sent_frame(dst: str, ttl: int = 63, ethertype: int = ETH_P_IP) -> bytes:
+    """The inner frame of a peer's send program: to the shared MAC, from its container."""
+    return frame(dst, ttl, dst_mac=SHARED_VXLAN_MAC.replace(":", ""), ethertype=ethertype)
+
+
+@needs_root
+def test_decap_hands_this_hosts_vxlan_to_the_container(elf):
+    obj = loaded(elf, FAN250, "172.30.0.28")
+    try:
+        libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
+                          *bpf.endpoint_entry(int(A("250.0.28.9")), 31, "0e:fa:fa:00:1c:09"))
+        inner = sent_frame("250.0.28.9")
+        verdict, out = run_in_kernel(obj, bpf.DECAP, vxlan(inner))
+        assert verdict == TC_ACT_REDIRECT
+        # outer headers gone; to the container's MAC, from the sending container's
+        assert len(out) == len(inner)
+        assert out[:14] == bytes.fromhex("0efafa001c09" + CONTAINER_MAC) + b"\x08\x00"
+        routed(inner[14:], out[14:], 0)   # TTL 63 -> 62, as two routers would leave it
+    finally:
+        obj.close()
+
+
+@needs_root
+def test_decap_leaves_what_it_does_not_recognise_untouched(elf):
+    obj = loaded(elf, FAN250, "172.30.0.28")
+    try:
+        libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
+                          *bpf.endpoint_entry(int(A("250.0.28.9")), 31, "0e:fa:fa:00:1c:09"))
+        known = sent_frame("250.0.28.9")
+        others = {
+            "another network's VNI": vxlan(known, vni=4243),
+            "another host's address": vxlan(known, local="172.30.0.29"),
+            "another UDP port": vxlan(known, dport=4790),
+            "not UDP": vxlan(known, proto=6),
+            "VXLAN flags other than the VNI's": vxlan(known, flags=0x88000000),
+            "for another host's MAC": vxlan(known, dst_mac="0200000000aa"),
+            "a broadcast": vxlan(known, dst_mac="ffffffffffff"),
+            "outer IPv6": vxlan(known, ethertype=ETH_P_IPV6),
+            "a first fragment": vxlan(known, frag=0x2000),
+            "a later fragment": vxlan(known, frag=0x0001),
+            "a container not in the map": vxlan(sent_frame("250.0.28.10")),
+            "the gateway": vxlan(sent_frame("250.0.28.1")),
+            "an expiring TTL": vxlan(sent_frame("250.0.28.9", ttl=1)),
+            "inner ARP": vxlan(sent_frame("250.0.28.9", ethertype=ETH_P_ARP)),
+            "plain IPv4 to this host": frame("172.30.0.28", dst_mac="000000000000"),
+            "too short": vxlan(known)[:60],
+        }
+        for what, packet in others.items():
+            assert run_in_kernel(obj, bpf.DECAP, packet) == (TC_ACT_UNSPEC, packet), what
+    finally:
+        obj.close()
+
+
 @needs_root
 def test_verifier_rejection_carries_its_log():
     elf = committed_object()

@@ -4,7 +4,7 @@ devices: the committed object, its per-network globals, tc attach and detach.
 Canonical's Fan needs an Ubuntu-only kernel patch that computes a tunnel
 packet's outer destination from its inner one. Upstream kernels do the same
 with a tunnel device in external (collect_md) mode and a tc program that sets
-the tunnel key; fan.bpf.c says what each of its three programs does.
+the tunnel key; fan.bpf.c says what each of its programs does.
 
 The object is built by build.sh (clang) and committed, so installing needs no
 compiler; it carries the SHA-256 of the source it was built from, which the
@@ -20,15 +20,14 @@ from importlib import resources
 from ipaddress import IPv4Address, IPv4Network
 from typing import Dict, Tuple
 
-from pyroute2.netlink.exceptions import NetlinkError
-
-from ...errors import FanError
+from ...errors import FanError, KernelError
 from ...fanmap import FanMap
 from .. import libbpf
+from ..netlink import GONE, dumped, kernel
 
 OBJECT, SOURCES = "fan.bpf.o", ("fan.bpf.c", "fan.h")
 SOURCE_SECTION = ".fan.source"
-TUNNEL_KEY, SEND, RECEIVE = "fan_tunnel_key", "fan_send", "fan_receive"
+TUNNEL_KEY, SEND, RECEIVE, DECAP = "fan_tunnel_key", "fan_send", "fan_receive", "fan_decap"
 ENDPOINTS = "endpoints"
 ETH_LEN = 14
 VNI_LIMIT = 1 << 24
@@ -114,23 +113,18 @@ FILTER_HANDLE = 1     # fixed, so "replace" swaps the program instead of adding 
 
 async def attach(ipr, ifindex: int, prog_fd: int, name: str, pref: int, parent: int) -> None:
     """Put the program on the device's egress or ingress at `pref`, replacing what is there."""
-    try:
+    with kernel(f"adding a clsact qdisc to interface {ifindex}", tolerate=(errno.EEXIST,)):
         await ipr.tc("add", "clsact", ifindex)
-    except NetlinkError as e:
-        if e.code != errno.EEXIST:
-            raise FanError(f"cannot add clsact qdisc on ifindex {ifindex}: {e}") from e
-    try:
+    with kernel(f"attaching eBPF filter {name!r} at pref {pref} to interface {ifindex}"):
         # pyroute2's "bpf" plugin packs prio and protocol (ETH_P_ALL) into tcm_info
         await ipr.tc("replace-filter", "bpf", ifindex, FILTER_HANDLE, parent=parent,
                      prio=pref, fd=prog_fd, name=name, direct_action=True)
-    except NetlinkError as e:
-        raise FanError(f"cannot attach eBPF filter {name!r} at pref {pref} "
-                       f"on ifindex {ifindex}: {e}") from e
 
 
 async def _filters(ipr, ifindex: int, parent: int) -> list:
-    # read dumps to the end: a half-read dump would be left on the caller's socket
-    return [msg async for msg in await ipr.get_filters(index=ifindex, parent=parent)]
+    side = "ingress" if parent == INGRESS else "egress"
+    return await dumped(f"listing tc filters at {side} of interface {ifindex}",
+                        lambda: ipr.get_filters(index=ifindex, parent=parent))
 
 
 async def filters(ipr, ifindex: int, parent: int = EGRESS) -> Dict[int, str]:
@@ -144,19 +138,25 @@ async def filters(ipr, ifindex: int, parent: int = EGRESS) -> Dict[int, str]:
     return found
 
 
-async def detach(ipr, ifindex: int, pref: int, parent: int = EGRESS) -> None:
-    """Remove our filter at `pref`, then the clsact qdisc if nothing else uses it."""
+async def detach(ipr, ifindex: int, pref: int, parent: int = EGRESS,
+                 keep_qdisc: bool = False) -> None:
+    """Remove our filter at `pref`, then the clsact qdisc if nothing else uses it
+    (unless `keep_qdisc`: on a device the fan does not own, whose clsact may be
+    another tool's). What is already gone is fine."""
     try:
-        if pref in await filters(ipr, ifindex, parent):
-            # kind "bpf" makes the kernel refuse to delete another tool's filter at
-            # this pref; protocol 0 in tcm_info matches the one it was added with
-            await ipr.tc("del-filter", "bpf", ifindex, parent=parent, info=pref << 16)
-        if await _filters(ipr, ifindex, EGRESS) or await _filters(ipr, ifindex, INGRESS):
+        present = pref in await filters(ipr, ifindex, parent)
+        if present:
+            with kernel(f"detaching the eBPF filter at pref {pref} of interface {ifindex}",
+                        tolerate=GONE):
+                # kind "bpf" makes the kernel refuse to delete another tool's filter at
+                # this pref; protocol 0 in tcm_info matches the one it was added with
+                await ipr.tc("del-filter", "bpf", ifindex, parent=parent, info=pref << 16)
+        if keep_qdisc or await _filters(ipr, ifindex, EGRESS) or await _filters(ipr, ifindex, INGRESS):
             return              # some filter remains (ours or another tool's): keep the qdisc
-        # deleting a clsact that is not there gives EINVAL, too vague to ignore: look first
-        if "clsact" in [q.get_attr("TCA_KIND") async for q in await ipr.get_qdiscs(ifindex)]:
-            await ipr.tc("del", "clsact", ifindex)
-    except NetlinkError as e:
-        if e.code not in (errno.ENOENT, errno.ENODEV):   # already gone: fine
-            raise FanError(f"cannot detach eBPF filter at pref {pref} "
-                           f"on ifindex {ifindex}: {e}") from e
+        with kernel(f"removing the clsact qdisc of interface {ifindex}", tolerate=GONE):
+            # deleting a clsact that is not there gives EINVAL, too vague to ignore: look first
+            if "clsact" in [q.get_attr("TCA_KIND") async for q in await ipr.get_qdiscs(ifindex)]:
+                await ipr.tc("del", "clsact", ifindex)
+    except KernelError as e:   # a listing's, naming what it listed
+        if e.code not in GONE:
+            raise

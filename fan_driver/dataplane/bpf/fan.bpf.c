@@ -9,6 +9,12 @@
  *   slice skips the host's IP forwarding (and netfilter). On VXLAN it is
  *   encapsulated here and handed straight to the underlay device; on IPIP it
  *   goes to the tunnel device, whose fan_tunnel_key sets the outer address.
+ * fan_decap: on the underlay device's ingress, VXLAN for this host and the
+ *   network's VNI whose inner destination is a container in the endpoints map
+ *   loses its outer headers and goes straight into the container's namespace:
+ *   no UDP socket lookup, vxlan_rcv or metadata dst. The rest, unrecognised or
+ *   on a kernel that cannot shrink it, goes on untouched to the VXLAN device,
+ *   where fan_receive takes it.
  * fan_receive: on the VXLAN device's ingress, IPv4 for a container of this
  *   host's slice goes straight into its namespace (or, unknown, to the bridge).
  *
@@ -282,5 +288,76 @@ int fan_receive(struct __sk_buff *skb)
 	if ((void *)(eth + 1) > (void *)(long)skb->data_end)
 		return TC_ACT_SHOT;
 	__builtin_memcpy(eth->h_dest, ep->mac, ETH_ALEN);
+	return bpf_redirect_peer(ep->ifindex, 0);
+}
+
+struct vxlan_frame {   /* what fan_decap expects at the start of the packet */
+	struct ethhdr eth;
+	struct iphdr ip;
+	struct udphdr udp;
+	struct vxlanhdr vx;
+	struct ethhdr inner_eth;
+	struct iphdr inner_ip;
+} __attribute__((packed));
+
+#define IP_FRAGMENT bpf_htons(0x3FFF)   /* MF or an offset: IP_MF | IP_OFFSET */
+#define PACKET_HOST 0                   /* <linux/if_packet.h>: addressed to us */
+
+/* The frame if it is VXLAN to this host's address and the network's VNI, of
+ * unfragmented IPv4 that a router would forward (TTL > 1), or NULL. */
+static __always_inline struct vxlan_frame *fan_vxlan(struct __sk_buff *skb)
+{
+	if (skb->protocol != bpf_htons(ETH_P_IP) || skb->pkt_type != PACKET_HOST)
+		return NULL;
+	if ((void *)(long)skb->data + sizeof(struct vxlan_frame) > (void *)(long)skb->data_end &&
+	    bpf_skb_pull_data(skb, sizeof(struct vxlan_frame)))
+		return NULL;
+	struct vxlan_frame *f = (void *)(long)skb->data;
+	if ((void *)(f + 1) > (void *)(long)skb->data_end)
+		return NULL;
+	/* outer: no options (the offsets are constant), not a fragment */
+	if (f->ip.version != 4 || f->ip.ihl != 5 || f->ip.protocol != IPPROTO_UDP ||
+	    f->ip.frag_off & IP_FRAGMENT || f->ip.daddr != bpf_htonl(cfg.local_ipv4) ||
+	    f->udp.dest != bpf_htons(FAN_VXLAN_PORT))
+		return NULL;
+	if (f->vx.flags != bpf_htonl(0x08000000) || f->vx.vni != bpf_htonl(cfg.vni << 8))
+		return NULL;
+	if (f->inner_eth.h_proto != bpf_htons(ETH_P_IP) || f->inner_ip.version != 4 ||
+	    f->inner_ip.ttl <= 1)
+		return NULL;
+	return f;
+}
+
+SEC("tc")
+int fan_decap(struct __sk_buff *skb)
+{
+	struct vxlan_frame *f = fan_vxlan(skb);
+
+	if (!f)
+		return TC_ACT_UNSPEC;
+	__u32 dst = bpf_ntohl(f->inner_ip.daddr);
+	/* a container of the map; the rest (the gateway, broadcasts, addresses
+	 * not in the map yet) the VXLAN device and fan_receive deliver */
+	struct fan_endpoint *ep = bpf_map_lookup_elem(&endpoints, &dst);
+	if (!ep)
+		return TC_ACT_UNSPEC;
+	__u8 source[ETH_ALEN];
+
+	__builtin_memcpy(source, f->inner_eth.h_source, ETH_ALEN);
+	/* Outer IPv4, UDP, VXLAN and the inner Ethernet header out: what stays is
+	 * the outer Ethernet header, then the inner IPv4 packet. FIXED_GSO keeps a
+	 * GSO packet's segment size, the inner MSS. Nothing is changed before
+	 * this: if it fails, the packet goes on as it came. */
+	if (bpf_skb_adjust_room(skb, -(__s32)FAN_VXLAN_ROOM, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO))
+		return TC_ACT_UNSPEC;
+	struct ethhdr *eth = (void *)(long)skb->data;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > (void *)(long)skb->data_end)
+		return TC_ACT_SHOT;
+	/* the frame as fan_receive would hand it over (h_proto is IPv4 already) */
+	__builtin_memcpy(eth->h_dest, ep->mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, source, ETH_ALEN);
+	decrement_ttl(ip);
 	return bpf_redirect_peer(ep->ifindex, 0);
 }
