@@ -30,7 +30,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pyroute2 import AsyncIPRoute
 
 from fan_driver.dataplane import bpf
-from fan_driver.dataplane.ebpf import SEND_PREF, SHARED_VXLAN_MAC
+from fan_driver.dataplane.ebpf import PROGRAM_PREFIX, SEND_PREF, SHARED_VXLAN_MAC
 from fan_driver.dataplane.plan import ENCAPS, VXLAN
 from fan_driver.fanmap import FanMap, HostSlice
 from tests.harness.netlab import busybox_path
@@ -47,11 +47,22 @@ CREATE = ["network", "create", "-d", "fan", "--ipam-driver", "fan",
 FANS = {("vxlan", "ebpf"): "250.0.0.0/8", ("vxlan", "routes"): "240.0.0.0/8",
         ("ipip", "ebpf"): "245.0.0.0/8", ("ipip", "routes"): "246.0.0.0/8",
         ("vxlan", "kernel"): "247.0.0.0/8", ("ipip", "kernel"): "248.0.0.0/8"}
-# The A/B variant: the same fan with the send program that only routes and hands
-# packets to the external-mode device (whose egress program sets the tunnel key,
-# the device encapsulating), against the default that encapsulates itself.
+# The A/B variants, each a second vxlan+ebpf network with one shortcut of the
+# default undone: name -> (overlay, what the A/B row compares).
+# - send via fan-vxlan: the send program only routes and hands packets to the
+#   external-mode device (whose egress program sets the tunnel key, the device
+#   encapsulating), against the default that encapsulates itself;
+# - receive via fan-vxlan: no filter on the underlay device's ingress, so packets
+#   go through the kernel's UDP socket and vxlan_rcv to the VXLAN device's
+#   ingress program, against the default that decapsulates on the underlay.
 VIA_DEVICE = "fan vxlan+ebpf, send via fan-vxlan"
-VIA_DEVICE_OVERLAY = "249.0.0.0/8"
+RX_VIA_DEVICE = "fan vxlan+ebpf, receive via fan-vxlan"
+VARIANTS = {
+    VIA_DEVICE: ("249.0.0.0/8", "the send program encapsulating and redirecting to the "
+                                "underlay device, against handing packets to fan-vxlan"),
+    RX_VIA_DEVICE: ("251.0.0.0/8", "decapsulating on the underlay device's ingress, against "
+                                   "receiving through fan-vxlan"),
+}
 SWARM_NET, SWARM_SUBNET = "bench-ov", "10.77.0.0/24"
 OVERLAY = "docker overlay (swarm)"
 # Swarm's VXLAN must not take UDP 4789, which the fan's external-mode device holds.
@@ -124,10 +135,11 @@ def build(bl: BenchLab, report: Report, log) -> tuple[list[DataPath], dict]:
         except Exception as exc:   # report it, measure the others
             report.add(error_row(SECTION, f"{name}: setup", f"{type(exc).__name__}: {exc}"))
     if fan_path_name("vxlan", "ebpf") in [p.name for p in paths]:
-        try:
-            paths.append(_via_device_path(a, b))
-        except Exception as exc:
-            report.add(error_row(SECTION, f"{VIA_DEVICE}: setup", f"{type(exc).__name__}: {exc}"))
+        for variant in VARIANTS:
+            try:
+                paths.append(_variant_path(a, b, variant))
+            except Exception as exc:
+                report.add(error_row(SECTION, f"{variant}: setup", f"{type(exc).__name__}: {exc}"))
     try:
         setup_swarm(a, b, log)
         paths.append(_container_path(OVERLAY, a, b, SWARM_NET,
@@ -152,18 +164,37 @@ def _container_path(name: str, a: FanHost, b: FanHost, net: str, overhead: int) 
                 overhead)
 
 
-def _via_device_path(a: FanHost, b: FanHost) -> DataPath:
-    """A second vxlan+ebpf network whose containers' send programs are swapped
-    for ones loaded with send_encap off: the rest of the fan stays as it is."""
+def _variant_path(a: FanHost, b: FanHost, variant: str) -> DataPath:
+    """A second vxlan+ebpf network with one of the default's shortcuts undone on
+    both hosts: the rest of the fan stays as it is."""
+    overlay = VARIANTS[variant][0]
     net, args = fan_network("vxlan", "ebpf")
-    net = f"{net}-dev"
-    args[args.index(FANS["vxlan", "ebpf"])] = VIA_DEVICE_OVERLAY
+    net = f"{net}-{list(VARIANTS).index(variant)}"
+    args[args.index(FANS["vxlan", "ebpf"])] = overlay
     for h in (a, b):
         h.cli(*args, net)
-    path = _container_path(VIA_DEVICE, a, b, net, VXLAN.overhead)
+    path = _container_path(variant, a, b, net, VXLAN.overhead)
     for h in (a, b):
-        _swap_send_program(h, net, IPv4Network(VIA_DEVICE_OVERLAY), send_encap=False)
+        if variant == VIA_DEVICE:
+            _swap_send_program(h, net, IPv4Network(overlay), send_encap=False)
+        else:
+            _remove_decap(h, net)
     return path
+
+
+def _remove_decap(h: FanHost, net: str) -> None:
+    """Take the network's receive filter off the host's underlay device."""
+    name = PROGRAM_PREFIX + h.cli("network", "inspect", "-f", "{{.Id}}", net).stdout.strip()[:8]
+
+    async def remove():
+        async with AsyncIPRoute(netns=h.host.name) as ipr:
+            underlay = (await ipr.link_lookup(ifname="eth0"))[0]
+            prefs = [pref for pref, found in (await bpf.filters(ipr, underlay, bpf.INGRESS)).items()
+                     if found == name]
+            if not prefs:
+                raise RuntimeError(f"no receive filter {name} on {h.name}'s eth0")
+            await bpf.detach(ipr, underlay, prefs[0], bpf.INGRESS, keep_qdisc=True)
+    asyncio.run(remove())
 
 
 def _swap_send_program(h: FanHost, container: str, overlay: IPv4Network, **changes) -> None:
@@ -315,8 +346,8 @@ def rows(paths: list[DataPath], samples: dict, report: Report, regime: str) -> N
                    "; value and baseline are medians, ratio the median of per-round ratios"))
     targets = TARGETS[regime]
     for p in paths[1:]:
-        # the targets are the default path's; the A/B variant is there to compare
-        is_fan = p.name.startswith("fan") and p.name != VIA_DEVICE
+        # the targets are the default path's; the A/B variants are there to compare
+        is_fan = p.name.startswith("fan") and p.name not in VARIANTS
         share = round_ratio(runs, p.name, "underlay")
         report.add(Row(SECTION, f"{regime}: TCP throughput, {p.name} vs underlay", tput[p.name],
                        under, "Gbit/s", target=(">=", targets["underlay"]) if is_fan else None,
@@ -334,13 +365,12 @@ def rows(paths: list[DataPath], samples: dict, report: Report, regime: str) -> N
                            ratio=round_ratio(runs, p.name, OVERLAY),
                            note="" if regime == REGIMES[0] or p.overhead != VXLAN.overhead else
                            "both VXLAN with the same MTU: the same bytes on the wire"))
-    if VIA_DEVICE in tput:
-        default = fan_path_name("vxlan", "ebpf")
-        report.add(Row(SECTION, f"{regime}: TCP throughput, {default} vs {VIA_DEVICE}",
-                       tput[default], tput[VIA_DEVICE], "Gbit/s",
-                       ratio=round_ratio(runs, default, VIA_DEVICE),
-                       note="A/B: the send program encapsulating and redirecting to the "
-                            "underlay device, against handing packets to fan-vxlan"))
+    default = fan_path_name("vxlan", "ebpf")
+    for variant, (_, compared) in VARIANTS.items():
+        if variant in tput:
+            report.add(Row(SECTION, f"{regime}: TCP throughput, {default} vs {variant}",
+                           tput[default], tput[variant], "Gbit/s",
+                           ratio=round_ratio(runs, default, variant), note=f"A/B: {compared}"))
     if OVERLAY not in tput:
         report.add(error_row(SECTION, f"{regime}: TCP throughput, fan vs docker overlay",
                              "no docker overlay (swarm) path: see its setup row"))

@@ -4,7 +4,8 @@ crashes, restarts and load: it compares three views of one lab host.
     state   the plugin's state.json
     docker  fan networks, their running endpoints and addresses (docker network inspect)
     kernel  interfaces carrying our mark, bridge ports, routes through the fan's
-            tunnel devices, eBPF filters on them, iptables rules with our comment
+            tunnel devices, eBPF filters on them and on the underlay devices'
+            ingress, iptables rules with our comment
 
 check() raises AssertionError naming every mismatch and returns counts.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from fan_driver.fanmap import FanMap, HostSlice
 from fan_driver.dataplane.firewall import network_rules
+from fan_driver.dataplane.ebpf import DECAP_PREF, PROGRAM_PREFIX
 from fan_driver.dataplane.plan import ENCAPS, MARK
 from fan_driver.model import Owner
 
@@ -47,15 +49,31 @@ def docker_view(dockerd) -> dict:
 
 def kernel_snapshot(host, only_fan_rules: bool = False) -> dict:
     """Everything a fan network could leave behind, in a comparable form: link
-    names, IPv4 routes (IPv6 link-local routes appear on their own, at any time)
-    and iptables rules (all, or only those that name the fan)."""
+    names, IPv4 routes (IPv6 link-local routes appear on their own, at any time),
+    iptables rules (all, or only those that name the fan) and the fan's filters
+    on devices it does not own."""
     links = sorted(line.split(":")[1].strip().split("@")[0]
                    for line in host.run(["ip", "-o", "link"]).stdout.splitlines())
     routes = sorted(host.run(["ip", "-4", "route", "show", "table", "all"]).stdout.splitlines())
     rules = sorted(line for line in host.run(["iptables-save"]).stdout.splitlines()
                    if ("fan" in line.lower() if only_fan_rules
                        else not line.startswith(("#", ":"))))
-    return {"links": links, "routes": routes, "rules": rules}
+    filters = sorted({f"{dev} pref {pref}" for (_, pref), dev in receive_filters(host).items()})
+    return {"links": links, "routes": routes, "rules": rules, "filters": filters}
+
+
+def receive_filters(host) -> dict:
+    """The receive shortcuts' filters, ours on any addressed device's ingress:
+    {(an address of the device, pref): device}."""
+    found = {}
+    for link in json.loads(host.run(["ip", "-4", "-j", "addr", "show"]).stdout):
+        out = host.run(["tc", "-j", "filter", "show", "dev", link["ifname"], "ingress"]).stdout
+        prefs = {f["pref"] for f in json.loads(out or "[]") if f.get("kind") == "bpf"
+                 and str(f.get("options", {}).get("bpf_name", "")).startswith(PROGRAM_PREFIX)
+                 and f["pref"] >= DECAP_PREF}
+        for info in link.get("addr_info", ()):
+            found.update({(info["local"], pref): link["ifname"] for pref in prefs})
+    return found
 
 
 def kernel_view(host) -> dict:
@@ -82,7 +100,7 @@ def kernel_view(host) -> dict:
     chains = [line for line in saved if line.startswith(":FAN-") or "-j FAN-" in line]
     named = [link["ifname"] for link in links if link["ifname"].startswith(("fve", "fvc"))]
     return {"marked": marked, "ports": ports, "routes": routes, "filters": filters,
-            "rules": rules, "chains": chains, "fv_links": named}
+            "decaps": receive_filters(host), "rules": rules, "chains": chains, "fv_links": named}
 
 
 def check(plugin, dockerd, host, allow_unclaimed: bool = False) -> dict:
@@ -159,6 +177,12 @@ def check(plugin, dockerd, host, allow_unclaimed: bool = False) -> dict:
     prefs = sorted(n["tc_pref"] for n in nets.values())
     filtered = sorted(p for dev in tunnels for p in kernel["filters"].get(dev, []))
     expect(filtered == prefs, f"eBPF filter prefs {filtered} != {prefs}")
+    # one receive shortcut per VXLAN network with the eBPF mapping, on its underlay
+    decaps = sorted((pools[n["pool_id"]]["underlay_address"], DECAP_PREF + n["tc_pref"])
+                    for n in nets.values() if n["pool_id"] in pools
+                    and (n["encap"], n["mapping"]) == ("vxlan", "ebpf"))
+    expect(sorted(kernel["decaps"]) == decaps,
+           f"receive filters on underlay devices {sorted(kernel['decaps'].items())} != {decaps}")
     stray_routes = {dev: r for dev, r in kernel["routes"].items()
                     if dev not in tunnels and dev not in wanted_links}
     expect(not stray_routes, f"routes through devices no network owns: {stray_routes}")
