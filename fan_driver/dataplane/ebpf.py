@@ -13,13 +13,17 @@ device has that MAC the receiving device takes the frame as addressed to it.
 whose source is its own MAC as loops.) Learning is off: no FDB entries appear.
 
 Overlay traffic between hosts skips the hosts' IP forwarding: each container's
-veth has a program that, on VXLAN, encapsulates it and sends it straight out of
-the underlay device (on IPIP, to the tunnel device). On VXLAN a program per
-network on the underlay device's ingress removes the outer headers of what is
-for one of its containers and hands it straight into the container, found in a
-map of the network's endpoints; what it leaves (unknown addresses, kernels
-that cannot shrink the packet) goes through the VXLAN device, whose ingress
-program does the same after the kernel's decapsulation (see bpf/fan.bpf.c).
+veth has a program that encapsulates it and sends it straight out of the
+underlay device (without the underlay's index, to the tunnel device). On VXLAN
+a program per network on the underlay device's ingress removes the outer
+headers of what is for one of its containers and hands it straight into the
+container, found in a map of the network's endpoints; what it leaves (unknown
+addresses, kernels that cannot shrink the packet) goes through the VXLAN
+device, whose ingress program does the same after the kernel's decapsulation
+(see bpf/fan.bpf.c). So netfilter (FORWARD, DOCKER-USER; OUTPUT and
+POSTROUTING for sent packets; PREROUTING and INPUT for received VXLAN) does
+not see it; traffic to and from outside the overlay takes the kernel's path
+and the fan's rules as before.
 
 The underlay device is not the fan's (in the managed plugin it is the host's
 eth0): each network's filter there sits at its own pref, above the ones tc
@@ -30,10 +34,7 @@ rather than one per device with a VNI-keyed map: the network's loaded object
 already holds its endpoints map and its values, so attach, detach, restore and
 the orphan sweep are the same per-network steps as on the tunnel device, and a
 packet that is not VXLAN for this host is passed on after a few comparisons by
-each. So netfilter (FORWARD,
-DOCKER-USER, and for sent VXLAN packets OUTPUT and POSTROUTING) does not see
-it; traffic to and from outside the overlay takes the kernel's path and the
-fan's rules as before.
+each.
 
 The map lives as long as the program that uses it; this process keeps an fd to
 fill it. After a restart, ensure() makes a new map and program, and the

@@ -302,6 +302,31 @@ def test_send_encapsulates_to_the_fan_rule_address(elf, underlay_ns):
 
 
 @needs_root
+@pytest.mark.parametrize("df", [True, False], ids=["df", "no-df"])
+def test_send_encapsulates_ipip_to_the_fan_rule_address(elf, underlay_ns, df):
+    ns, under0 = underlay_ns
+    for overlay, underlay, host, slice_ in EXAMPLES:
+        fan = FanMap(N(overlay), N(underlay))
+        local = local_for(underlay)
+        packet = frame(str(N(slice_).network_address + 2))
+        if df:   # the inner DF bit, with the checksum kept valid
+            packet = packet[:20] + b"\x40" + packet[21:24] + bytes(2) + packet[26:]
+            packet = packet[:24] + struct.pack("!H", checksum(packet[14:34])) + packet[26:]
+        with loaded_in(ns, elf, fan, local, l2=False, underlay_index=under0) as obj:
+            verdict, out = run_in_kernel(obj, bpf.SEND, packet)
+        assert verdict == TC_ACT_REDIRECT, (overlay, underlay)
+        assert len(out) == len(packet) + 20
+        assert out[:14] == neighbour_mac(host) + bytes.fromhex(UNDERLAY_MAC) + b"\x08\x00"
+        ip = out[14:34]
+        assert checksum(ip) == 0
+        version, _, length, _, frag, ttl, proto, _, src, dst = struct.unpack("!BBHHHBBH4s4s", ip)
+        # RFC 2003: the outer DF is the inner one
+        assert (version, length, frag, ttl, proto) == (0x45, len(out) - 14, 0x4000 * df, 64, 4)
+        assert (A(src), A(dst)) == (A(local), A(host))
+        routed(packet[14:], out[34:], 0)
+
+
+@needs_root
 def test_send_without_neighbour_leaves_the_next_hop_to_the_kernel(elf, underlay_ns):
     ns, under0 = underlay_ns
     packet = frame("250.0.99.2")   # host 172.30.0.99 has no neighbour entry
@@ -392,12 +417,21 @@ def sent_frame(dst: str, ttl: int = 63, ethertype: int = ETH_P_IP) -> bytes:
     return frame(dst, ttl, dst_mac=SHARED_VXLAN_MAC.replace(":", ""), ethertype=ethertype)
 
 
-@needs_root
-def test_decap_hands_this_hosts_vxlan_to_the_container(elf):
+@contextmanager
+def with_container(elf: bytes):
+    """Host 172.30.0.28's object, its container 250.0.28.9 (veth 31) in the map."""
     obj = loaded(elf, FAN250, "172.30.0.28")
     try:
         libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
                           *bpf.endpoint_entry(int(A("250.0.28.9")), 31, "0e:fa:fa:00:1c:09"))
+        yield obj
+    finally:
+        obj.close()
+
+
+@needs_root
+def test_decap_hands_this_hosts_vxlan_to_the_container(elf):
+    with with_container(elf) as obj:
         inner = sent_frame("250.0.28.9")
         verdict, out = run_in_kernel(obj, bpf.DECAP, vxlan(inner))
         assert verdict == TC_ACT_REDIRECT
@@ -405,16 +439,11 @@ def test_decap_hands_this_hosts_vxlan_to_the_container(elf):
         assert len(out) == len(inner)
         assert out[:14] == bytes.fromhex("0efafa001c09" + CONTAINER_MAC) + b"\x08\x00"
         routed(inner[14:], out[14:], 0)   # TTL 63 -> 62, as two routers would leave it
-    finally:
-        obj.close()
 
 
 @needs_root
 def test_decap_leaves_what_it_does_not_recognise_untouched(elf):
-    obj = loaded(elf, FAN250, "172.30.0.28")
-    try:
-        libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
-                          *bpf.endpoint_entry(int(A("250.0.28.9")), 31, "0e:fa:fa:00:1c:09"))
+    with with_container(elf) as obj:
         known = sent_frame("250.0.28.9")
         others = {
             "another network's VNI": vxlan(known, vni=4243),
@@ -436,8 +465,6 @@ def test_decap_leaves_what_it_does_not_recognise_untouched(elf):
         }
         for what, packet in others.items():
             assert run_in_kernel(obj, bpf.DECAP, packet) == (TC_ACT_UNSPEC, packet), what
-    finally:
-        obj.close()
 
 
 @needs_root

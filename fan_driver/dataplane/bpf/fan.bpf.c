@@ -6,9 +6,9 @@
  *   destination computed from the inner one, constant per-host state instead
  *   of one route/neighbour/FDB entry per peer.
  * fan_send: on each container veth's ingress, unicast IPv4 for another host's
- *   slice skips the host's IP forwarding (and netfilter). On VXLAN it is
- *   encapsulated here and handed straight to the underlay device; on IPIP it
- *   goes to the tunnel device, whose fan_tunnel_key sets the outer address.
+ *   slice skips the host's IP forwarding (and netfilter): encapsulated here and
+ *   handed straight to the underlay device (or, without the underlay's index,
+ *   to the tunnel device, whose fan_tunnel_key sets the outer address).
  * fan_decap: on the underlay device's ingress, VXLAN for this host and the
  *   network's VNI whose inner destination is a container in the endpoints map
  *   loses its outer headers and goes straight into the container's namespace:
@@ -154,6 +154,40 @@ struct vxlanhdr {
 	__be32 vni;   /* VNI << 8 */
 };
 
+/* The outer IPv4 header of a packet of `len` bytes (from this header on) to
+ * `remote`, as the kernel's tunnel devices write it. */
+static __always_inline void outer_ipv4(struct iphdr *ip, __u32 len, __u8 protocol,
+				       __be16 frag_off, __u32 remote)
+{
+	*ip = (struct iphdr){
+		.version = 4, .ihl = 5, .tot_len = bpf_htons(len), .frag_off = frag_off,
+		.ttl = FAN_OUTER_TTL, .protocol = protocol,
+		.saddr = bpf_htonl(cfg.local_ipv4), .daddr = bpf_htonl(remote),
+	};
+	ip->check = ipv4_checksum(ip);
+}
+
+/* The encapsulated packet out of the underlay device to the next hop the FIB
+ * lookup found, or, its MAC not known yet, to the kernel's neighbour code. */
+static __always_inline int to_underlay(struct ethhdr *eth, struct bpf_fib_lookup *fib,
+				       int have_neigh)
+{
+	eth->h_proto = bpf_htons(ETH_P_IP);
+	if (!have_neigh) {
+		/* the kernel resolves the next hop's MAC and writes the header */
+		struct bpf_redir_neigh nh;
+
+		__builtin_memset(&nh, 0, sizeof(nh));
+		nh.nh_family = FAN_AF_INET;
+		nh.ipv4_nh = fib->ipv4_dst;
+
+		return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
+	}
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+	return bpf_redirect(fib->ifindex, 0);
+}
+
 /* The frame, routed, to `remote` over VXLAN as the kernel's VXLAN device would
  * build it, then straight out of the underlay device. Called after a FIB lookup
  * found the way; a kernel that cannot grow the packet so (before 5.13) leaves it
@@ -195,27 +229,30 @@ static __always_inline int vxlan_encap(struct __sk_buff *skb, __u32 remote,
 	udp->dest = bpf_htons(FAN_VXLAN_PORT);
 	udp->len = bpf_htons(outer_len - sizeof(*ip));
 	udp->check = 0;
-	*ip = (struct iphdr){
-		.version = 4, .ihl = 5, .tot_len = bpf_htons(outer_len),
-		.frag_off = bpf_htons(0x4000), /* DF, as Docker's overlay sends */
-		.ttl = FAN_OUTER_TTL, .protocol = IPPROTO_UDP,
-		.saddr = bpf_htonl(cfg.local_ipv4), .daddr = bpf_htonl(remote),
-	};
-	ip->check = ipv4_checksum(ip);
-	eth->h_proto = bpf_htons(ETH_P_IP);
-	if (!have_neigh) {
-		/* the kernel resolves the next hop's MAC and writes the header */
-		struct bpf_redir_neigh nh;
+	/* DF, as Docker's overlay sends */
+	outer_ipv4(ip, outer_len, IPPROTO_UDP, bpf_htons(IP_DF), remote);
+	return to_underlay(eth, fib, have_neigh);
+}
 
-		__builtin_memset(&nh, 0, sizeof(nh));
-		nh.nh_family = FAN_AF_INET;
-		nh.ipv4_nh = fib->ipv4_dst;
-
-		return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
-	}
-	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
-	return bpf_redirect(fib->ifindex, 0);
+/* The packet, routed, to `remote` over IPIP as the kernel's IPIP device would
+ * build it (RFC 2003: the inner DF bit copied out), then straight out of the
+ * underlay device. */
+static __always_inline int ipip_encap(struct __sk_buff *skb, __u32 remote,
+				      struct bpf_fib_lookup *fib, int have_neigh)
+{
+	if (bpf_skb_adjust_room(skb, FAN_IPIP_ROOM, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4))
+		return TC_ACT_OK;
+	void *data = (void *)(long)skb->data;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + ETH_HLEN;
+	struct iphdr *inner_ip = ip + 1;
+	if ((void *)(inner_ip + 1) > (void *)(long)skb->data_end)
+		return TC_ACT_SHOT;
+	decrement_ttl(inner_ip);
+	outer_ipv4(ip, skb->len - ETH_HLEN, IPPROTO_IPIP, inner_ip->frag_off & bpf_htons(IP_DF),
+		   remote);
+	return to_underlay(eth, fib, have_neigh);
 }
 
 /* The way to `remote` on the underlay, looked up as the kernel's output path
@@ -249,7 +286,7 @@ int fan_send(struct __sk_buff *skb)
 	 * multicasts stay on the bridge */
 	if ((void *)(eth + 1) > (void *)(long)skb->data_end || eth->h_dest[0] & 1)
 		return TC_ACT_OK;
-	if (cfg.send_encap && cfg.l2_tunnel) {
+	if (cfg.send_encap) {
 		__u32 remote = fan_outer(dst);
 		struct bpf_fib_lookup fib;
 
@@ -258,7 +295,9 @@ int fan_send(struct __sk_buff *skb)
 
 		if (neigh < 0)
 			return TC_ACT_OK;
-		return vxlan_encap(skb, remote, &fib, neigh);
+		if (cfg.l2_tunnel)
+			return vxlan_encap(skb, remote, &fib, neigh);
+		return ipip_encap(skb, remote, &fib, neigh);
 	}
 	decrement_ttl(ip);
 	if (cfg.l2_tunnel)

@@ -36,5 +36,7 @@ struct fan_endpoint {
 #define FAN_OUTER_TTL 64
 /* outer IPv4 + UDP + VXLAN + inner Ethernet: what the send program inserts */
 #define FAN_VXLAN_ROOM (20 + 8 + 8 + 14)
+#define FAN_IPIP_ROOM 20 /* outer IPv4 */
+#define IP_DF 0x4000     /* <net/ip.h> is the kernel's */
 
 #endif
