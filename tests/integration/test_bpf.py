@@ -468,6 +468,57 @@ def test_decap_leaves_what_it_does_not_recognise_untouched(elf):
 
 
 @needs_root
+def test_receive_filter_on_a_device_the_fan_does_not_own(elf):
+    """On the underlay device: attach at the network's pref, never over another
+    tool's filter; removal and the orphan sweep take only ours and leave the
+    clsact qdisc and the other filters as they were."""
+    from pyroute2 import AsyncIPRoute
+    from fan_driver.dataplane.ebpf import DECAP_PREF, EbpfMapping
+    from fan_driver.dataplane.netlink import Links
+    from fan_driver.dataplane.plan import VXLAN, NetworkPlan
+
+    ns = f"fantest-decap-{uuid.uuid4().hex[:6]}"
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "netns", "exec", ns, "sh", "-c", SH.format(mac="02:00:00:00:00:fe")
+           + "ip addr add 172.30.0.28/16 dev under0\n")
+        sh("tc", "-n", ns, "qdisc", "add", "dev", "under0", "clsact")
+        sh("tc", "-n", ns, "filter", "add", "dev", "under0", "ingress", "pref", "10", "u32",
+           "match", "u32", "0", "0", "classid", "1:1")
+        plans = [NetworkPlan(f"{n:02x}" * 32, HostSlice(FAN250, A("172.30.0.28")), "under0", 1450,
+                             VXLAN, "ebpf", n) for n in (1, 2)]
+        obj = loaded(elf, FAN250, "172.30.0.28")
+
+        async def scenario():
+            async with AsyncIPRoute(netns=ns) as ipr:
+                links, mapping = Links(ipr), EbpfMapping()
+                index = await links.index("under0")
+                # another tool's bpf filter where network 2's would go
+                await bpf.attach(ipr, index, obj.program_fd(bpf.DECAP), "cil_from_netdev",
+                                 DECAP_PREF + 2, bpf.INGRESS)
+                for plan in plans:
+                    await mapping._attach_decap(links, plan, obj)
+                attached = await bpf.filters(ipr, index, bpf.INGRESS)
+                await mapping.remove_orphans(links, plans[1:])   # network 1 is not in the state
+                swept = await bpf.filters(ipr, index, bpf.INGRESS)
+                await mapping._attach_decap(links, plans[0], obj)
+                await mapping.remove(links, plans[0])
+                await mapping.remove(links, plans[1])
+                return attached, swept, await bpf.filters(ipr, index, bpf.INGRESS)
+        try:
+            attached, swept, left = asyncio.run(scenario())
+        finally:
+            obj.close()
+        assert attached == {DECAP_PREF + 1: "fan_01010101", DECAP_PREF + 2: "cil_from_netdev"}
+        assert swept == left == {DECAP_PREF + 2: "cil_from_netdev"}
+        shown = sh("tc", "-n", ns, "filter", "show", "dev", "under0", "ingress").stdout
+        assert "u32" in shown and "cil_from_netdev" in shown, shown
+        assert "clsact" in sh("tc", "-n", ns, "qdisc", "show", "dev", "under0").stdout
+    finally:
+        sh("ip", "netns", "del", ns, check=False)
+
+
+@needs_root
 def test_verifier_rejection_carries_its_log():
     elf = committed_object()
     code = bpf.elf_section(elf, "tc")
