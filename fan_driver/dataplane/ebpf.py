@@ -233,7 +233,8 @@ class EbpfMapping(PeerMapping):
                     await links.remove_route(dst, index)
         await self._remove_orphan_decaps(links, plans)
 
-    async def _remove_orphan_decaps(self, links: Links, plans) -> None:
+    @staticmethod
+    async def _remove_orphan_decaps(links: Links, plans) -> None:
         """Our filters on underlay devices (any interface with an IPv4 address:
         a network that left no plan may have used any) that no plan accounts for."""
         wanted = set()
