@@ -82,6 +82,18 @@ class HostFacts:
 
 
 @dataclass(frozen=True)
+class KernelFeatures:
+    """What the host's kernel can do: probed by `host.probe_kernel`."""
+    fan_map: bool   # Ubuntu's fan patch: the tunnel computes the outer address itself
+    ipip: bool
+    vxlan: bool
+    ebpf: bool      # tc programs that set tunnel keys on external-mode devices
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in vars(self).items())
+
+
+@dataclass(frozen=True)
 class Underlay:
     """The underlay as resolved on this host: our address in it and the link it is on."""
     network: IPv4Network

@@ -6,12 +6,11 @@ import logging
 from ipaddress import IPv4Interface
 from typing import Awaitable, Callable, Iterator, Optional, Set, Tuple
 
-from .config import HostFacts, NetworkOptions, resolve_underlay
+from .config import HostFacts, KernelFeatures, NetworkOptions, resolve_underlay
 from .dataplane import Dataplane, choose
 from .dataplane.plan import ENCAPS, NetworkPlan
 from .errors import FanError, NotFound
 from .faults import NO_FAULTS, Faults
-from .host import KernelFeatures
 from .ipam import ADDRESS_SPACE
 from .ledger import Ledger
 from .model import Endpoint, Network, Owner, State, mac_for, pool_id, short_id

@@ -18,7 +18,7 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import FanError
-from ..host import KernelFeatures
+from ..config import KernelFeatures
 from ..model import Endpoint
 from ..ports import Held, PortBinding, PortRequest
 from .base import Dataplane, PeerMapping
