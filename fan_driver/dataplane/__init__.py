@@ -158,12 +158,12 @@ class LinuxDataplane(Dataplane):
         wanted = {Endpoint.host_ifname(e) for e in endpoint_ids}
         wanted |= {p.bridge for p in plans}
         wanted |= {self.mappings[p.mapping].tunnel_device(p) for p in plans}
+        for mapping in self.mappings.values():   # first: a device's routes go faster in bulk
+            await mapping.remove_orphans(self.links, [p for p in plans if p.mapping == mapping.name])
         for name in await self.links.marked():
             if name not in wanted:
                 log.warning("removing orphan interface %s", name)
                 await self.links.delete(name)
-        for mapping in self.mappings.values():
-            await mapping.remove_orphans(self.links, [p for p in plans if p.mapping == mapping.name])
         known = {p.mark for p in plans}
         known |= {endpoint_mark(p, e) for p in plans for e in published}
         for mark in await self.firewall.marks() - known:
