@@ -31,7 +31,6 @@ ENDPOINT_NAME = "com.docker.network.endpoint.name"
 DOCKER_ID = re.compile(r"[0-9a-f]{64}")
 MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 ROUTE_VIA_NEXT_HOP = 0   # libnetwork types.NEXTHOP: a StaticRoute through NextHop
-IMPLEMENTS = {"Implements": ["NetworkDriver", "IpamDriver"]}
 
 
 class BadRequest(FanError):
@@ -275,9 +274,19 @@ class AddressRelease:
 
 # --- replies -------------------------------------------------------------------------------
 
-def encode_empty(_reply: None) -> dict:
-    """What Docker expects of a call that succeeded and has nothing to say."""
-    return {}
+def encode(reply) -> dict:
+    """A reply as Docker reads it; None, for a call that succeeded and has
+    nothing to say, is {}."""
+    return {} if reply is None else reply.encode()
+
+
+@dataclass(frozen=True)
+class Activation:
+    """Plugin.Activate: the plugin APIs this plugin serves."""
+    implements: Tuple[str, ...] = ("NetworkDriver", "IpamDriver")
+
+    def encode(self) -> dict:
+        return {"Implements": list(self.implements)}
 
 
 @dataclass(frozen=True)

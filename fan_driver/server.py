@@ -36,33 +36,30 @@ MAX_MESSAGE = 1000
 
 
 class Route(NamedTuple):
-    """One method of the protocol: the driver call, what it takes (None: nothing)
-    decoded from the body, and its reply encoded for Docker."""
+    """One method of the protocol: the driver call and how what it takes is
+    decoded from the body (None: it takes nothing). Replies are encoded alike."""
     call: Callable[..., Awaitable[Any]]
     decode: Optional[Callable[[dict], Any]] = None
-    encode: Callable[[Any], dict] = p.encode_empty
+
+
+async def _activate() -> p.Activation:
+    return p.Activation()
 
 
 async def _nothing() -> None:
     """Calls the fan answers with {} whatever they carry."""
 
 
-def _encode(reply) -> dict:
-    return reply.encode()
-
-
 def routes(network: NetworkDriver, ipam: IpamDriver) -> Dict[str, Route]:
     return {
-        "/Plugin.Activate": Route(_nothing, encode=lambda _: p.IMPLEMENTS),
-        "/NetworkDriver.GetCapabilities": Route(network.capabilities, encode=_encode),
+        "/Plugin.Activate": Route(_activate),
+        "/NetworkDriver.GetCapabilities": Route(network.capabilities),
         "/NetworkDriver.CreateNetwork": Route(network.create_network, p.CreateNetwork.decode),
         "/NetworkDriver.DeleteNetwork": Route(network.delete_network, p.NetworkRef.decode),
-        "/NetworkDriver.CreateEndpoint": Route(network.create_endpoint, p.CreateEndpoint.decode,
-                                               _encode),
+        "/NetworkDriver.CreateEndpoint": Route(network.create_endpoint, p.CreateEndpoint.decode),
         "/NetworkDriver.DeleteEndpoint": Route(network.delete_endpoint, p.EndpointRef.decode),
-        "/NetworkDriver.EndpointOperInfo": Route(network.endpoint_info, p.EndpointRef.decode,
-                                                 _encode),
-        "/NetworkDriver.Join": Route(network.join, p.EndpointRef.decode, _encode),
+        "/NetworkDriver.EndpointOperInfo": Route(network.endpoint_info, p.EndpointRef.decode),
+        "/NetworkDriver.Join": Route(network.join, p.EndpointRef.decode),
         "/NetworkDriver.Leave": Route(network.leave, p.EndpointRef.decode),
         "/NetworkDriver.DiscoverNew": Route(_nothing),
         "/NetworkDriver.DiscoverDelete": Route(_nothing),
@@ -70,25 +67,23 @@ def routes(network: NetworkDriver, ipam: IpamDriver) -> Dict[str, Route]:
             network.program_external_connectivity, p.ExternalConnectivity.decode),
         "/NetworkDriver.RevokeExternalConnectivity": Route(
             network.revoke_external_connectivity, p.EndpointRef.decode),
-        "/NetworkDriver.GwAllocCheck": Route(network.gateway_allocation, p.GatewayCheck.decode,
-                                             _encode),
+        "/NetworkDriver.GwAllocCheck": Route(network.gateway_allocation, p.GatewayCheck.decode),
         "/NetworkDriver.AllocateNetwork": Route(_nothing),
         "/NetworkDriver.FreeNetwork": Route(_nothing),
-        "/IpamDriver.GetCapabilities": Route(ipam.capabilities, encode=_encode),
-        "/IpamDriver.GetDefaultAddressSpaces": Route(ipam.default_address_spaces, encode=_encode),
-        "/IpamDriver.RequestPool": Route(ipam.request_pool, p.PoolRequest.decode, _encode),
+        "/IpamDriver.GetCapabilities": Route(ipam.capabilities),
+        "/IpamDriver.GetDefaultAddressSpaces": Route(ipam.default_address_spaces),
+        "/IpamDriver.RequestPool": Route(ipam.request_pool, p.PoolRequest.decode),
         "/IpamDriver.ReleasePool": Route(ipam.release_pool, p.PoolRef.decode),
-        "/IpamDriver.RequestAddress": Route(ipam.request_address, p.AddressRequest.decode,
-                                            _encode),
+        "/IpamDriver.RequestAddress": Route(ipam.request_address, p.AddressRequest.decode),
         "/IpamDriver.ReleaseAddress": Route(ipam.release_address, p.AddressRelease.decode),
     }
 
 
 async def answer(route: Route, body: dict) -> dict:
-    """The reply to a request's decoded body: decode, call, encode."""
+    """The reply to a request's body: decoded, served, encoded."""
     if route.decode is None:
-        return route.encode(await route.call())
-    return route.encode(await route.call(route.decode(body)))
+        return p.encode(await route.call())
+    return p.encode(await route.call(route.decode(body)))
 
 
 def _reply(status: int, body: dict) -> web.Response:

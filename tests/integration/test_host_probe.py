@@ -34,7 +34,7 @@ def test_facts_and_features_of_a_namespace(underlay):
     assert ["eth0", ["172.30.0.28/16"]] in interfaces
     assert "172.30.0.0/16" in routes
     assert features["vxlan"] is True and features["ebpf"] is False
-    assert underlay.count("-o", "link", "show") == len(interfaces) + 1   # no probe device left (+ lo)
+    assert underlay.count("-o", "link", "show") == len(interfaces) + 1   # lo; no probe left
 
 
 def test_a_probe_without_cap_net_admin_names_the_capability(underlay):

@@ -8,12 +8,8 @@ from fan_driver import protocol as p
 from fan_driver.server import Route, answer
 
 
-def _encode(reply) -> dict:
-    return reply.encode()
-
-
 async def request_pool(ipam, pool="", sub_pool="", options=None, v6=False) -> dict:
-    return await answer(Route(ipam.request_pool, p.PoolRequest.decode, _encode),
+    return await answer(Route(ipam.request_pool, p.PoolRequest.decode),
                         {"Pool": pool, "SubPool": sub_pool, "Options": options, "V6": v6})
 
 
@@ -22,7 +18,7 @@ async def release_pool(ipam, pool_id) -> dict:
 
 
 async def request_address(ipam, pool_id, address="", options=None) -> dict:
-    return await answer(Route(ipam.request_address, p.AddressRequest.decode, _encode),
+    return await answer(Route(ipam.request_address, p.AddressRequest.decode),
                         {"PoolID": pool_id, "Address": address, "Options": options})
 
 
@@ -44,7 +40,7 @@ async def delete_network(network, network_id) -> dict:
 
 
 async def create_endpoint(network, network_id, endpoint_id, interface=None) -> dict:
-    return await answer(Route(network.create_endpoint, p.CreateEndpoint.decode, _encode),
+    return await answer(Route(network.create_endpoint, p.CreateEndpoint.decode),
                         {"NetworkID": network_id, "EndpointID": endpoint_id,
                          "Interface": interface})
 

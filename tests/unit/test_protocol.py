@@ -10,12 +10,13 @@ from fan_driver.config import MTU_OPTION, NetworkOptions, UnderlaySpec
 from fan_driver.errors import FanError
 from fan_driver.model import Endpoint
 from fan_driver.ports import PortBinding, PortRequest, Publication
-from fan_driver.protocol import (ENDPOINT_NAME, GATEWAY_REQUEST, AddressGranted, AddressRelease,
-                                 AddressRequest, AddressSpaces, BadRequest, CreateEndpoint,
-                                 CreateNetwork, EndpointCreated, EndpointInfo, EndpointRef,
-                                 ExternalConnectivity, GatewayAllocation, GatewayCheck,
-                                 IpamCapabilities, JoinInfo, NetworkCapabilities, NetworkRef,
-                                 PoolGranted, PoolRef, PoolRequest, StaticRoute, encode_empty)
+from fan_driver.protocol import (ENDPOINT_NAME, GATEWAY_REQUEST, Activation, AddressGranted,
+                                 AddressRelease, AddressRequest, AddressSpaces, BadRequest,
+                                 CreateEndpoint, CreateNetwork, EndpointCreated, EndpointInfo,
+                                 EndpointRef, ExternalConnectivity, GatewayAllocation,
+                                 GatewayCheck, IpamCapabilities, JoinInfo, NetworkCapabilities,
+                                 NetworkRef, PoolGranted, PoolRef, PoolRequest, StaticRoute,
+                                 encode)
 
 NID, EID = "5" * 64, "e" * 64
 IPV4_DATA = [{"AddressSpace": "fan", "Pool": "250.0.0.0/8", "Gateway": "250.0.28.1/24"}]
@@ -290,6 +291,7 @@ PORT = PortBinding("tcp", IPv4Address("0.0.0.0"), 8080, 80)
 
 @pytest.mark.parametrize("reply, docker", [
     (None, {}),
+    (Activation(), {"Implements": ["NetworkDriver", "IpamDriver"]}),
     (NetworkCapabilities("local", "global", True),
      {"Scope": "local", "ConnectivityScope": "global", "GwAllocChecker": True}),
     (GatewayAllocation(skip_ipv4=False, skip_ipv6=False), {"SkipIPv4": False, "SkipIPv6": False}),
@@ -320,7 +322,7 @@ PORT = PortBinding("tcp", IPv4Address("0.0.0.0"), 8080, 80)
     (AddressGranted(IPv4Interface("250.0.28.2/24")), {"Address": "250.0.28.2/24", "Data": {}}),
 ], ids=lambda v: type(v).__name__ if not isinstance(v, dict) else "")
 def test_replies_encode_in_dockers_shape_and_key_order(reply, docker):
-    encoded = encode_empty(reply) if reply is None else reply.encode()
+    encoded = encode(reply)
 
     assert json.dumps(encoded) == json.dumps(docker)     # the bytes on the wire, keys in order
     assert json.loads(json.dumps(encoded)) == docker
