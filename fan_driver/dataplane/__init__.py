@@ -77,7 +77,7 @@ class LinuxDataplane(Dataplane):
                 undo.push_async_callback(self._undo, plan)
             await self.links.ensure_bridge(plan.bridge, plan.gateway, plan.mtu, plan.mark)
             await self.mappings[plan.mapping].ensure(self.links, plan)
-            await self.firewall.ensure(self._rules(plan))
+            await self.firewall.replace_marked(plan.mark, self._rules(plan))
             undo.pop_all()
         _enable_forwarding()
 
@@ -106,12 +106,12 @@ class LinuxDataplane(Dataplane):
             log.warning("undoing network %s: %s", plan.network_id[:12], exc)
 
     async def ensure_rules(self, plan: NetworkPlan) -> None:
-        await self.firewall.ensure(self._rules(plan))
+        await self.firewall.replace_marked(plan.mark, self._rules(plan))
 
     async def remove_network(self, plan: NetworkPlan, endpoint_ids: Iterable[str]) -> None:
         for endpoint_id in endpoint_ids:
             await self.detach(endpoint_id)
-        await self.firewall.remove(self._rules(plan))
+        await self.firewall.remove_marked(plan.mark)
         await self.mappings[plan.mapping].remove(self.links, plan)
         await self.links.delete(plan.bridge)
 

@@ -143,7 +143,7 @@ def test_internal_network_has_no_nat_and_drops_what_leaves_the_overlay():
     rules = network_rules(plan(internal=True), "fan-vxlan")
     assert all(table == "filter" for table, _, _ in rules)
     assert [spec[-1] for _, _, spec in rules][-3:] == ["DROP", "DROP", "DROP"]
-    assert ["-i", "fan-250-0-28", "!", "-d", "250.0.28.1/32"] == rules[-1][2][:5]
+    assert ["!", "-d", "250.0.28.1/32", "-i", "fan-250-0-28"] == rules[-1][2][:5]
     assert any("MASQUERADE" in spec for _, _, spec in network_rules(plan(), "fan-vxlan"))
 
 
