@@ -17,10 +17,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # FDB entry) per peer.
 MAPPINGS = ("auto", "kernel", "ebpf", "routes")
 MTU_OPTION = "com.docker.network.driver.mtu"
-# CreateNetwork Options next to the generic ones (docker network create --internal,
-# and Docker 28's --ipv4=false)
-INTERNAL_OPTION = "com.docker.network.internal"
-ENABLE_IPV4_OPTION = "com.docker.network.enable_ipv4"
 NETWORK_OPTIONS = ("underlay", "encap", "mapping", "host_reserve", MTU_OPTION)
 IPAM_OPTIONS = ("underlay",)
 # Linux interface names: at most 15 bytes, no '/', no whitespace.
@@ -86,6 +82,18 @@ class HostFacts:
 
 
 @dataclass(frozen=True)
+class KernelFeatures:
+    """What the host's kernel can do: probed by `host.probe_kernel`."""
+    fan_map: bool   # Ubuntu's fan patch: the tunnel computes the outer address itself
+    ipip: bool
+    vxlan: bool
+    ebpf: bool      # tc programs that set tunnel keys on external-mode devices
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in vars(self).items())
+
+
+@dataclass(frozen=True)
 class Underlay:
     """The underlay as resolved on this host: our address in it and the link it is on."""
     network: IPv4Network
@@ -147,19 +155,8 @@ class NetworkOptions:
             encap=encap, mapping=mapping, host_reserve=host_reserve, mtu=mtu)
 
 
-def require_ipv4(options: Mapping) -> None:
-    """Docker 28 and later say whether the network has IPv4; the fan is IPv4 only."""
-    if _flag(options, ENABLE_IPV4_OPTION, True) is False:
-        raise FanError("a fan network is IPv4: an IPv6-only network (--ipv4=false) cannot be "
-                       "a fan; create it without --ipv4=false")
-
-
-def is_internal(options: Mapping) -> bool:
-    """`docker network create --internal`."""
-    return _flag(options, INTERNAL_OPTION, False)
-
-
-def _flag(options: Mapping, key: str, default: bool) -> bool:
+def parse_flag(options: Mapping, key: str, default: bool) -> bool:
+    """A true/false network option (a JSON boolean, or its text)."""
     value = options.get(key, default)
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"

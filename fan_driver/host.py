@@ -4,35 +4,41 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network
 
 from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
-from .config import HostFacts, Interface
+from .config import HostFacts, Interface, KernelFeatures
+from .dataplane.netlink import GONE, dumped, kernel
+from .errors import KernelError
 
 log = logging.getLogger(__name__)
 
 MAIN_TABLE = 254
 RTN_UNICAST = 1
 KERNEL_FAN_VERSION = "/proc/sys/net/fan/version"
+# A device kind the kernel refuses to create for lack of permission is not
+# known to be absent: the plugin cannot work anyway, and says why.
+NOT_ALLOWED = (errno.EPERM, errno.EACCES)
 
 
 async def read_facts(ipr: AsyncIPRoute) -> HostFacts:
+    """The interfaces, addresses and main-table routes; a kernel refusal (or a
+    dump interrupted again and again) is a KernelError."""
     names, mtus = {}, {}
-    async for link in await ipr.get_links():
+    for link in await dumped("reading the host's interfaces", ipr.get_links):
         names[link["index"]] = link.get("ifname")
         mtus[link["index"]] = link.get("mtu")
     addresses = {index: [] for index in names}
-    async for msg in await ipr.get_addr(family=2):
+    for msg in await dumped("reading the host's addresses", lambda: ipr.get_addr(family=2)):
         addresses.setdefault(msg["index"], []).append(
             IPv4Interface((msg.get("address"), msg["prefixlen"])))
     interfaces = tuple(
         Interface(name=names[i], mtu=mtus[i], addresses=tuple(addresses[i]))
         for i in sorted(names) if names[i] != "lo")
     default_interface, routes = None, []
-    async for route in await ipr.get_routes(family=2, table=MAIN_TABLE):
+    for route in await dumped("reading the host's routes",
+                              lambda: ipr.get_routes(family=2, table=MAIN_TABLE)):
         if route["type"] != RTN_UNICAST:
             continue
         if route["dst_len"] == 0:
@@ -41,17 +47,6 @@ async def read_facts(ipr: AsyncIPRoute) -> HostFacts:
             routes.append(IPv4Network((route.get("dst"), route["dst_len"])))
     return HostFacts(interfaces=interfaces, default_interface=default_interface,
                      routes=tuple(routes))
-
-
-@dataclass(frozen=True)
-class KernelFeatures:
-    fan_map: bool   # Ubuntu's fan patch: the tunnel computes the outer address itself
-    ipip: bool
-    vxlan: bool
-    ebpf: bool      # tc programs that set tunnel keys on external-mode devices
-
-    def describe(self) -> str:
-        return ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in vars(self).items())
 
 
 async def probe_kernel(ipr: AsyncIPRoute, ebpf_check) -> KernelFeatures:
@@ -65,13 +60,20 @@ async def probe_kernel(ipr: AsyncIPRoute, ebpf_check) -> KernelFeatures:
 
 
 async def _can_create(ipr: AsyncIPRoute, kind: str, extra: dict) -> bool:
+    """Whether the kernel makes devices of `kind`. Its refusal means it does not,
+    but EEXIST (an equivalent device exists: the kind is there) and a lack of
+    permission (a KernelError saying so); so does failing to delete the probe."""
     name = f"fanprobe{os.getpid() % 10000}"
     try:
-        await ipr.link("add", ifname=name, kind=kind, **extra)
-    except NetlinkError as exc:
-        if exc.code == errno.EEXIST:   # an equivalent device exists: the kind is there
+        with kernel(f"creating probe device {name} ({kind})"):
+            await ipr.link("add", ifname=name, kind=kind, **extra)
+    except KernelError as exc:
+        if exc.code == errno.EEXIST:
             return True
+        if exc.code in NOT_ALLOWED:
+            raise
         log.debug("kernel cannot create %s devices: %s", kind, exc)
         return False
-    await ipr.link("del", ifname=name)
+    with kernel(f"deleting probe device {name} ({kind})", tolerate=GONE):
+        await ipr.link("del", ifname=name)
     return True

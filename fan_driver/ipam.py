@@ -10,19 +10,18 @@ import logging
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any, Awaitable, Callable, Optional
 
-from .config import DEFAULT_OVERLAY, HostFacts, UnderlaySpec, parse_cidr, parse_ipam_options, resolve_underlay
+from .config import DEFAULT_OVERLAY, HostFacts, UnderlaySpec, parse_cidr, resolve_underlay
 from .errors import FanError, NotFound
 from .fanmap import FanMap
 from .faults import NO_FAULTS, Faults
 from .ledger import Ledger
 from .model import Owner, Pool, pool_id, short_id
+from .protocol import (AddressGranted, AddressRelease, AddressRequest, AddressSpaces,
+                       IpamCapabilities, PoolGranted, PoolRef, PoolRequest)
 
 log = logging.getLogger(__name__)
 
 ADDRESS_SPACE = "fan"
-GATEWAY_REQUEST = "com.docker.network.gateway"
-# Docker 29 and later name the container in RequestAddress (moby PR 50586).
-ENDPOINT_NAME = "com.docker.network.endpoint.name"
 # Docker does not limit container names; longer ones are not remembered, so a
 # request cannot grow the state file much. With one entry per address too,
 # a pool remembers at most its capacity, and at most MAX_REMEMBERED names.
@@ -103,16 +102,9 @@ def seen_leaving(pool: Pool, address: str) -> None:
         remember(pool, address, name)
 
 
-def endpoint_name(options: dict) -> Optional[str]:
-    """The container's name, sent by Docker 29 and later; None before, and for
-    a name too long to keep."""
-    name = options.get(ENDPOINT_NAME)
-    if name is None or name == "":
-        return None
-    if not isinstance(name, str):
-        raise FanError(f"RequestAddress option {ENDPOINT_NAME} must be a string: the "
-                       "container's name, as Docker sends it")
-    if len(name) > MAX_NAME:
+def kept_name(name: Optional[str]) -> Optional[str]:
+    """The container's name as remembered: none for a name too long to keep."""
+    if name is not None and len(name) > MAX_NAME:
         log.warning("endpoint name of %d characters: its address is not remembered", len(name))
         return None
     return name
@@ -130,22 +122,15 @@ class IpamDriver:
         self.network = network
         self.faults = faults
 
-    async def capabilities(self) -> dict:
-        return {"RequiresMACAddress": False, "RequiresRequestReplay": False}
+    async def capabilities(self) -> IpamCapabilities:
+        return IpamCapabilities(requires_mac_address=False, requires_request_replay=False)
 
-    async def default_address_spaces(self) -> dict:
-        return {"LocalDefaultAddressSpace": ADDRESS_SPACE,
-                "GlobalDefaultAddressSpace": ADDRESS_SPACE}
+    async def default_address_spaces(self) -> AddressSpaces:
+        return AddressSpaces(local=ADDRESS_SPACE, global_=ADDRESS_SPACE)
 
-    async def request_pool(self, pool: str, sub_pool: str, options: dict, v6: bool) -> dict:
-        if v6:
-            raise FanError("the fan is IPv4 only; create the network without --ipv6 "
-                           "and without an IPv6 --subnet")
-        if sub_pool:
-            raise FanError(f"--ip-range {sub_pool} is not supported: on the fan each host's "
-                           "range is decided by its underlay address")
-        overlay = parse_cidr(pool, "subnet") if pool else DEFAULT_OVERLAY
-        spec = parse_ipam_options(options) or self.default_underlay
+    async def request_pool(self, request: PoolRequest) -> PoolGranted:
+        overlay = request.overlay if request.overlay is not None else DEFAULT_OVERLAY
+        spec = request.underlay or self.default_underlay
         pid = pool_id(overlay)
         async with self.ledger.change() as state:
             for other_id, other in list(state.pools.items()):
@@ -177,9 +162,10 @@ class IpamDriver:
             log.info("pool %s: host %s owns slice %s", overlay, underlay.address,
                      fan.slice_for(underlay.address))
         self.faults.check("request_pool:after_state")
-        return {"PoolID": pid, "Pool": str(overlay), "Data": {}}
+        return PoolGranted(pool_id=pid, pool=overlay)
 
-    async def release_pool(self, pid: str) -> dict:
+    async def release_pool(self, request: PoolRef) -> None:
+        pid = request.pool_id
         async with self.ledger.change() as state:
             nid = state.network_of_pool(pid)
             if nid is None:
@@ -191,34 +177,32 @@ class IpamDriver:
                 # CreateNetwork failed, if only as far as Docker could tell).
                 await self.network.remove_network(state, nid)
         self.faults.check("release_pool:after_state")
-        return {}
 
-    async def request_address(self, pid: str, address: str, options: Optional[dict]) -> dict:
-        options = options or {}
+    async def request_address(self, request: AddressRequest) -> AddressGranted:
         async with self.ledger.change() as state:
-            pool = self._pool(state, pid)
+            pool = self._pool(state, request.pool_id)
             slice_ = pool.host_slice
-            if options.get("RequestAddressType") == GATEWAY_REQUEST:
-                if address and _parse_address(address) != slice_.gateway.ip:
+            if request.gateway:
+                if request.address is not None and request.address != slice_.gateway.ip:
                     raise FanError(f"the fan's gateway is always {slice_.gateway.ip}; "
                                    "drop --gateway")
                 chosen = slice_.gateway
                 pool.addresses[str(chosen.ip)] = Owner.GATEWAY
             else:
-                requested = _parse_address(address) if address else None
-                name = endpoint_name(options)
-                chosen = IPv4Interface((allocate(pool, requested, name), slice_.slice.prefixlen))
+                name = kept_name(request.name)
+                chosen = IPv4Interface((allocate(pool, request.address, name),
+                                        slice_.slice.prefixlen))
                 remember(pool, str(chosen.ip), name)
                 pool.addresses[str(chosen.ip)] = Owner.PENDING
         self.faults.check("request_address:after_state")
-        return {"Address": str(chosen), "Data": {}}
+        return AddressGranted(chosen)
 
-    async def release_address(self, pid: str, address: str) -> dict:
-        ip = str(_parse_address(address))
+    async def release_address(self, request: AddressRelease) -> None:
+        pid, ip = request.pool_id, str(request.address)
         async with self.ledger.change() as state:
             pool = state.pools.get(pid)
             if pool is None:
-                return {}
+                return
             owner = pool.addresses.get(ip)
             nid = state.network_of_pool(pid)
             if (self.network is not None and nid is not None and owner
@@ -233,7 +217,6 @@ class IpamDriver:
             if pool.addresses.pop(ip, None) is not None:
                 seen_leaving(pool, ip)
         self.faults.check("release_address:after_state")
-        return {}
 
     @staticmethod
     def _pool(state, pid: str) -> Pool:
@@ -243,10 +226,3 @@ class IpamDriver:
             raise NotFound(f"no fan pool {pid!r}; was the network created with "
                            "--ipam-driver fan?") from None
 
-
-def _parse_address(text: str) -> IPv4Address:
-    """`a.b.c.d`, as Docker sends it, or `a.b.c.d/len` (a valid length)."""
-    try:
-        return IPv4Interface(str(text)).ip
-    except ValueError:
-        raise FanError(f"{str(text)[:80]!r} is not an IPv4 address") from None

@@ -3,26 +3,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from ipaddress import IPv4Interface
 from typing import Awaitable, Callable, Iterator, Optional, Set, Tuple
 
-from .config import (HostFacts, NetworkOptions, is_internal, parse_cidr, require_ipv4,
-                     resolve_underlay)
+from .config import HostFacts, KernelFeatures, NetworkOptions, resolve_underlay
 from .dataplane import Dataplane, choose
 from .dataplane.plan import ENCAPS, NetworkPlan
 from .errors import FanError, NotFound
 from .faults import NO_FAULTS, Faults
-from .host import KernelFeatures
 from .ipam import ADDRESS_SPACE
 from .ledger import Ledger
 from .model import Endpoint, Network, Owner, State, mac_for, pool_id, short_id
-from .ports import PORTMAP, PortBinding, Publication, bindings_to_docker, held_index, runs
+from .ports import PortBinding, held_index, runs
+from .protocol import (CreateEndpoint, CreateNetwork, EndpointCreated, EndpointInfo, EndpointRef,
+                       ExternalConnectivity, GatewayAllocation, GatewayCheck, JoinInfo,
+                       NetworkCapabilities, NetworkRef, StaticRoute)
 
 log = logging.getLogger(__name__)
 
-GENERIC_OPTIONS = "com.docker.network.generic"
-MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 CREATE_HINT = ("docker network create -d fan --ipam-driver fan --subnet 250.0.0.0/8 "
                "[--ipam-opt underlay=172.30.0.0/16] NAME (with the managed plugin on "
                "Docker 20.10: -d fan:latest --ipam-driver fan:latest)")
@@ -63,27 +61,23 @@ class NetworkDriver:
         self._sweep: Optional[asyncio.Task] = None
         self._deleting: Set[asyncio.Task] = set()   # veths going away after the answer
 
-    async def capabilities(self) -> dict:
+    async def capabilities(self) -> NetworkCapabilities:
         # GwAllocChecker: Docker 28 asks GwAllocCheck before it requests any
-        # address, which is the earliest point to refuse an IPv6-only network.
-        return {"Scope": "local", "ConnectivityScope": "global", "GwAllocChecker": True}
+        # address, which is the earliest point to refuse an IPv6-only network
+        # (decoding the request refuses it).
+        return NetworkCapabilities(scope="local", connectivity_scope="global",
+                                   gateway_alloc_checker=True)
 
-    async def gateway_allocation(self, options: dict) -> dict:
+    async def gateway_allocation(self, request: GatewayCheck) -> GatewayAllocation:
         """A fan bridge always holds its slice's .1, so Docker reserves the gateway."""
-        require_ipv4(options)
-        return {"SkipIPv4": False, "SkipIPv6": False}
+        return GatewayAllocation(skip_ipv4=False, skip_ipv6=False)
 
-    async def create_network(self, network_id: str, options: dict, ipv4_data: list,
-                             ipv6_data: list) -> dict:
-        options = options or {}
-        opts = NetworkOptions.parse(options.get(GENERIC_OPTIONS))
-        require_ipv4(options)
-        if ipv6_data:
-            raise FanError("the fan is IPv4 only; create the network without --ipv6")
+    async def create_network(self, request: CreateNetwork) -> None:
+        network_id, opts = request.network_id, request.options
         async with self.ledger.change() as state:
             if network_id in state.networks:
                 raise FanError(f"network {short_id(network_id)} already exists")
-            pid = self._claim_pool(state, ipv4_data)
+            pid = self._claim_pool(state, request)
             pool = state.pools[pid]
             if opts.underlay is not None:
                 await self._check_underlay(opts, pool)
@@ -98,7 +92,7 @@ class NetworkDriver:
             state.networks[network_id] = Network(
                 pool_id=pid, encap=encap.name, mapping=mapping,
                 mtu=self._mtu(opts, pool.mtu, encap.overhead, pool.interface),
-                internal=is_internal(options),
+                internal=request.internal,
                 tc_pref=min(set(range(1, len(state.networks) + 2))
                             - {n.tc_pref for n in state.networks.values()}))
             plan = plan_for(state, network_id)
@@ -108,26 +102,18 @@ class NetworkDriver:
         log.info("network %s: bridge %s slice %s over %s via %s/%s, mtu %d%s",
                  short_id(network_id), plan.bridge, plan.slice, pool.underlay,
                  encap.name, mapping, plan.mtu, ", internal" if plan.internal else "")
-        return {}
 
     @staticmethod
-    def _claim_pool(state: State, ipv4_data: list) -> str:
-        data = ipv4_data[0] if ipv4_data else {}
-        if not isinstance(data, dict) or not isinstance(data.get("Pool", ""), str):
-            raise FanError("IPv4Data must be a list of objects with a Pool string")
-        if data.get("AuxAddresses"):
-            raise FanError("--aux-address is not supported on a fan network: each host hands "
-                           "out its own slice; keep addresses for the host with "
-                           "-o host_reserve=N instead")
-        pid = pool_id(parse_cidr(data.get("Pool", ""), "subnet")) if data.get("Pool") else ""
-        if data.get("AddressSpace") != ADDRESS_SPACE or pid not in state.pools:
+    def _claim_pool(state: State, request: CreateNetwork) -> str:
+        pid = pool_id(request.pool) if request.pool is not None else ""
+        if request.address_space != ADDRESS_SPACE or pid not in state.pools:
             raise FanError(
                 "a fan network needs the fan IPAM driver, which gives each host its own "
                 "slice of the overlay (Docker's default IPAM would give every host the same "
                 f"addresses); create it with: {CREATE_HINT}")
         other = state.network_of_pool(pid)
         if other is not None:
-            raise FanError(f"overlay {data['Pool']} is already used by fan network "
+            raise FanError(f"overlay {request.pool_as_sent} is already used by fan network "
                            f"{short_id(other)}")
         return pid
 
@@ -150,11 +136,10 @@ class NetworkDriver:
                            f"bytes and the tunnel takes {overhead}, so at most {largest}")
         return opts.mtu
 
-    async def delete_network(self, network_id: str) -> dict:
+    async def delete_network(self, request: NetworkRef) -> None:
         async with self.ledger.change() as state:
-            if network_id in state.networks:
-                await self.remove_network(state, network_id)
-        return {}
+            if request.network_id in state.networks:
+                await self.remove_network(state, request.network_id)
 
     async def remove_network(self, state: State, network_id: str) -> None:
         """Forget a network and its pool, then remove its kernel objects; the
@@ -172,21 +157,18 @@ class NetworkDriver:
         self.faults.check("delete_network:after_kernel")
         log.info("network %s removed", short_id(network_id))
 
-    async def create_endpoint(self, network_id: str, endpoint_id: str,
-                              interface: Optional[dict]) -> dict:
-        interface = interface or {}
-        if interface.get("AddressIPv6"):
-            raise FanError("the fan is IPv4 only; drop --ip6")
+    async def create_endpoint(self, request: CreateEndpoint) -> EndpointCreated:
+        network_id, endpoint_id = request.network_id, request.endpoint_id
         async with self.ledger.change() as state:
             net = self._network(state, network_id)
             plan = plan_for(state, network_id)
-            address = _endpoint_address(interface.get("Address"), plan)
+            address = _endpoint_address(request, plan)
             pool = state.pools[net.pool_id]
             owner = pool.addresses.get(str(address.ip))
             if owner not in (None, Owner.PENDING, Owner.UNCLAIMED, endpoint_id):
                 raise FanError(f"address {address.ip} is already used by "
                                f"{owner if owner == Owner.GATEWAY else 'endpoint ' + short_id(owner)}")
-            mac = _mac(interface.get("MacAddress")) or mac_for(address)
+            mac = request.mac or mac_for(address)
             endpoint = Endpoint(address=str(address), mac=mac)
             await self.dataplane.attach(plan, endpoint_id, endpoint)
             self.faults.check("create_endpoint:after_kernel")
@@ -194,14 +176,13 @@ class NetworkDriver:
             pool.addresses[str(address.ip)] = endpoint_id
         self.faults.check("create_endpoint:after_state")
         log.info("endpoint %s on %s: %s", short_id(endpoint_id), short_id(network_id), address)
-        return {"Interface": {} if interface.get("MacAddress") else {"MacAddress": mac}}
+        return EndpointCreated(mac=None if request.mac else mac)
 
-    async def delete_endpoint(self, network_id: str, endpoint_id: str) -> dict:
+    async def delete_endpoint(self, request: EndpointRef) -> None:
         async with self.ledger.change() as state:
-            net = state.networks.get(network_id)
-            if net is not None and endpoint_id in net.endpoints:
-                await self.remove_endpoint(state, network_id, endpoint_id)
-        return {}
+            net = state.networks.get(request.network_id)
+            if net is not None and request.endpoint_id in net.endpoints:
+                await self.remove_endpoint(state, request.network_id, request.endpoint_id)
 
     async def remove_endpoint(self, state: State, network_id: str, endpoint_id: str) -> None:
         """Forget an endpoint, then delete its veth; the caller holds the ledger.
@@ -237,32 +218,31 @@ class NetworkDriver:
         self.faults.check("delete_endpoint:after_kernel")
         log.info("endpoint %s removed", short_id(endpoint_id))
 
-    async def endpoint_info(self, network_id: str, endpoint_id: str) -> dict:
+    async def endpoint_info(self, request: EndpointRef) -> EndpointInfo:
         async with self.ledger.read() as state:
-            endpoint = self._endpoint(state, network_id, endpoint_id)
-            return {"Value": {"Address": endpoint.address, "MacAddress": endpoint.mac,
-                              "HostInterface": Endpoint.host_ifname(endpoint_id),
-                              PORTMAP: bindings_to_docker(endpoint.ports, endpoint.ip)}}
+            endpoint = self._endpoint(state, request.network_id, request.endpoint_id)
+            return EndpointInfo(address=IPv4Interface(endpoint.address), mac=endpoint.mac,
+                                host_interface=Endpoint.host_ifname(request.endpoint_id),
+                                ports=endpoint.ports)
 
-    async def join(self, network_id: str, endpoint_id: str) -> dict:
+    async def join(self, request: EndpointRef) -> JoinInfo:
         async with self.ledger.read() as state:
-            self._endpoint(state, network_id, endpoint_id)
-            plan = plan_for(state, network_id)
+            self._endpoint(state, request.network_id, request.endpoint_id)
+            plan = plan_for(state, request.network_id)
         # Rules are cheap to check, and something may have flushed them. Outside
         # the ledger: other requests need not wait for iptables (the firewall
         # serialises its own changes; Docker never removes a network while an
         # endpoint on it joins).
         await self.dataplane.ensure_rules(plan)
         self.faults.check("join:after_kernel")
-        return {"InterfaceName": {"SrcName": Endpoint.container_ifname(endpoint_id),
-                                  "DstPrefix": "eth"},
-                "Gateway": str(plan.gateway.ip), "StaticRoutes": _static_routes(plan),
-                "DisableGatewayService": False}
+        return JoinInfo(src_name=Endpoint.container_ifname(request.endpoint_id),
+                        gateway=plan.gateway.ip, static_routes=_static_routes(plan))
 
-    async def program_external_connectivity(self, network_id: str, endpoint_id: str,
-                                            publication: Publication) -> dict:
+    async def program_external_connectivity(self, request: ExternalConnectivity) -> None:
         """Publish the endpoint's ports: Docker leaves it to a driver whose Join
         gives a gateway. Any failure leaves no port taken and no rule."""
+        network_id, endpoint_id = request.network_id, request.endpoint_id
+        publication = request.publication
         async with self.ledger.change() as state:
             endpoint = self._endpoint(state, network_id, endpoint_id)
             plan = plan_for(state, network_id)
@@ -274,7 +254,7 @@ class NetworkDriver:
                 endpoint.ports = ()
                 self.ledger.commit()
             if not publication.requests:
-                return {}
+                return
             endpoint.ports = await self.dataplane.publish(
                 plan, endpoint_id, endpoint.ip, publication.requests,
                 held_index(published_ports(state, but=endpoint_id)))
@@ -282,24 +262,22 @@ class NetworkDriver:
         log.info("endpoint %s publishes %s", short_id(endpoint_id),
                  ", ".join(b.describe() + (f" (+{n - 1})" if n > 1 else "")
                            for b, n in runs(endpoint.ports)))
-        return {}
 
-    async def revoke_external_connectivity(self, network_id: str, endpoint_id: str) -> dict:
+    async def revoke_external_connectivity(self, request: EndpointRef) -> None:
+        network_id, endpoint_id = request.network_id, request.endpoint_id
         async with self.ledger.change() as state:
             net = state.networks.get(network_id)
             endpoint = net.endpoints.get(endpoint_id) if net is not None else None
             if endpoint is None or not endpoint.ports:
-                return {}
+                return
             bindings, endpoint.ports = endpoint.ports, ()
             self.ledger.commit()    # a crash from here leaves orphan rules, swept at start
             self.faults.check("revoke_external_connectivity:after_state")
             await self.dataplane.unpublish(plan_for(state, network_id), endpoint_id, bindings)
         log.info("endpoint %s publishes no ports any more", short_id(endpoint_id))
-        return {}
 
-    async def leave(self, network_id: str, endpoint_id: str) -> dict:
+    async def leave(self, request: EndpointRef) -> None:
         self.faults.check("leave:before_reply")
-        return {}
 
     async def restore(self) -> None:
         """After a restart or a reboot: make the kernel match the state, both ways
@@ -377,34 +355,20 @@ def _mark_unclaimed(state: State) -> list:
     return marked
 
 
-def _static_routes(plan: NetworkPlan) -> list:
+def _static_routes(plan: NetworkPlan) -> Tuple[StaticRoute, ...]:
     """On an --internal network the overlay is routed through the gateway: other
     hosts' slices stay reachable should Docker not route the default through it
     (its own bridge gives internal networks no gateway at all)."""
     if not plan.internal:
-        return []
-    return [{"Destination": str(plan.overlay), "RouteType": 0, "NextHop": str(plan.gateway.ip)}]
+        return ()
+    return (StaticRoute(destination=plan.overlay, next_hop=plan.gateway.ip),)
 
 
-def _mac(text) -> Optional[str]:
-    if not text:
-        return None
-    if not isinstance(text, str) or not MAC.fullmatch(text) or int(text[:2], 16) & 1:
-        raise FanError(f"endpoint MAC address {str(text)[:40]!r} is not a unicast MAC "
-                       "address such as 0e:fa:fa:00:1c:02")
-    return text.lower()
-
-
-def _endpoint_address(text: Optional[str], plan: NetworkPlan) -> IPv4Interface:
-    if not text:
+def _endpoint_address(request: CreateEndpoint, plan: NetworkPlan) -> IPv4Interface:
+    address, text = request.address, request.address_as_sent
+    if address is None:
         raise FanError("the endpoint has no address: fan networks take addresses from "
                        f"the fan IPAM; create the network with: {CREATE_HINT}")
-    if not isinstance(text, str):
-        raise FanError(f"endpoint address {text!r} is not an IPv4 address")
-    try:
-        address = IPv4Interface(text)
-    except ValueError:
-        raise FanError(f"endpoint address {text!r} is not an IPv4 address") from None
     if address.ip not in plan.slice:
         raise FanError(f"endpoint address {address} is outside this host's slice {plan.slice}")
     if address.network.prefixlen != plan.slice.prefixlen:

@@ -1,7 +1,8 @@
 """Docker's plugin protocol over a unix socket: JSON in, one driver call, JSON out.
 
-Only translation lives here: a table maps each path to the driver method it
-calls, and one middleware turns every failure into Docker's {"Err": ...}.
+Only translation lives here: a table maps each path to how its body is decoded
+(protocol.py), the driver method it calls and how the reply is encoded, and one
+middleware turns every failure into Docker's {"Err": ...}.
 """
 from __future__ import annotations
 
@@ -10,16 +11,16 @@ import json
 import logging
 import os
 import signal
-import re
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict
+from typing import Any, Awaitable, Callable, Dict, NamedTuple, Optional
 
 from aiohttp import web
 
+from . import protocol as p
 from .errors import FanError, NotFound
 from .ipam import IpamDriver
 from .network import NetworkDriver
-from .ports import Publication
+from .protocol import BadRequest
 
 log = logging.getLogger(__name__)
 
@@ -33,88 +34,56 @@ BODILESS = {"/Plugin.Activate", "/NetworkDriver.GetCapabilities",
 MAX_BODY = 1 << 20   # Docker's requests are a few KB; refuse anything absurd.
 MAX_MESSAGE = 1000
 
-Handler = Callable[[Dict[str, Any]], Awaitable[dict]]
+
+class Route(NamedTuple):
+    """One method of the protocol: the driver call and how what it takes is
+    decoded from the body (None: it takes nothing). Replies are encoded alike."""
+    call: Callable[..., Awaitable[Any]]
+    decode: Optional[Callable[[dict], Any]] = None
 
 
-class BadRequest(FanError):
-    pass
+async def _activate() -> p.Activation:
+    return p.Activation()
 
 
-# Docker's network and endpoint IDs (stringid.GenerateRandomID): they end up in
-# interface names, marks and firewall comments, so nothing else is let in.
-DOCKER_ID = re.compile(r"[0-9a-f]{64}")
+async def _nothing() -> None:
+    """Calls the fan answers with {} whatever they carry."""
 
 
-def docker_id(body: dict, key: str) -> str:
-    value = field(body, key, str)
-    if not DOCKER_ID.fullmatch(value):
-        raise BadRequest(f"request field {key} must be a Docker ID (64 hexadecimal digits), "
-                         f"not {value[:80]!r}")
-    return value
-
-
-def field(body: dict, key: str, kind: type, default: Any = None) -> Any:
-    value = body.get(key, default)
-    if value is None:
-        value = default
-    if value is None:
-        raise BadRequest(f"request is missing {key}")
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise BadRequest(f"request field {key} must be a {_kind_name(kind)}")
-    return value
-
-
-def _kind_name(kind) -> str:
-    return {str: "string", dict: "JSON object", list: "JSON list", bool: "boolean"}.get(kind, kind.__name__)
-
-
-def routes(network: NetworkDriver, ipam: IpamDriver) -> Dict[str, Handler]:
-    def n(b):
-        return docker_id(b, "NetworkID")
-
-    def e(b):
-        return docker_id(b, "EndpointID")
-
+def routes(network: NetworkDriver, ipam: IpamDriver) -> Dict[str, Route]:
     return {
-        "/Plugin.Activate": lambda b: _const({"Implements": ["NetworkDriver", "IpamDriver"]}),
-        "/NetworkDriver.GetCapabilities": lambda b: network.capabilities(),
-        "/NetworkDriver.CreateNetwork": lambda b: network.create_network(
-            n(b), field(b, "Options", dict, {}), field(b, "IPv4Data", list, []),
-            field(b, "IPv6Data", list, [])),
-        "/NetworkDriver.DeleteNetwork": lambda b: network.delete_network(n(b)),
-        "/NetworkDriver.CreateEndpoint": lambda b: network.create_endpoint(
-            n(b), e(b), field(b, "Interface", dict, {})),
-        "/NetworkDriver.DeleteEndpoint": lambda b: network.delete_endpoint(
-            n(b), e(b)),
-        "/NetworkDriver.EndpointOperInfo": lambda b: network.endpoint_info(
-            n(b), e(b)),
-        "/NetworkDriver.Join": lambda b: network.join(n(b), e(b)),
-        "/NetworkDriver.Leave": lambda b: network.leave(n(b), e(b)),
-        "/NetworkDriver.DiscoverNew": lambda b: _const({}),
-        "/NetworkDriver.DiscoverDelete": lambda b: _const({}),
-        "/NetworkDriver.ProgramExternalConnectivity": lambda b: network.program_external_connectivity(
-            n(b), e(b), Publication.from_options(field(b, "Options", dict, {}))),
-        "/NetworkDriver.RevokeExternalConnectivity": lambda b: network.revoke_external_connectivity(
-            n(b), e(b)),
-        "/NetworkDriver.GwAllocCheck": lambda b: network.gateway_allocation(
-            field(b, "Options", dict, {})),
-        "/NetworkDriver.AllocateNetwork": lambda b: _const({}),
-        "/NetworkDriver.FreeNetwork": lambda b: _const({}),
-        "/IpamDriver.GetCapabilities": lambda b: ipam.capabilities(),
-        "/IpamDriver.GetDefaultAddressSpaces": lambda b: ipam.default_address_spaces(),
-        "/IpamDriver.RequestPool": lambda b: ipam.request_pool(
-            field(b, "Pool", str, ""), field(b, "SubPool", str, ""),
-            field(b, "Options", dict, {}), field(b, "V6", bool, False)),
-        "/IpamDriver.ReleasePool": lambda b: ipam.release_pool(field(b, "PoolID", str)),
-        "/IpamDriver.RequestAddress": lambda b: ipam.request_address(
-            field(b, "PoolID", str), field(b, "Address", str, ""), field(b, "Options", dict, {})),
-        "/IpamDriver.ReleaseAddress": lambda b: ipam.release_address(
-            field(b, "PoolID", str), field(b, "Address", str)),
+        "/Plugin.Activate": Route(_activate),
+        "/NetworkDriver.GetCapabilities": Route(network.capabilities),
+        "/NetworkDriver.CreateNetwork": Route(network.create_network, p.CreateNetwork.decode),
+        "/NetworkDriver.DeleteNetwork": Route(network.delete_network, p.NetworkRef.decode),
+        "/NetworkDriver.CreateEndpoint": Route(network.create_endpoint, p.CreateEndpoint.decode),
+        "/NetworkDriver.DeleteEndpoint": Route(network.delete_endpoint, p.EndpointRef.decode),
+        "/NetworkDriver.EndpointOperInfo": Route(network.endpoint_info, p.EndpointRef.decode),
+        "/NetworkDriver.Join": Route(network.join, p.EndpointRef.decode),
+        "/NetworkDriver.Leave": Route(network.leave, p.EndpointRef.decode),
+        "/NetworkDriver.DiscoverNew": Route(_nothing),
+        "/NetworkDriver.DiscoverDelete": Route(_nothing),
+        "/NetworkDriver.ProgramExternalConnectivity": Route(
+            network.program_external_connectivity, p.ExternalConnectivity.decode),
+        "/NetworkDriver.RevokeExternalConnectivity": Route(
+            network.revoke_external_connectivity, p.EndpointRef.decode),
+        "/NetworkDriver.GwAllocCheck": Route(network.gateway_allocation, p.GatewayCheck.decode),
+        "/NetworkDriver.AllocateNetwork": Route(_nothing),
+        "/NetworkDriver.FreeNetwork": Route(_nothing),
+        "/IpamDriver.GetCapabilities": Route(ipam.capabilities),
+        "/IpamDriver.GetDefaultAddressSpaces": Route(ipam.default_address_spaces),
+        "/IpamDriver.RequestPool": Route(ipam.request_pool, p.PoolRequest.decode),
+        "/IpamDriver.ReleasePool": Route(ipam.release_pool, p.PoolRef.decode),
+        "/IpamDriver.RequestAddress": Route(ipam.request_address, p.AddressRequest.decode),
+        "/IpamDriver.ReleaseAddress": Route(ipam.release_address, p.AddressRelease.decode),
     }
 
 
-async def _const(value: dict) -> dict:
-    return value
+async def answer(route: Route, body: dict) -> dict:
+    """The reply to a request's body: decoded, served, encoded."""
+    if route.decode is None:
+        return p.encode(await route.call())
+    return p.encode(await route.call(route.decode(body)))
 
 
 def _reply(status: int, body: dict) -> web.Response:
@@ -125,8 +94,8 @@ def make_app(network: NetworkDriver, ipam: IpamDriver) -> web.Application:
     table = routes(network, ipam)
 
     async def dispatch(request: web.Request) -> web.Response:
-        handler = table.get(request.path)
-        if handler is None:
+        route = table.get(request.path)
+        if route is None:
             return _reply(404, {"Err": f"unknown method {request.path[1:]}"})
         raw = await request.read()
         if not raw.strip() and request.path not in BODILESS:
@@ -140,7 +109,7 @@ def make_app(network: NetworkDriver, ipam: IpamDriver) -> web.Application:
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
         log.debug("%s %s", request.path, raw[:2000].decode(errors="replace"))
-        return _reply(200, await handler(body))
+        return _reply(200, await answer(route, body))
 
     @web.middleware
     async def errors(request: web.Request, handler) -> web.Response:

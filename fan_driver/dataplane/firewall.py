@@ -33,7 +33,10 @@ CHAINS = (("filter", "FORWARD", FORWARD_CHAIN), ("filter", "INPUT", INPUT_CHAIN)
 JUMP_MATCH = {"PREROUTING": ["-m", "addrtype", "--dst-type", "LOCAL"],
               "OUTPUT": ["!", "-d", "127.0.0.0/8", "-m", "addrtype", "--dst-type", "LOCAL"]}
 
-Rule = Tuple[str, str, List[str]]  # table, chain, match and target
+# table, chain, match and target. Each rule is written in the order `iptables -S`
+# prints it (addresses, then interfaces, then protocol, then matches), so that
+# checking rules in place is comparing lines.
+Rule = Tuple[str, str, List[str]]
 
 
 def network_rules(plan: NetworkPlan, tunnel_device: str) -> List[Rule]:
@@ -43,15 +46,15 @@ def network_rules(plan: NetworkPlan, tunnel_device: str) -> List[Rule]:
         return [
             # Containers of the network, on this host and across hosts: nothing else.
             ("filter", FORWARD_CHAIN, ["-i", bridge, "-o", bridge, *comment, "-j", "ACCEPT"]),
-            ("filter", FORWARD_CHAIN, ["-i", bridge, "-o", tunnel_device, "-d", overlay,
+            ("filter", FORWARD_CHAIN, ["-d", overlay, "-i", bridge, "-o", tunnel_device,
                                        *comment, "-j", "ACCEPT"]),
-            ("filter", FORWARD_CHAIN, ["-i", tunnel_device, "-o", bridge, "-s", overlay,
+            ("filter", FORWARD_CHAIN, ["-s", overlay, "-i", tunnel_device, "-o", bridge,
                                        *comment, "-j", "ACCEPT"]),
             ("filter", FORWARD_CHAIN, ["-i", bridge, *comment, "-j", "DROP"]),
             ("filter", FORWARD_CHAIN, ["-o", bridge, *comment, "-j", "DROP"]),
             # The host answers on the gateway only (DNS, ARP), not on its underlay
             # address or other networks' gateways.
-            ("filter", INPUT_CHAIN, ["-i", bridge, "!", "-d", f"{plan.gateway.ip}/32", *comment,
+            ("filter", INPUT_CHAIN, ["!", "-d", f"{plan.gateway.ip}/32", "-i", bridge, *comment,
                                      "-j", "DROP"]),
         ]
     return [
@@ -86,7 +89,7 @@ def port_rules(plan: NetworkPlan, endpoint_id: str, container: IPv4Address,
     if not dnat:
         return []
     dnatted = ["-m", "conntrack", "--ctstate", "DNAT", *comment]
-    return [("filter", FORWARD_CHAIN, ["-o", plan.bridge, "-d", target, *dnatted, "-j", "ACCEPT"]),
+    return [("filter", FORWARD_CHAIN, ["-d", target, "-o", plan.bridge, *dnatted, "-j", "ACCEPT"]),
             ("nat", NAT_CHAIN, ["-s", str(plan.slice), "-d", target, *dnatted, "-j", "MASQUERADE"]),
             *dnat]
 
@@ -152,15 +155,6 @@ class Firewall:
             if (await self._run(table, "-C", builtin, *_jump(builtin, chain)))[0] != 0:
                 await self._must(table, "-I", builtin, "1", *_jump(builtin, chain))
 
-    async def ensure(self, rules: Sequence[Rule]) -> None:
-        if await self._complete(rules):
-            return
-        async with self._lock:
-            await self._ensure_chains()
-            for table, chain, spec in rules:
-                if (await self._run(table, "-C", chain, *spec))[0] != 0:
-                    await self._must(table, "-A", chain, *spec)
-
     async def _listings(self) -> Optional[Dict[str, List[str]]]:
         """`iptables -S` of each table we use, in parallel; None if one fails."""
         tables = sorted({table for table, _, _ in CHAINS})
@@ -169,31 +163,30 @@ class Firewall:
             return None
         return {table: out.splitlines() for table, (_, out) in zip(tables, listings)}
 
-    async def _complete(self, rules: Sequence[Rule]) -> bool:
-        """Whether our jumps and as many marked rules as `rules` are in place:
-        one listing per table, in parallel, instead of a check per rule (this
-        runs on every container start). It counts, it does not compare: a
-        marked rule edited by hand in place is not noticed."""
+    async def _complete(self, mark: str, rules: Sequence[Rule]) -> bool:
+        """Whether our jumps are in place and the rules carrying `mark` are
+        `rules`, line for line and in order: one listing per table, in
+        parallel, instead of a check per rule (this runs on every container
+        start); a marked rule edited or added by hand makes it False."""
         lines = await self._listings()
         if lines is None:
             return False
         for table, builtin, chain in CHAINS:
             if " ".join(["-A", builtin, *_jump(builtin, chain)]) not in lines[table]:
                 return False
-        wanted: Dict[Tuple[str, str, str], int] = {}
+        wanted: Dict[Tuple[str, str], List[str]] = {}
         for table, chain, spec in rules:
-            key = (table, chain, spec[spec.index("--comment") + 1])
-            wanted[key] = wanted.get(key, 0) + 1
-        for (table, chain, mark), count in wanted.items():
-            found = sum(1 for line in lines[table]
-                        if line.startswith(f"-A {chain} ") and _mark_of(line) == mark)
-            if found != count:
-                return False
-        return True
+            wanted.setdefault((table, chain), []).append(_restore_line(["-A", chain, *spec]))
+        found: Dict[Tuple[str, str], List[str]] = {}
+        for table, table_lines in lines.items():
+            for line in table_lines:
+                if line.startswith("-A ") and _mark_of(line) == mark:
+                    found.setdefault((table, line.split()[1]), []).append(line)
+        return found == wanted
 
     async def replace_marked(self, mark: str, rules: Sequence[Rule]) -> None:
         """Make the rules carrying `mark` exactly `rules`, in one batch per table."""
-        if rules and await self._complete(rules):
+        if rules and await self._complete(mark, rules):
             return
         async with self._lock:
             await self._ensure_chains()
@@ -219,13 +212,6 @@ class Firewall:
                         if line.startswith("-A ") and line.split()[1] in ours
                         and selected(_mark_of(line) or "")]
                 for table, table_lines in lines.items()}
-
-    async def remove(self, rules: Sequence[Rule]) -> None:
-        async with self._lock:
-            for table, chain, spec in rules:
-                while (await self._run(table, "-D", chain, *spec))[0] == 0:
-                    pass
-            await self._drop_empty_chains()
 
     async def drop_empty_chains(self) -> None:
         async with self._lock:

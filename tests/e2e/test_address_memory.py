@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from fan_driver.ipam import ENDPOINT_NAME, GATEWAY_REQUEST
+from fan_driver.protocol import ENDPOINT_NAME, GATEWAY_REQUEST
 from tests.harness import PluginProcess
 from tests.harness.consistency import kernel_view
 

@@ -283,6 +283,38 @@ def test_a_crash_while_publishing_leaves_no_rule(lab_host, dockerd, plugin, web)
     assert fan_rules(lab_host) == before
 
 
+def test_a_crash_while_unpublishing_leaves_no_rule(lab_host, dockerd, plugin, web):
+    """The state forgets the ports before the rules go: a crash in between
+    leaves rules no endpoint claims, which the restarted plugin removes."""
+    before = fan_rules(lab_host)
+    dockerd.cli("run", "-d", "--name", "leaving", "--net", "fan", "-p", "8120:80",
+                "busybox", "sleep", "600")
+    try:
+        _, endpoint = endpoint_of(dockerd, "leaving")
+        assert len(port_rules(lab_host, endpoint)) == 3
+        plugin.stop()
+        plugin.env[faults.ENV] = "revoke_external_connectivity:after_state"
+        try:
+            plugin.start()
+            proc = docker_bg(dockerd, "stop", "-t", "0", "leaving")
+            assert plugin.proc.wait(timeout=60) == faults.EXIT_STATUS
+            assert len(port_rules(lab_host, endpoint)) == 3   # the crash came in between
+            plugin.kill()
+        finally:
+            del plugin.env[faults.ENV]
+        plugin.start()
+        proc.communicate(timeout=120)
+        consistency.settled(plugin, dockerd, lab_host)
+        assert port_rules(lab_host, endpoint) == []
+        dockerd.cli("start", "leaving")
+        _, endpoint = endpoint_of(dockerd, "leaving")
+        assert len(port_rules(lab_host, endpoint)) == 3
+    finally:
+        dockerd.cli("rm", "-f", "leaving", check=False)
+    consistency.settled(plugin, dockerd, lab_host, timeout=60)
+    assert fan_rules(lab_host) == before
+
+
 def test_reboot_brings_the_ports_back(lab, lab_host, dockerd, plugin, web):
     state = consistency.read_state(plugin.state_dir)
     published = sum(len(ep.get("ports", [])) for net in state["networks"].values()

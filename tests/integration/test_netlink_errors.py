@@ -13,6 +13,7 @@ from .netns_run import Underlay, run_in
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, rtnetlink)")
 SETUP = """
+from fan_driver import host
 from fan_driver.errors import KernelError
 from fan_driver.dataplane.netlink import Rtnl, ipv4_nexthops, nexthop_request
 """
@@ -50,6 +51,27 @@ def test_without_cap_net_admin_says_so(underlay):
     assert message == ("creating bridge device fan-250-0-28: Operation not permitted (errno 1): "
                        "fan-driver needs CAP_NET_ADMIN in the host's network namespace; run it "
                        "as root or grant the capability")
+
+
+def test_probing_the_kernel_without_cap_net_admin_says_so(underlay):
+    """Not "no ipip, no vxlan": the probe names the capability it lacks."""
+    message = refusal(underlay.ns, """
+    await host.probe_kernel(links.ipr, lambda: False)""", without_cap="net_admin")
+    print(message)
+    assert message.startswith("creating probe device fanprobe")
+    assert "Operation not permitted (errno 1): fan-driver needs CAP_NET_ADMIN" in message
+
+
+def test_reading_and_probing_the_host_leave_nothing_behind(underlay):
+    interfaces, routes, features = run_in(underlay.ns, """
+    facts = await host.read_facts(links.ipr)
+    features = await host.probe_kernel(links.ipr, lambda: False)
+    return [[i.name, [str(a) for a in i.addresses]] for i in facts.interfaces], \\
+        [str(r) for r in facts.routes], vars(features)""", SETUP)
+    assert ["eth0", ["172.30.0.28/16"]] in interfaces
+    assert "172.30.0.0/16" in routes
+    assert features["vxlan"] is True and features["ebpf"] is False
+    assert underlay.count("-o", "link", "show") == len(interfaces) + 1   # lo; no probe left
 
 
 def test_route_through_a_missing_device(underlay):

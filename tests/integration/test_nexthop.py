@@ -1,7 +1,8 @@
 """mapping=routes: per-peer state through kernel nexthop objects, in bulk.
 Pure checks of the requests, then a real namespace per test: a /20 VXLAN fan
 programmed, "rebooted" (its kernel state gone) and restored, removed; the
-gateway-route fallback; the orphan sweep, which deletes only our nexthops;
+gateway-route fallback; the orphan sweep, which deletes only our nexthops, and
+a leftover device's peers in bulk before the device;
 and a nexthop id that another program holds, refused."""
 from __future__ import annotations
 
@@ -155,6 +156,34 @@ def test_orphan_sweep_deletes_only_our_stale_nexthops_and_routes(underlay):
     assert "via 10.9.9.8" in underlay.ip("nexthop", "show", "id", "78")
     assert counts(underlay, device)["routes"] == 253
     assert underlay.count("nexthop", "show", "proto", str(RTPROT_FAN)) == 253
+
+
+DATAPLANE = """
+from fan_driver import iptables
+from fan_driver.dataplane import LinuxDataplane
+from fan_driver.dataplane.firewall import Firewall
+"""
+
+
+@needs_root
+def test_a_leftover_vxlan_device_loses_its_peers_in_bulk_then_goes(underlay):
+    """A crash after the device was made and before the state said so: the
+    sweep deletes its routes and nexthops (the kernel would delete them one by
+    one with the device, 24 s for a /16), then the dataplane deletes the device."""
+    device = run_in(underlay.ns, ENSURE.format(nexthops=None, underlay="172.30.0.0/24"), SETUP)
+    run_in(underlay.ns, """
+        await RoutesMapping().remove_orphans(links, [])
+    """, SETUP)
+    assert counts(underlay, device) == {"nexthops": 0, "routes": 0, "neighbours": 253,
+                                        "fdb": 253}     # the device is still there
+    run_in(underlay.ns, """
+        firewall = Firewall(iptables.firewall_binary("auto"))
+        await LinuxDataplane(links.ipr, firewall, {"routes": RoutesMapping()}).remove_orphans(
+            [], set())
+    """, SETUP + DATAPLANE)
+    assert underlay.count("link", "show", device) == 0
+    assert underlay.count("nexthop", "show") == 0
+    assert underlay.count("route", "show", "table", "main") == 1   # eth0's own
 
 
 @needs_root

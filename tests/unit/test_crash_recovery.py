@@ -16,10 +16,15 @@ from fan_driver.config import HostFacts, Interface, UnderlaySpec
 from fan_driver.errors import FanError
 from fan_driver.faults import ENV, POINTS, Faults
 from fan_driver.host import KernelFeatures
-from fan_driver.ipam import GATEWAY_REQUEST, IpamDriver
+from fan_driver.ipam import IpamDriver
 from fan_driver.model import Endpoint, Network, Owner, Pool, State
 from fan_driver.network import NetworkDriver
+from fan_driver.protocol import GATEWAY_REQUEST
 from fan_driver.store import STATE_FILE, Store
+
+from tests.unit.docker_calls import (create_endpoint, create_network, delete_endpoint,
+                                     delete_network, release_address, release_pool,
+                                     request_address, request_pool)
 
 from tests.unit.fakes import FakeDataplane
 
@@ -142,12 +147,12 @@ def drivers(ledger):
 
 
 async def create(network, ipam, with_endpoint=True):
-    await ipam.request_pool("250.0.0.0/8", "", {}, False)
-    await ipam.request_address(PID, "", {"RequestAddressType": GATEWAY_REQUEST})
-    await network.create_network(NID, {}, [{"AddressSpace": "fan", "Pool": "250.0.0.0/8"}], [])
+    await request_pool(ipam, "250.0.0.0/8", "", {}, False)
+    await request_address(ipam, PID, "", {"RequestAddressType": GATEWAY_REQUEST})
+    await create_network(network, NID, {}, [{"AddressSpace": "fan", "Pool": "250.0.0.0/8"}], [])
     if with_endpoint:
-        address = (await ipam.request_address(PID, "", None))["Address"]
-        await network.create_endpoint(NID, EID, {"Address": address})
+        address = (await request_address(ipam, PID, "", None))["Address"]
+        await create_endpoint(network, NID, EID, {"Address": address})
         return address
 
 
@@ -156,18 +161,18 @@ async def test_release_pool_of_a_live_network_removes_the_network(drivers, ledge
     gave up creating the network: either way the network is done with."""
     network, ipam, dataplane = drivers
     await create(network, ipam, with_endpoint=False)
-    await ipam.release_address(PID, "250.0.28.1")
-    await ipam.release_pool(PID)
+    await release_address(ipam, PID, "250.0.28.1")
+    await release_pool(ipam, PID)
     assert ledger.state == State() and saved(ledger)["networks"] == {}
     assert [c[0] for c in dataplane.calls][-1] == "remove_network"
-    assert await network.delete_network(NID) == {}     # then DeleteNetwork: nothing left
+    assert await delete_network(network, NID) == {}     # then DeleteNetwork: nothing left
 
 
 async def test_release_address_an_endpoint_still_holds_removes_the_endpoint(drivers, ledger):
     """Docker's rollback after a CreateEndpoint it believes failed."""
     network, ipam, dataplane = drivers
     address = await create(network, ipam)
-    await ipam.release_address(PID, address)
+    await release_address(ipam, PID, address)
     assert ledger.state.networks[NID].endpoints == {}
     assert ledger.state.pools[PID].addresses == {"250.0.28.1": "gateway"}
     await asyncio.sleep(0)   # the veth goes after the answer
@@ -178,9 +183,9 @@ async def test_release_address_an_endpoint_still_holds_removes_the_endpoint(driv
 async def test_the_normal_order_delete_endpoint_then_release(drivers, ledger):
     network, ipam, dataplane = drivers
     address = await create(network, ipam)
-    await network.delete_endpoint(NID, EID)
+    await delete_endpoint(network, NID, EID)
     assert ledger.state.pools[PID].addresses[address.split("/")[0]] == ""
-    await ipam.release_address(PID, address)
+    await release_address(ipam, PID, address)
     assert ledger.state.pools[PID].addresses == {"250.0.28.1": "gateway"}
 
 
@@ -188,9 +193,9 @@ async def test_an_address_held_by_another_endpoint_is_refused(drivers, ledger):
     network, ipam, _ = drivers
     address = await create(network, ipam)
     with pytest.raises(FanError, match="already used by endpoint bbbbbbbbbbbb"):
-        await network.create_endpoint(NID, EID2, {"Address": address})
+        await create_endpoint(network, NID, EID2, {"Address": address})
     with pytest.raises(FanError, match="already used by gateway"):
-        await network.create_endpoint(NID, EID2, {"Address": "250.0.28.1/24"})
+        await create_endpoint(network, NID, EID2, {"Address": "250.0.28.1/24"})
 
 
 @pytest.mark.parametrize("mac", ["01:00:5e:00:00:01", "0e:fa:fa:00:1c", "zz:fa:fa:00:1c:02", 5,
@@ -199,7 +204,7 @@ async def test_bad_mac_addresses_are_refused(drivers, mac):
     network, ipam, dataplane = drivers
     await create(network, ipam, with_endpoint=False)
     with pytest.raises(FanError, match="MAC"):
-        await network.create_endpoint(NID, EID, {"Address": "250.0.28.9/24", "MacAddress": mac})
+        await create_endpoint(network, NID, EID, {"Address": "250.0.28.9/24", "MacAddress": mac})
     assert "attach" not in [c[0] for c in dataplane.calls]
 
 
@@ -207,14 +212,14 @@ async def test_an_address_that_is_not_a_string_is_refused(drivers):
     network, ipam, _ = drivers
     await create(network, ipam, with_endpoint=False)
     with pytest.raises(FanError, match="not an IPv4 address"):
-        await network.create_endpoint(NID, EID, {"Address": 4194311170})   # 250.0.28.2
+        await create_endpoint(network, NID, EID, {"Address": 4194311170})   # 250.0.28.2
 
 
 async def test_aux_addresses_are_refused(drivers, ledger):
     network, ipam, _ = drivers
-    await ipam.request_pool("250.0.0.0/8", "", {}, False)
+    await request_pool(ipam, "250.0.0.0/8", "", {}, False)
     with pytest.raises(FanError, match="aux-address"):
-        await network.create_network(NID, {}, [{"AddressSpace": "fan", "Pool": "250.0.0.0/8",
+        await create_network(network, NID, {}, [{"AddressSpace": "fan", "Pool": "250.0.0.0/8",
                                                "AuxAddresses": {"r": "250.0.28.9"}}], [])
     assert ledger.state.networks == {}
 
@@ -222,7 +227,7 @@ async def test_aux_addresses_are_refused(drivers, ledger):
 async def test_an_overlay_holding_a_host_address_is_refused(drivers):
     _, ipam, _ = drivers
     with pytest.raises(FanError, match="holds address 253.0.28.9 of eth1"):
-        await ipam.request_pool("253.0.0.0/8", "", {}, False)
+        await request_pool(ipam, "253.0.0.0/8", "", {}, False)
 
 
 # --- restart: what was in flight ----------------------------------------------------------
@@ -230,8 +235,8 @@ async def test_an_overlay_holding_a_host_address_is_refused(drivers):
 async def test_restore_marks_what_was_in_flight_and_the_sweep_releases_it(drivers, ledger):
     network, ipam, dataplane = drivers
     address = await create(network, ipam)
-    pending = (await ipam.request_address(PID, "", None))["Address"].split("/")[0]
-    await ipam.request_pool("240.0.0.0/8", "", {}, False)      # no network will come
+    pending = (await request_address(ipam, PID, "", None))["Address"].split("/")[0]
+    await request_pool(ipam, "240.0.0.0/8", "", {}, False)      # no network will come
     network.UNCLAIMED_GRACE = 0.05
     await network.restore()
     addresses = ledger.state.pools[PID].addresses
@@ -248,15 +253,15 @@ async def test_restore_marks_what_was_in_flight_and_the_sweep_releases_it(driver
 async def test_what_docker_claims_in_the_grace_period_stays(drivers, ledger):
     network, ipam, _ = drivers
     await create(network, ipam, with_endpoint=False)
-    pending = (await ipam.request_address(PID, "", None))["Address"]
-    other = (await ipam.request_address(PID, "", None))["Address"].split("/")[0]
+    pending = (await request_address(ipam, PID, "", None))["Address"]
+    other = (await request_address(ipam, PID, "", None))["Address"].split("/")[0]
     network.UNCLAIMED_GRACE = 0.05
     await network.restore()
     # The CreateEndpoint dockerd was retrying arrives after the restart...
-    await network.create_endpoint(NID, EID, {"Address": pending})
+    await create_endpoint(network, NID, EID, {"Address": pending})
     # ... and an address Docker released, then handed out again, is a new one.
-    await ipam.release_address(PID, other)
-    await ipam.request_address(PID, other, None)
+    await release_address(ipam, PID, other)
+    await request_address(ipam, PID, other, None)
     await asyncio.wait_for(network._sweep, 5)
     addresses = ledger.state.pools[PID].addresses
     assert addresses[pending.split("/")[0]] == EID and addresses[other] == ""
@@ -264,11 +269,11 @@ async def test_what_docker_claims_in_the_grace_period_stays(drivers, ledger):
 
 async def test_a_pool_left_by_a_crash_does_not_block_the_next_create(drivers, ledger):
     network, ipam, _ = drivers
-    await ipam.request_pool("250.0.0.0/8", "", {}, False)     # its reply was lost
+    await request_pool(ipam, "250.0.0.0/8", "", {}, False)     # its reply was lost
     network.UNCLAIMED_GRACE = 60
     await network.restore()
     network._sweep.cancel()
-    assert (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"] == PID
+    assert (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"] == PID
     assert not ledger.state.pools[PID].unclaimed
 
 

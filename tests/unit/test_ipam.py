@@ -5,11 +5,14 @@ import pytest
 
 from fan_driver.config import HostFacts, Interface, UnderlaySpec
 from fan_driver.errors import FanError, NotFound
-from fan_driver.ipam import (ENDPOINT_NAME, GATEWAY_REQUEST, MAX_NAME, MAX_REMEMBERED, IpamDriver,
-                             allocate, capacity, endpoint_name, remember, reserved, seen_leaving)
+from fan_driver.ipam import (MAX_NAME, MAX_REMEMBERED, IpamDriver, allocate, capacity, kept_name,
+                             remember, reserved, seen_leaving)
 from fan_driver.ledger import Ledger
 from fan_driver.model import Network, Owner, Pool
+from fan_driver.protocol import ENDPOINT_NAME, GATEWAY_REQUEST
 from fan_driver.store import STATE_FILE, Store
+
+from tests.unit.docker_calls import release_address, release_pool, request_address, request_pool
 
 GATEWAY = {"RequestAddressType": GATEWAY_REQUEST}
 
@@ -234,19 +237,12 @@ def test_memory_is_bounded_and_forgets_the_least_recently_seen():
     assert next(iter(pool.remembered)) == "c5"
 
 
-@pytest.mark.parametrize("options, expected", [
-    ({}, None), ({ENDPOINT_NAME: ""}, None), ({ENDPOINT_NAME: "web-1"}, "web-1"),
-    ({ENDPOINT_NAME: "x" * MAX_NAME}, "x" * MAX_NAME),
-    ({ENDPOINT_NAME: "x" * (MAX_NAME + 1)}, None),       # too long to keep: not remembered
+@pytest.mark.parametrize("name, expected", [
+    (None, None), ("web-1", "web-1"), ("x" * MAX_NAME, "x" * MAX_NAME),
+    ("x" * (MAX_NAME + 1), None),       # too long to keep: not remembered
 ])
-def test_endpoint_name(options, expected):
-    assert endpoint_name(options) == expected
-
-
-@pytest.mark.parametrize("value", [7, ["web"], {"a": 1}, True])
-def test_an_endpoint_name_that_is_not_a_string_is_refused(value):
-    with pytest.raises(FanError, match=f"{ENDPOINT_NAME} must be a string"):
-        endpoint_name({ENDPOINT_NAME: value})
+def test_kept_name(name, expected):
+    assert kept_name(name) == expected
 
 
 # --- IpamDriver over a Store in tmp_path ----------------------------------------------
@@ -284,7 +280,7 @@ def state_bytes(store: Store) -> bytes:
 
 
 async def test_request_pool_with_no_pool_gives_the_default_overlay(ipam, ledger):
-    reply = await ipam.request_pool("", "", {}, False)
+    reply = await request_pool(ipam, "", "", {}, False)
 
     assert reply == {"PoolID": "fan:250.0.0.0/8", "Pool": "250.0.0.0/8", "Data": {}}
     pool = ledger.state.pools["fan:250.0.0.0/8"]
@@ -294,8 +290,8 @@ async def test_request_pool_with_no_pool_gives_the_default_overlay(ipam, ledger)
 
 
 async def test_request_pool_ids_follow_the_overlay(ipam, ledger):
-    first = await ipam.request_pool("250.0.0.0/8", "", None, False)
-    second = await ipam.request_pool("10.100.0.0/16", "", {"underlay": "172.30.0.0/24"}, False)
+    first = await request_pool(ipam, "250.0.0.0/8", "", None, False)
+    second = await request_pool(ipam, "10.100.0.0/16", "", {"underlay": "172.30.0.0/24"}, False)
 
     assert first["PoolID"] == "fan:250.0.0.0/8"
     assert second["PoolID"] == "fan:10.100.0.0/16"
@@ -304,13 +300,13 @@ async def test_request_pool_ids_follow_the_overlay(ipam, ledger):
 
 
 async def test_request_pool_is_saved_to_the_store(ipam, store):
-    await ipam.request_pool("250.0.0.0/8", "", {}, False)
+    await request_pool(ipam, "250.0.0.0/8", "", {}, False)
 
     assert list(store.load().pools) == ["fan:250.0.0.0/8"]
 
 
 async def test_request_pool_with_ipam_opt_underlay_interface(ipam, ledger):
-    await ipam.request_pool("250.0.0.0/8", "", {"underlay": "eth0/24"}, False)
+    await request_pool(ipam, "250.0.0.0/8", "", {"underlay": "eth0/24"}, False)
 
     pool = ledger.state.pools["fan:250.0.0.0/8"]
     assert pool.underlay == "172.30.0.0/24"
@@ -318,23 +314,23 @@ async def test_request_pool_with_ipam_opt_underlay_interface(ipam, ledger):
 
 
 async def test_overlapping_overlay_is_refused(ipam, ledger):
-    await ipam.request_pool("250.0.0.0/8", "", {}, False)
+    await request_pool(ipam, "250.0.0.0/8", "", {}, False)
 
     with pytest.raises(FanError) as err:
-        await ipam.request_pool("250.0.0.0/7", "", {}, False)
+        await request_pool(ipam, "250.0.0.0/7", "", {}, False)
 
     assert "overlaps 250.0.0.0/8" in str(err.value)
     assert list(ledger.state.pools) == ["fan:250.0.0.0/8"]
 
 
 async def test_overlapping_overlay_names_the_network_that_holds_it(ipam, ledger):
-    await ipam.request_pool("250.0.0.0/8", "", {}, False)
+    await request_pool(ipam, "250.0.0.0/8", "", {}, False)
     async with ledger.change() as state:
         state.networks["0123456789abcdef"] = Network(
             pool_id="fan:250.0.0.0/8", encap="vxlan", mapping="ebpf", mtu=1450, tc_pref=1)
 
     with pytest.raises(FanError, match="fan network 0123456789ab"):
-        await ipam.request_pool("250.1.0.0/16", "", {"underlay": "172.30.0.0/24"}, False)
+        await request_pool(ipam, "250.1.0.0/16", "", {"underlay": "172.30.0.0/24"}, False)
 
 
 @pytest.mark.parametrize("route", ["10.0.0.0/8", "10.100.5.0/24", "0.0.0.0/1"])
@@ -342,64 +338,64 @@ async def test_overlay_overlapping_a_host_route_is_refused(ipam, host, route):
     host.facts = host_facts(routes=("172.30.0.0/16", route))
 
     with pytest.raises(FanError) as err:
-        await ipam.request_pool("10.0.0.0/8", "", {}, False)
+        await request_pool(ipam, "10.0.0.0/8", "", {}, False)
 
     assert f"overlaps route {route}" in str(err.value)
 
 
 async def test_v6_is_refused(ipam):
     with pytest.raises(FanError, match="IPv4 only"):
-        await ipam.request_pool("", "", {}, True)
+        await request_pool(ipam, "", "", {}, True)
 
 
 async def test_sub_pool_is_refused(ipam):
     with pytest.raises(FanError, match="--ip-range 250.0.28.0/25 is not supported"):
-        await ipam.request_pool("250.0.0.0/8", "250.0.28.0/25", {}, False)
+        await request_pool(ipam, "250.0.0.0/8", "250.0.28.0/25", {}, False)
 
 
 async def test_overlay_too_small_for_the_underlay_is_refused(ipam):
     with pytest.raises(FanError, match="too small"):
-        await ipam.request_pool("10.100.0.0/16", "", {}, False)
+        await request_pool(ipam, "10.100.0.0/16", "", {}, False)
 
 
 async def test_gateway_request_gives_dot_one_of_the_slice(ipam, ledger):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
 
-    reply = await ipam.request_address(pid, "", GATEWAY)
+    reply = await request_address(ipam, pid, "", GATEWAY)
 
     assert reply == {"Address": "250.0.28.1/24", "Data": {}}
     assert ledger.state.pools[pid].addresses == {"250.0.28.1": "gateway"}
 
 
 async def test_gateway_request_naming_dot_one_is_accepted(ipam):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
 
-    reply = await ipam.request_address(pid, "250.0.28.1", GATEWAY)
+    reply = await request_address(ipam, pid, "250.0.28.1", GATEWAY)
 
     assert reply["Address"] == "250.0.28.1/24"
 
 
 async def test_gateway_request_naming_another_address_is_refused(ipam):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
 
     with pytest.raises(FanError, match="gateway is always 250.0.28.1"):
-        await ipam.request_address(pid, "250.0.0.1", GATEWAY)
+        await request_address(ipam, pid, "250.0.0.1", GATEWAY)
 
 
 async def test_gateway_request_with_a_malformed_address_is_a_fan_error(ipam):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
 
     # ipam.py parses the gateway with a bare IPv4Address(): ValueError escapes.
     with pytest.raises(FanError):
-        await ipam.request_address(pid, "not-an-address", GATEWAY)
+        await request_address(ipam, pid, "not-an-address", GATEWAY)
 
 
 async def test_container_requests_get_slice_addresses_with_the_slice_length(ipam, ledger):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
-    await ipam.request_address(pid, "", GATEWAY)
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
+    await request_address(ipam, pid, "", GATEWAY)
 
-    first = await ipam.request_address(pid, "", None)
-    second = await ipam.request_address(pid, "", {})
+    first = await request_address(ipam, pid, "", None)
+    second = await request_address(ipam, pid, "", {})
 
     assert first == {"Address": "250.0.28.2/24", "Data": {}}
     assert second == {"Address": "250.0.28.3/24", "Data": {}}
@@ -407,89 +403,89 @@ async def test_container_requests_get_slice_addresses_with_the_slice_length(ipam
 
 
 async def test_container_request_for_a_given_address(ipam):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
 
-    reply = await ipam.request_address(pid, "250.0.28.77", None)
+    reply = await request_address(ipam, pid, "250.0.28.77", None)
 
     assert reply["Address"] == "250.0.28.77/24"
 
 
 async def test_container_request_outside_the_slice_is_refused(ipam):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
 
     with pytest.raises(FanError, match="outside this host's fan slice 250.0.28.0/24"):
-        await ipam.request_address(pid, "250.0.29.5", None)
+        await request_address(ipam, pid, "250.0.29.5", None)
 
 
 async def test_request_address_from_an_unknown_pool(ipam):
     with pytest.raises(NotFound, match="--ipam-driver fan"):
-        await ipam.request_address("fan:250.0.0.0/8", "", None)
+        await request_address(ipam, "fan:250.0.0.0/8", "", None)
 
 
 async def test_release_address_frees_it(ipam, ledger):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
-    await ipam.request_address(pid, "", None)
-    await ipam.request_address(pid, "", None)
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
+    await request_address(ipam, pid, "", None)
+    await request_address(ipam, pid, "", None)
 
-    assert await ipam.release_address(pid, "250.0.28.2") == {}
+    assert await release_address(ipam, pid, "250.0.28.2") == {}
 
     assert "250.0.28.2" not in ledger.state.pools[pid].addresses
-    assert (await ipam.request_address(pid, "", None))["Address"] == "250.0.28.2/24"
+    assert (await request_address(ipam, pid, "", None))["Address"] == "250.0.28.2/24"
 
 
 async def test_release_address_with_prefix_length_or_unknown_pool(ipam, ledger):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
-    await ipam.request_address(pid, "", None)
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
+    await request_address(ipam, pid, "", None)
 
-    await ipam.release_address(pid, "250.0.28.2/24")
-    await ipam.release_address("fan:251.0.0.0/8", "251.0.28.2")   # nothing to do
+    await release_address(ipam, pid, "250.0.28.2/24")
+    await release_address(ipam, "fan:251.0.0.0/8", "251.0.28.2")   # nothing to do
 
     assert ledger.state.pools[pid].addresses == {}
 
 
 async def test_release_pool_removes_an_unused_pool(ipam, ledger, store):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
 
-    assert await ipam.release_pool(pid) == {}
+    assert await release_pool(ipam, pid) == {}
 
     assert ledger.state.pools == {}
     assert store.load().pools == {}
     # and the overlay can be had again
-    assert (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"] == pid
+    assert (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"] == pid
 
 
 async def test_release_pool_keeps_a_pool_a_network_still_uses(ipam, ledger):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
     async with ledger.change() as state:
         state.networks["n1"] = Network(pool_id=pid, encap="vxlan", mapping="ebpf",
                                        mtu=1450, tc_pref=1)
 
-    await ipam.release_pool(pid)
+    await release_pool(ipam, pid)
 
     assert pid in ledger.state.pools
 
 
 @pytest.mark.parametrize("failing_request", [
-    lambda ipam, pid: ipam.request_pool("250.0.0.0/7", "", {}, False),          # overlap
-    lambda ipam, pid: ipam.request_pool("10.0.0.0/8", "", {}, False),           # host route
-    lambda ipam, pid: ipam.request_pool("", "", {}, True),                      # v6
-    lambda ipam, pid: ipam.request_pool("240.0.0.0/8", "", {"underlay": "10.9.0.0/16"},
+    lambda ipam, pid: request_pool(ipam, "250.0.0.0/7", "", {}, False),          # overlap
+    lambda ipam, pid: request_pool(ipam, "10.0.0.0/8", "", {}, False),           # host route
+    lambda ipam, pid: request_pool(ipam, "", "", {}, True),                      # v6
+    lambda ipam, pid: request_pool(ipam, "240.0.0.0/8", "", {"underlay": "10.9.0.0/16"},
                                         False),                                 # no address
-    lambda ipam, pid: ipam.request_pool("240.0.0.0/8", "", {"bogus": "1"}, False),
-    lambda ipam, pid: ipam.request_address(pid, "250.0.28.2", None),           # taken
-    lambda ipam, pid: ipam.request_address(pid, "250.0.29.2", None),           # outside
-    lambda ipam, pid: ipam.request_address(pid, "nonsense", None),
-    lambda ipam, pid: ipam.request_address(pid, "250.0.28.9", GATEWAY),
-    lambda ipam, pid: ipam.request_address("fan:240.0.0.0/8", "", None),
-    lambda ipam, pid: ipam.request_address(pid, "", {ENDPOINT_NAME: 7}),
+    lambda ipam, pid: request_pool(ipam, "240.0.0.0/8", "", {"bogus": "1"}, False),
+    lambda ipam, pid: request_address(ipam, pid, "250.0.28.2", None),           # taken
+    lambda ipam, pid: request_address(ipam, pid, "250.0.29.2", None),           # outside
+    lambda ipam, pid: request_address(ipam, pid, "nonsense", None),
+    lambda ipam, pid: request_address(ipam, pid, "250.0.28.9", GATEWAY),
+    lambda ipam, pid: request_address(ipam, "fan:240.0.0.0/8", "", None),
+    lambda ipam, pid: request_address(ipam, pid, "", {ENDPOINT_NAME: 7}),
 ], ids=["overlap", "route", "v6", "no-address", "unknown-option", "taken", "outside",
         "nonsense", "gateway", "no-pool", "name-not-a-string"])
 async def test_failed_request_leaves_the_state_file_unchanged(ipam, ledger, host, store,
                                                               failing_request):
     host.facts = host_facts(routes=("172.30.0.0/16", "10.0.0.0/8"))
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
-    await ipam.request_address(pid, "", GATEWAY)
-    await ipam.request_address(pid, "", None)
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
+    await request_address(ipam, pid, "", GATEWAY)
+    await request_address(ipam, pid, "", None)
     before_file, before_state = state_bytes(store), ledger.state.to_json()
 
     with pytest.raises(FanError):
@@ -502,15 +498,15 @@ async def test_failed_request_leaves_the_state_file_unchanged(ipam, ledger, host
 # --- the IPAM as Docker 29 calls it: names, memory in the state file -------------------
 
 async def test_containers_keep_their_addresses_as_docker_29_restarts_them(ipam, ledger):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
-    await ipam.request_address(pid, "", GATEWAY)
-    web = (await ipam.request_address(pid, "", named("web")))["Address"]
-    db = (await ipam.request_address(pid, "", named("db")))["Address"]
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
+    await request_address(ipam, pid, "", GATEWAY)
+    web = (await request_address(ipam, pid, "", named("web")))["Address"]
+    db = (await request_address(ipam, pid, "", named("db")))["Address"]
     for address in (web, db):                              # both stop
-        await ipam.release_address(pid, address.split("/")[0])
+        await release_address(ipam, pid, address.split("/")[0])
 
-    newcomer = (await ipam.request_address(pid, "", named("cache")))["Address"]
-    again = [(await ipam.request_address(pid, "", named(n)))["Address"] for n in ("db", "web")]
+    newcomer = (await request_address(ipam, pid, "", named("cache")))["Address"]
+    again = [(await request_address(ipam, pid, "", named(n)))["Address"] for n in ("db", "web")]
 
     assert (web, db, newcomer) == ("250.0.28.2/24", "250.0.28.3/24", "250.0.28.4/24")
     assert again == [db, web]
@@ -520,40 +516,40 @@ async def test_containers_keep_their_addresses_as_docker_29_restarts_them(ipam, 
 
 
 async def test_the_memory_lives_in_the_state_file_across_a_restart(ipam, ledger, store, host):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
-    web = (await ipam.request_address(pid, "", named("web")))["Address"]
-    await ipam.release_address(pid, web)
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
+    web = (await request_address(ipam, pid, "", named("web")))["Address"]
+    await release_address(ipam, pid, web)
     store.close()
 
     again = Store(store.directory)
     try:
         restarted = IpamDriver(Ledger(again, again.open()), host.read_facts,
                                UnderlaySpec.parse("default/16"))
-        assert (await restarted.request_address(pid, "", named("other")))["Address"] != web
-        assert (await restarted.request_address(pid, "", named("web")))["Address"] == web
+        assert (await request_address(restarted, pid, "", named("other")))["Address"] != web
+        assert (await request_address(restarted, pid, "", named("web")))["Address"] == web
     finally:
         again.close()
 
 
 async def test_the_memory_goes_with_the_pool(ipam, ledger):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
-    web = (await ipam.request_address(pid, "", named("web")))["Address"]
-    await ipam.release_address(pid, web)
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
+    web = (await request_address(ipam, pid, "", named("web")))["Address"]
+    await release_address(ipam, pid, web)
     assert ledger.state.pools[pid].remembered == {"web": "250.0.28.2"}
 
-    await ipam.release_pool(pid)
-    await ipam.request_pool("250.0.0.0/8", "", {}, False)
+    await release_pool(ipam, pid)
+    await request_pool(ipam, "250.0.0.0/8", "", {}, False)
 
     assert ledger.state.pools[pid].remembered == {}
 
 
 async def test_without_names_nothing_is_remembered(ipam, ledger):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
-    first = (await ipam.request_address(pid, "", {}))["Address"]
-    await ipam.request_address(pid, "", None)
-    await ipam.release_address(pid, first)
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
+    first = (await request_address(ipam, pid, "", {}))["Address"]
+    await request_address(ipam, pid, "", None)
+    await release_address(ipam, pid, first)
 
-    assert (await ipam.request_address(pid, "", {}))["Address"] == first
+    assert (await request_address(ipam, pid, "", {}))["Address"] == first
     assert ledger.state.pools[pid].remembered == {}
 
 
@@ -565,18 +561,18 @@ def file_identity(store: Store) -> tuple:
 
 
 @pytest.mark.parametrize("no_op", [
-    lambda ipam, pid: ipam.release_address(pid, "250.0.28.250"),     # never handed out
-    lambda ipam, pid: ipam.release_address(pid, "250.0.28.2"),       # released already
-    lambda ipam, pid: ipam.release_address("fan:251.0.0.0/8", "251.0.28.2"),
-    lambda ipam, pid: ipam.release_pool("fan:251.0.0.0/8"),
-    lambda ipam, pid: ipam.request_address(pid, "", GATEWAY),         # holds it already
+    lambda ipam, pid: release_address(ipam, pid, "250.0.28.250"),     # never handed out
+    lambda ipam, pid: release_address(ipam, pid, "250.0.28.2"),       # released already
+    lambda ipam, pid: release_address(ipam, "fan:251.0.0.0/8", "251.0.28.2"),
+    lambda ipam, pid: release_pool(ipam, "fan:251.0.0.0/8"),
+    lambda ipam, pid: request_address(ipam, pid, "", GATEWAY),         # holds it already
 ], ids=["unknown-address", "released-twice", "unknown-pool", "unknown-pool-release",
         "gateway-again"])
 async def test_a_request_that_changes_nothing_does_not_write_the_file(ipam, store, no_op):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
-    await ipam.request_address(pid, "", GATEWAY)
-    await ipam.request_address(pid, "", named("web"))
-    await ipam.release_address(pid, "250.0.28.2")
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
+    await request_address(ipam, pid, "", GATEWAY)
+    await request_address(ipam, pid, "", named("web"))
+    await release_address(ipam, pid, "250.0.28.2")
     before = file_identity(store), state_bytes(store)
 
     await no_op(ipam, pid)
@@ -586,10 +582,10 @@ async def test_a_request_that_changes_nothing_does_not_write_the_file(ipam, stor
 
 
 async def test_a_request_that_changes_something_replaces_the_file(ipam, store):
-    pid = (await ipam.request_pool("250.0.0.0/8", "", {}, False))["PoolID"]
+    pid = (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"]
     before = file_identity(store)
 
-    await ipam.request_address(pid, "", None)
+    await request_address(ipam, pid, "", None)
 
     assert file_identity(store)[0] != before[0]
     assert "250.0.28.2" in store.load().pools[pid].addresses

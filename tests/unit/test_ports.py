@@ -3,7 +3,6 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from fan_driver.config import is_internal, require_ipv4
 from fan_driver.dataplane.firewall import network_rules, port_rules
 from fan_driver.dataplane.plan import VXLAN, NetworkPlan
 from fan_driver.errors import FanError
@@ -144,19 +143,8 @@ def test_internal_network_has_no_nat_and_drops_what_leaves_the_overlay():
     rules = network_rules(plan(internal=True), "fan-vxlan")
     assert all(table == "filter" for table, _, _ in rules)
     assert [spec[-1] for _, _, spec in rules][-3:] == ["DROP", "DROP", "DROP"]
-    assert ["-i", "fan-250-0-28", "!", "-d", "250.0.28.1/32"] == rules[-1][2][:5]
+    assert ["!", "-d", "250.0.28.1/32", "-i", "fan-250-0-28"] == rules[-1][2][:5]
     assert any("MASQUERADE" in spec for _, _, spec in network_rules(plan(), "fan-vxlan"))
-
-
-def test_docker_network_flags():
-    assert is_internal({"com.docker.network.internal": True})
-    assert not is_internal({})
-    require_ipv4({"com.docker.network.enable_ipv4": True})
-    require_ipv4({})
-    with pytest.raises(FanError, match="IPv6-only"):
-        require_ipv4({"com.docker.network.enable_ipv4": False})
-    with pytest.raises(FanError, match="must be true or false"):
-        is_internal({"com.docker.network.internal": "maybe"})
 
 
 # --- the web layer ---------------------------------------------------------------------
