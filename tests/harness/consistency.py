@@ -50,14 +50,16 @@ def docker_view(dockerd) -> dict:
 def kernel_snapshot(host, only_fan_rules: bool = False) -> dict:
     """Everything a fan network could leave behind, in a comparable form: link
     names, IPv4 routes (IPv6 link-local routes appear on their own, at any time),
-    iptables rules (all, or only those that name the fan) and the fan's filters
-    on devices it does not own."""
+    iptables rules (all, or only those that name the fan; not the tables'
+    headers: dockerd 28 loads the raw table for a bridge network, and the
+    empty table stays when that network goes) and the fan's filters on devices
+    it does not own."""
     links = sorted(line.split(":")[1].strip().split("@")[0]
                    for line in host.run(["ip", "-o", "link"]).stdout.splitlines())
     routes = sorted(host.run(["ip", "-4", "route", "show", "table", "all"]).stdout.splitlines())
     rules = sorted(line for line in host.run(["iptables-save"]).stdout.splitlines()
                    if ("fan" in line.lower() if only_fan_rules
-                       else not line.startswith(("#", ":"))))
+                       else line.startswith("-A ")))
     filters = sorted({f"{dev} pref {pref}" for (_, pref), dev in receive_filters(host).items()})
     return {"links": links, "routes": routes, "rules": rules, "filters": filters}
 
