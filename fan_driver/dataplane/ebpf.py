@@ -112,7 +112,7 @@ class EbpfMapping(PeerMapping):
         try:
             await bpf.attach(links.ipr, index, obj.program_fd(bpf.TUNNEL_KEY), name,
                              plan.tc_pref, bpf.EGRESS)
-            if plan.encap.inner_ip_offset >= bpf.ETH_LEN:
+            if plan.encap.l2:
                 await bpf.attach(links.ipr, index, obj.program_fd(bpf.RECEIVE), name,
                                  plan.tc_pref, bpf.INGRESS)
         except BaseException:
@@ -121,7 +121,7 @@ class EbpfMapping(PeerMapping):
         self._forget(plan)
         self._objects[plan.network_id], self._tunnels[plan.network_id] = obj, index
         await links.ensure_route(plan.overlay, index, metrics={"mtu": plan.mtu})
-        if plan.encap.inner_ip_offset >= bpf.ETH_LEN:
+        if plan.encap.l2:
             await self._attach_decap(links, plan, obj)
 
     async def _attach_decap(self, links: Links, plan: NetworkPlan, obj: libbpf.BpfObject) -> None:
@@ -144,13 +144,12 @@ class EbpfMapping(PeerMapping):
 
     @staticmethod
     async def _config(links: Links, plan: NetworkPlan, tunnel: int) -> bpf.Config:
-        l2 = plan.encap.inner_ip_offset >= bpf.ETH_LEN
         underlay = await links.index(plan.underlay_interface)
         bridge = await links.index(plan.bridge)
         return bpf.Config(
-            plan.host.fan, plan.slice, plan.vni, l2, plan.underlay_address,
+            plan.host.fan, plan.slice, plan.vni, plan.encap.l2, plan.underlay_address,
             tunnel_index=tunnel, underlay_index=underlay or 0, bridge_index=bridge or 0,
-            tunnel_mac=SHARED_VXLAN_MAC if l2 else "00:00:00:00:00:00",
+            tunnel_mac=SHARED_VXLAN_MAC if plan.encap.l2 else "00:00:00:00:00:00",
             # without the underlay device's index, send through the tunnel device
             send_encap=underlay is not None)
 
@@ -167,7 +166,7 @@ class EbpfMapping(PeerMapping):
         obj = self._objects[plan.network_id]
         await bpf.attach(links.ipr, veth_index, obj.program_fd(bpf.SEND),
                          self._program_name(plan), SEND_PREF, bpf.INGRESS)
-        if plan.encap.inner_ip_offset >= bpf.ETH_LEN:
+        if plan.encap.l2:
             libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
                               *bpf.endpoint_entry(int(endpoint.ip), veth_index, endpoint.mac))
 
@@ -175,7 +174,7 @@ class EbpfMapping(PeerMapping):
         """Out of the map before its veth goes. A failure only costs drops: the
         veth's ifindex is never reused, so a stale entry cannot misdeliver."""
         obj = self._objects.get(plan.network_id)
-        if obj is None or plan.encap.inner_ip_offset < bpf.ETH_LEN:
+        if obj is None or not plan.encap.l2:
             return
         try:
             libbpf.map_delete(obj.map_fd(bpf.ENDPOINTS), bpf.ENDPOINT_KEY.pack(int(endpoint.ip)))
@@ -239,7 +238,7 @@ class EbpfMapping(PeerMapping):
         a network that left no plan may have used any) that no plan accounts for."""
         wanted = set()
         for p in plans:
-            if p.encap.inner_ip_offset >= bpf.ETH_LEN:
+            if p.encap.l2:
                 wanted.add((await links.index(p.underlay_interface), decap_pref(p)))
         addresses = await dumped("listing IPv4 addresses",
                                  lambda: links.ipr.get_addr(family=socket.AF_INET))

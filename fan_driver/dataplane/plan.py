@@ -18,6 +18,11 @@ class Encap:
     inner_ip_offset: int   # where the inner IPv4 header starts in a packet on the device
     device: str            # the shared external-mode device of this encapsulation
 
+    @property
+    def l2(self) -> bool:
+        """Whether the device's packets carry an inner Ethernet header (VXLAN)."""
+        return self.inner_ip_offset > 0
+
 
 # IPIP adds an outer IPv4 header; VXLAN adds IPv4 + UDP + VXLAN + inner Ethernet.
 IPIP = Encap("ipip", overhead=20, inner_ip_offset=0, device="fan-ipip")

@@ -29,7 +29,6 @@ OBJECT, SOURCES = "fan.bpf.o", ("fan.bpf.c", "fan.h")
 SOURCE_SECTION = ".fan.source"
 TUNNEL_KEY, SEND, RECEIVE, DECAP = "fan_tunnel_key", "fan_send", "fan_receive", "fan_decap"
 ENDPOINTS = "endpoints"
-ETH_LEN = 14
 VNI_LIMIT = 1 << 24
 
 
