@@ -5,7 +5,9 @@ ProgramExternalConnectivity carries `com.docker.network.portmap`, a list of
 {Proto, IP, Port, HostIP, HostPort, HostPortEnd} (libnetwork types.PortBinding):
 Proto 6 is TCP and 17 UDP, HostIP "" means every host address, HostPort 0
 (from -P) means "any free port", and HostPort < HostPortEnd means "any free
-port of that range" (-p 8090-8091:80 publishes one port, not two).
+port of that range" (-p 8090-8091:80 publishes one port, not two). The
+exposed ports Docker sends beside it (com.docker.network.endpoint.exposedports)
+are not read: what -P publishes is in the port map already, with HostPort 0.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 from .errors import FanError
 
 PORTMAP = "com.docker.network.portmap"
-EXPOSED_PORTS = "com.docker.network.endpoint.exposedports"
 PROTOCOLS = {6: "tcp", 17: "udp"}
 PROTOCOL_NUMBERS = {name: number for number, name in PROTOCOLS.items()}
 ANY_ADDRESS = IPv4Address("0.0.0.0")
