@@ -69,7 +69,7 @@ async def serve(settings: Settings) -> None:
 
     from . import host, iptables, server
     from .dataplane import LinuxDataplane, ebpf
-    from .dataplane.firewall import Firewall
+    from .dataplane.firewall import IptablesFirewall
     from .faults import Faults
     from .ipam import IpamDriver
     from .ledger import Ledger
@@ -77,11 +77,11 @@ async def serve(settings: Settings) -> None:
 
     default_underlay = UnderlaySpec.parse(settings.underlay)
     faults = Faults.from_env()   # FAN_CRASH_AT, for crash tests; a no-op when unset
-    firewall = Firewall(iptables.firewall_binary(settings.iptables))
+    firewall = IptablesFirewall(iptables.firewall_binary(settings.iptables))
     store = Store(Path(settings.state_dir))
     state = store.open()
     async with AsyncIPRoute() as ipr:
-        features = await host.probe_kernel(ipr, ebpf.supported)
+        features = await host.probe_kernel(ipr, ebpf.supported, ebpf.conntrack_supported)
         log.info("kernel: %s", features.describe())
         ledger = Ledger(store, state)
 
@@ -104,11 +104,12 @@ def show(state_dir: Path) -> None:
         print("no fan networks")
         return
     print(f"{'NETWORK':12}  {'BRIDGE':15}  {'OVERLAY':18}  {'UNDERLAY':18}  {'SLICE':18}  "
-          f"{'ENCAP':12}  {'MTU':>5}  {'ENDPOINTS':>9}")
+          f"{'ENCAP':12}  {'RECEIVE':9}  {'MTU':>5}  {'ENDPOINTS':>9}")
     for nid, net in sorted(state.networks.items()):
         pool = state.pools[net.pool_id]
         hs = pool.host_slice
         underlay = f"{IPv4Interface((pool.underlay_address, hs.fan.underlay.prefixlen))}"
         print(f"{short_id(nid):12}  {hs.bridge_name:15}  {pool.overlay:18}  {underlay:18}  "
-              f"{str(hs.slice):18}  {net.encap + '/' + net.mapping:12}  {net.mtu:>5}  "
+              f"{str(hs.slice):18}  {net.encap + '/' + net.mapping:12}  {net.receive:9}  "
+              f"{net.mtu:>5}  "
               f"{len(net.endpoints):>9}")

@@ -16,8 +16,20 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # (Ubuntu's patch), an eBPF program, or one route (and for VXLAN neighbour and
 # FDB entry) per peer.
 MAPPINGS = ("auto", "kernel", "ebpf", "routes")
+# How VXLAN from other hosts reaches containers: through the kernel's tunnel
+# device (after the host's PREROUTING and INPUT), straight from the underlay
+# device for flows the host's firewall admitted (conntrack), or straight from
+# it for every packet (direct: skips PREROUTING and INPUT, opt-in).
+RECEIVES = ("auto", "tunnel", "conntrack", "direct")
+RECEIVE_PATHS = {
+    "tunnel": "tunnel traffic through the tunnel device, after the host's PREROUTING and INPUT",
+    "conntrack": "tunnel traffic straight from the underlay device, for flows whose first "
+                 "packet passed the host's PREROUTING and INPUT (conntrack)",
+    "direct": "tunnel traffic straight from the underlay device, skipping the host's "
+              "PREROUTING and INPUT",
+}
 MTU_OPTION = "com.docker.network.driver.mtu"
-NETWORK_OPTIONS = ("underlay", "encap", "mapping", "host_reserve", MTU_OPTION)
+NETWORK_OPTIONS = ("underlay", "encap", "mapping", "receive", "host_reserve", MTU_OPTION)
 IPAM_OPTIONS = ("underlay",)
 # Linux interface names: at most 15 bytes, no '/', no whitespace.
 _IFNAME = re.compile(r"[A-Za-z0-9_.:-]{1,15}")
@@ -88,6 +100,7 @@ class KernelFeatures:
     ipip: bool
     vxlan: bool
     ebpf: bool      # tc programs that set tunnel keys on external-mode devices
+    conntrack_lookup: bool = False   # tc programs that find conntrack entries (receive=conntrack)
 
     def describe(self) -> str:
         return ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in vars(self).items())
@@ -132,6 +145,7 @@ class NetworkOptions:
     underlay: Optional[UnderlaySpec] = None
     encap: str = "auto"
     mapping: str = "auto"
+    receive: str = "auto"
     host_reserve: int = 1
     mtu: Optional[int] = None
 
@@ -148,11 +162,14 @@ class NetworkOptions:
         mapping = str(generic.get("mapping", "auto"))
         if mapping not in MAPPINGS:
             raise FanError(f"mapping {mapping!r} is not one of: {', '.join(MAPPINGS)}")
+        receive = str(generic.get("receive", "auto"))
+        if receive not in RECEIVES:
+            raise FanError(f"receive {receive!r} is not one of: {', '.join(RECEIVES)}")
         host_reserve = _int_option(generic, "host_reserve", 1, minimum=1)
         mtu = _int_option(generic, MTU_OPTION, None, minimum=MIN_MTU)
         return cls(
             underlay=UnderlaySpec.parse(str(underlay)) if underlay is not None else None,
-            encap=encap, mapping=mapping, host_reserve=host_reserve, mtu=mtu)
+            encap=encap, mapping=mapping, receive=receive, host_reserve=host_reserve, mtu=mtu)
 
 
 def parse_flag(options: Mapping, key: str, default: bool) -> bool:

@@ -49,13 +49,15 @@ async def read_facts(ipr: AsyncIPRoute) -> HostFacts:
                      routes=tuple(routes))
 
 
-async def probe_kernel(ipr: AsyncIPRoute, ebpf_check) -> KernelFeatures:
+async def probe_kernel(ipr: AsyncIPRoute, ebpf_check, conntrack_check) -> KernelFeatures:
     """Try each feature for real: a kernel config can't be read from a container."""
+    ebpf = ebpf_check()
     return KernelFeatures(
         fan_map=os.path.exists(KERNEL_FAN_VERSION),
         ipip=await _can_create(ipr, "ipip", {}),
         vxlan=await _can_create(ipr, "vxlan", {"vxlan_id": 1, "vxlan_port": 4789}),
-        ebpf=ebpf_check(),
+        ebpf=ebpf,
+        conntrack_lookup=ebpf and conntrack_check(),
     )
 
 

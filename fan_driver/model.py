@@ -92,6 +92,9 @@ class Network:
     mtu: int
     tc_pref: int             # the priority of this network's filter on a shared tunnel
     internal: bool = False   # --internal: no NAT, nothing leaves the overlay
+    # how tunnel traffic reaches containers (config.RECEIVES); networks made
+    # before it existed take the kernel's path, which every kernel has
+    receive: str = "tunnel"
     endpoints: Dict[str, Endpoint] = field(default_factory=dict)
 
 

@@ -32,7 +32,7 @@ def plan_for(state: State, network_id: str) -> NetworkPlan:
     return NetworkPlan(network_id=network_id, host=pool.host_slice,
                        underlay_interface=pool.interface, mtu=net.mtu,
                        encap=ENCAPS[net.encap], mapping=net.mapping, tc_pref=net.tc_pref,
-                       internal=net.internal)
+                       internal=net.internal, receive=net.receive)
 
 
 def published_ports(state: State, but: str = "") -> Iterator[Tuple[str, PortBinding]]:
@@ -86,11 +86,11 @@ class NetworkDriver:
                                f"in slice {pool.host_slice.slice}")
             pool.host_reserve = opts.host_reserve
             pool.unclaimed = False
-            encap, mapping = choose(
+            encap, mapping, receive = choose(
                 opts.encap if opts.encap != "auto" else self.default_encap, opts.mapping,
-                self.features)
+                opts.receive, self.features)
             state.networks[network_id] = Network(
-                pool_id=pid, encap=encap.name, mapping=mapping,
+                pool_id=pid, encap=encap.name, mapping=mapping, receive=receive,
                 mtu=self._mtu(opts, pool.mtu, encap.overhead, pool.interface),
                 internal=request.internal,
                 tc_pref=min(set(range(1, len(state.networks) + 2))
@@ -99,9 +99,9 @@ class NetworkDriver:
             await self.dataplane.ensure_network(plan)
             self.faults.check("create_network:after_kernel")
         self.faults.check("create_network:after_state")
-        log.info("network %s: bridge %s slice %s over %s via %s/%s, mtu %d%s",
+        log.info("network %s: bridge %s slice %s over %s via %s/%s, receive %s, mtu %d%s",
                  short_id(network_id), plan.bridge, plan.slice, pool.underlay,
-                 encap.name, mapping, plan.mtu, ", internal" if plan.internal else "")
+                 encap.name, mapping, receive, plan.mtu, ", internal" if plan.internal else "")
 
     @staticmethod
     def _claim_pool(state: State, request: CreateNetwork) -> str:

@@ -6,7 +6,8 @@ import errno as errno_mod
 from ipaddress import IPv4Network
 from typing import List, Optional
 
-from ..config import DEFAULT_OVERLAY, MIN_MTU, UnderlaySpec, parse_cidr, resolve_underlay
+from ..config import (DEFAULT_OVERLAY, MIN_MTU, RECEIVE_PATHS, UnderlaySpec, parse_cidr,
+                      resolve_underlay)
 from ..dataplane import choose, libbpf
 from ..errors import FanError
 from ..fanmap import FanMap, HostSlice
@@ -82,11 +83,12 @@ def _judge_kernel(settings: Optional[Settings], features: KernelFeatures, ebpf_e
     if settings is None:
         return None
     try:
-        encap, mapping = choose(settings.encap, "auto", features)
+        encap, mapping, receive = choose(settings.encap, "auto", "auto", features)
     except FanError as exc:
         add("plan", "tunnel", FAIL, str(exc))
         return None
     add("plan", "tunnel", OK, f"{encap.name} with {mapping} mapping, device {encap.device}")
+    add("plan", "receive", OK, f"receive={receive}: {RECEIVE_PATHS[receive]}")
     return encap
 
 

@@ -11,7 +11,7 @@ from typing import Dict, Optional, Tuple
 from pyroute2 import AsyncIPRoute
 
 from .. import host, iptables
-from ..config import HostFacts
+from ..config import RECEIVE_PATHS, HostFacts
 from ..dataplane import ebpf
 from ..dataplane.firewall import CHAINS
 from ..errors import FanError
@@ -70,7 +70,7 @@ async def probe(state_dir: Path, iptables_setting: str = "auto") -> Probe:
     try:
         async with AsyncIPRoute() as ipr:
             facts = await host.read_facts(ipr)
-            features = await host.probe_kernel(ipr, ebpf_works)
+            features = await host.probe_kernel(ipr, ebpf_works, ebpf.conntrack_supported)
     except Exception as exc:   # a report, not a crash: say what failed
         netlink_error = f"{type(exc).__name__}: {exc}"
     return Probe(features=features, facts=facts, iptables=probe_iptables(iptables_setting),
@@ -122,5 +122,6 @@ def probe_state(state_dir: Path) -> StateInfo:
         hs = pool.host_slice
         lines.append(f"{short_id(nid)}: bridge {hs.bridge_name}, slice {hs.slice} of "
                      f"{pool.overlay}, {net.encap}/{net.mapping}, MTU {net.mtu}, "
-                     f"{len(net.endpoints)} endpoint(s)")
+                     f"{len(net.endpoints)} endpoint(s), receive={net.receive}: "
+                     f"{RECEIVE_PATHS[net.receive]}")
     return StateInfo(directory=directory, networks=tuple(lines), overlays=tuple(overlays))

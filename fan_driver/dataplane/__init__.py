@@ -21,8 +21,7 @@ from ..errors import FanError
 from ..config import KernelFeatures
 from ..model import Endpoint
 from ..ports import Held, PortBinding, PortRequest
-from .base import Dataplane, PeerMapping
-from .firewall import Firewall, endpoint_mark, network_rules
+from .base import Dataplane, Firewall, PeerMapping
 from .netlink import Links
 from .plan import ENCAPS, IPIP, VXLAN, Encap, NetworkPlan
 from .proxy import UserlandProxy
@@ -34,10 +33,13 @@ IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 PREFERENCE = ("kernel", "ebpf", "routes")   # the mappings `auto` tries, in order
 
 
-def choose(encap: str, mapping: str, features: KernelFeatures) -> Tuple[Encap, str]:
-    """The encapsulation and peer mapping for a request on this kernel: the
-    kernel's own fan map where present, else eBPF, else per-peer routes; IPIP
-    where the kernel has it (20 bytes of overhead against VXLAN's 50)."""
+def choose(encap: str, mapping: str, receive: str,
+           features: KernelFeatures) -> Tuple[Encap, str, str]:
+    """The encapsulation, peer mapping and receive path for a request on this
+    kernel: the kernel's own fan map where present, else eBPF, else per-peer
+    routes; IPIP where the kernel has it (20 bytes of overhead against VXLAN's
+    50); VXLAN received straight from the underlay for flows conntrack has
+    seen pass the host's firewall, where the kernel can look them up."""
     if mapping == "auto":
         mapping = next(m for m in PREFERENCE if _mapping_supported(m, features))
     elif mapping not in PREFERENCE:
@@ -51,7 +53,21 @@ def choose(encap: str, mapping: str, features: KernelFeatures) -> Tuple[Encap, s
         raise FanError(
             f"this kernel cannot create {chosen.name} devices; use encap=auto or "
             f"encap={'vxlan' if chosen is IPIP else 'ipip'}")
-    return chosen, mapping
+    return chosen, mapping, _choose_receive(receive, chosen, mapping, features)
+
+
+def _choose_receive(receive: str, encap: Encap, mapping: str, features: KernelFeatures) -> str:
+    shortcut = mapping == "ebpf" and encap.l2
+    if receive == "auto":
+        return "conntrack" if shortcut and features.conntrack_lookup else "tunnel"
+    if receive != "tunnel" and not shortcut:
+        raise FanError(f"receive={receive} needs mapping=ebpf and encap=vxlan (this network "
+                       f"has mapping={mapping}, encap={encap.name}); use receive=tunnel or auto")
+    if receive == "conntrack" and not features.conntrack_lookup:
+        raise FanError("this kernel's eBPF programs cannot look up conntrack entries "
+                       "(Linux 6.0 and later can): use receive=tunnel, or receive=direct "
+                       "if the host's INPUT chain need not see tunnel traffic")
+    return receive
 
 
 def _mapping_supported(mapping: str, features: KernelFeatures) -> bool:
@@ -66,8 +82,8 @@ class LinuxDataplane(Dataplane):
         self.mappings = mappings   # name -> mechanism, one of each in PREFERENCE
         self.ports = Publisher(firewall, UserlandProxy())
 
-    def _rules(self, plan: NetworkPlan):
-        return network_rules(plan, self.mappings[plan.mapping].tunnel_device(plan))
+    async def _ensure_rules(self, plan: NetworkPlan) -> None:
+        await self.firewall.ensure_network(plan, self.mappings[plan.mapping].tunnel_device(plan))
 
     async def ensure_network(self, plan: NetworkPlan, undo_on_failure: bool = True) -> None:
         """Bridge, tunnel and rules; on failure, whatever was done is undone
@@ -77,7 +93,7 @@ class LinuxDataplane(Dataplane):
                 undo.push_async_callback(self._undo, plan)
             await self.links.ensure_bridge(plan.bridge, plan.gateway, plan.mtu, plan.mark)
             await self.mappings[plan.mapping].ensure(self.links, plan)
-            await self.firewall.replace_marked(plan.mark, self._rules(plan))
+            await self._ensure_rules(plan)
             undo.pop_all()
         _enable_forwarding()
 
@@ -106,12 +122,12 @@ class LinuxDataplane(Dataplane):
             log.warning("undoing network %s: %s", plan.network_id[:12], exc)
 
     async def ensure_rules(self, plan: NetworkPlan) -> None:
-        await self.firewall.replace_marked(plan.mark, self._rules(plan))
+        await self._ensure_rules(plan)
 
     async def remove_network(self, plan: NetworkPlan, endpoint_ids: Iterable[str]) -> None:
         for endpoint_id in endpoint_ids:
             await self.detach(endpoint_id)
-        await self.firewall.remove_marked(plan.mark)
+        await self.firewall.remove_network(plan)
         await self.mappings[plan.mapping].remove(self.links, plan)
         await self.links.delete(plan.bridge)
 
@@ -165,11 +181,8 @@ class LinuxDataplane(Dataplane):
                 log.warning("removing orphan interface %s", name)
                 await self.links.delete(name)
         known = {p.mark for p in plans}
-        known |= {endpoint_mark(p, e) for p in plans for e in published}
-        for mark in await self.firewall.marks() - known:
-            log.warning("removing orphan firewall rules marked %s", mark)
-            await self.firewall.remove_marked(mark)
-        await self.firewall.drop_empty_chains()
+        known |= {p.endpoint_mark(e) for p in plans for e in published}
+        await self.firewall.sweep(known)
 
 
 def _enable_forwarding() -> None:

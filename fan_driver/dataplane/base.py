@@ -1,5 +1,5 @@
 """What the network driver asks of the kernel side, and what the dataplane asks
-of a peer-mapping mechanism: two declared interfaces.
+of a peer-mapping mechanism and of a firewall: three declared interfaces.
 
 Implementations subclass these protocols, so a missing or renamed method makes
 the class impossible to instantiate (the methods are abstract), and
@@ -48,6 +48,38 @@ class PeerMapping(Protocol):
     async def remove_orphans(self, links: Links, plans: List[NetworkPlan]) -> None:
         """What this mechanism made that `plans` (its networks in the state) do
         not account for, on devices that networks share."""
+
+
+class Firewall(Protocol):
+    """A fan network's packet filtering and NAT, stated as intent; one
+    implementation per firewall backend. Everything it writes carries the
+    network's mark (plan.mark), or for published ports the endpoint's under it,
+    and only what carries a mark of ours is ever removed. Every step is idempotent."""
+
+    @abstractmethod
+    async def ensure_network(self, plan: NetworkPlan, tunnel_device: str) -> None:
+        """The network's isolation from every other network on the host (fan or
+        Docker's), its forwarding and egress NAT, and the guard on its tunnel:
+        no tunnel traffic from outside the underlay, none sent by containers."""
+
+    @abstractmethod
+    async def remove_network(self, plan: NetworkPlan) -> None:
+        """Every rule of the network, its endpoints' published ports included."""
+
+    @abstractmethod
+    async def ensure_ports(self, plan: NetworkPlan, endpoint_id: str, container: IPv4Address,
+                           bindings: Sequence[PortBinding]) -> None:
+        """The endpoint's published ports, exactly `bindings`: DNAT from the
+        host's addresses, and what lets that traffic in."""
+
+    @abstractmethod
+    async def remove_ports(self, plan: NetworkPlan, endpoint_id: str) -> None:
+        """The endpoint's published ports."""
+
+    @abstractmethod
+    async def sweep(self, known_marks: Set[str]) -> None:
+        """Every rule of ours whose mark is not in `known_marks`, and what then
+        holds nothing."""
 
 
 class Dataplane(Protocol):

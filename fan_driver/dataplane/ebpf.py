@@ -94,6 +94,11 @@ def supported() -> bool:
     return error is None
 
 
+def conntrack_supported() -> bool:
+    """Whether the receive program can look up conntrack entries here."""
+    return False
+
+
 class EbpfMapping(PeerMapping):
     name = "ebpf"
 

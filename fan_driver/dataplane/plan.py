@@ -29,6 +29,10 @@ IPIP = Encap("ipip", overhead=20, inner_ip_offset=0, device="fan-ipip")
 VXLAN = Encap("vxlan", overhead=50, inner_ip_offset=14, device="fan-vxlan")
 ENCAPS = {e.name: e for e in (IPIP, VXLAN)}
 VXLAN_PORT = 4789
+# The kernel's (and flannel's) VXLAN port: 4789 belongs to the eBPF mapping's
+# external-mode device, whose socket a plain VXLAN device cannot share.
+VXLAN_ROUTES_PORT = 8472
+TUNNEL_UDP_PORTS = (VXLAN_PORT, VXLAN_ROUTES_PORT)
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class NetworkPlan:
     mapping: str
     tc_pref: int
     internal: bool = False   # --internal: nothing leaves the overlay, nothing is published
+    receive: str = "tunnel"  # tunnel | conntrack | direct (config.RECEIVES)
 
     @property
     def overlay(self) -> IPv4Network:
@@ -65,6 +70,10 @@ class NetworkPlan:
     @property
     def mark(self) -> str:
         return f"{MARK} {short_id(self.network_id)}"
+
+    def endpoint_mark(self, endpoint_id: str) -> str:
+        """The mark of an endpoint's published ports: under the network's."""
+        return f"{self.mark} {short_id(endpoint_id)}"
 
     @property
     def vni(self) -> int:

@@ -10,7 +10,7 @@ from typing import List, Sequence, Tuple
 from ..errors import FanError
 from ..model import short_id
 from ..ports import Held, PortBinding, PortRequest, first_conflict, parse_port_range
-from .firewall import Firewall, endpoint_mark, port_rules
+from .base import Firewall
 from .plan import NetworkPlan
 from .proxy import PortTaken, UserlandProxy
 
@@ -34,13 +34,11 @@ class Publisher:
                 bindings.append(binding)
                 held.setdefault((binding.proto, binding.host_port), []).append(
                     (f"this container ({request.describe()})", binding))
-            await self.firewall.replace_marked(
-                endpoint_mark(plan, endpoint_id), port_rules(plan, endpoint_id, container, bindings))
+            await self.firewall.ensure_ports(plan, endpoint_id, container, bindings)
         except BaseException:
             for binding in bindings:
                 self.proxy.close(binding)
-            await self.firewall.remove_marked(endpoint_mark(plan, endpoint_id),
-                                              drop_empty_chains=False)
+            await self.firewall.remove_ports(plan, endpoint_id)
             raise
         return tuple(bindings)
 
@@ -71,13 +69,11 @@ class Publisher:
                 await self.proxy.open(binding, container)
             except FanError as exc:   # the rules still serve other machines
                 log.error("endpoint %s: %s", short_id(endpoint_id), exc)
-        await self.firewall.replace_marked(endpoint_mark(plan, endpoint_id),
-                                           port_rules(plan, endpoint_id, container, bindings))
+        await self.firewall.ensure_ports(plan, endpoint_id, container, bindings)
 
     async def unpublish(self, plan: NetworkPlan, endpoint_id: str,
                         bindings: Sequence[PortBinding]) -> None:
-        await self.firewall.remove_marked(endpoint_mark(plan, endpoint_id),
-                                          drop_empty_chains=False)
+        await self.firewall.remove_ports(plan, endpoint_id)
         for binding in bindings:
             self.proxy.close(binding)
 

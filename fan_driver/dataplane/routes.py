@@ -34,15 +34,12 @@ from .base import PeerMapping
 from .netlink import (GONE, MAIN_TABLE, Links, Route, Rtnl, del_nexthop_request,
                       del_route_request, fdb_request, ipv4_nexthops, ipv4_routes, kernel,
                       neighbour_request, nexthop_request, route_request)
-from .plan import MARK, NetworkPlan
+from .plan import MARK, VXLAN_ROUTES_PORT, NetworkPlan
 
 log = logging.getLogger(__name__)
 
 DEVICE_PREFIX = "fanr-"
 IPIP_DEVICE = DEVICE_PREFIX + "ipip"
-# The kernel's (and flannel's) VXLAN port: 4789 belongs to the eBPF mapping's
-# external-mode device, whose socket a plain VXLAN device cannot share.
-VXLAN_ROUTES_PORT = 8472
 # Our routes and nexthop objects carry it (unassigned in iproute2's rt_protos).
 RTPROT_FAN = 250
 # Peers per trip to a thread: the event loop answers requests in between.

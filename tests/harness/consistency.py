@@ -21,7 +21,8 @@ from fan_driver.fanmap import FanMap, HostSlice
 from fan_driver.dataplane.firewall import network_rules
 from fan_driver.dataplane.ebpf import DECAP_PREF, PROGRAM_PREFIX
 from fan_driver.dataplane.plan import ENCAPS, MARK
-from fan_driver.model import Owner
+from fan_driver.model import Owner, State
+from fan_driver.network import plan_for
 
 SHARED_TUNNELS = tuple(encap.device for encap in ENCAPS.values())
 
@@ -153,7 +154,7 @@ def check(plugin, dockerd, host, allow_unclaimed: bool = False) -> dict:
         expect(kernel["ports"].get(bridge, set()) == veths,
                f"bridge {bridge} ports {sorted(kernel['ports'].get(bridge, set()))} "
                f"!= endpoints {sorted(veths)}")
-        wanted = network_rule_count(net)
+        wanted = network_rule_count(state, nid)
         wanted_rules += wanted + sum(port_rule_count(ep) for ep in net["endpoints"].values())
         expect(sum(1 for r in kernel["rules"] if f'"{MARK} {nid[:12]}"' in r) == wanted,
                f"network {nid[:12]}: rules {[r for r in kernel['rules'] if nid[:12] in r]}")
@@ -179,10 +180,12 @@ def check(plugin, dockerd, host, allow_unclaimed: bool = False) -> dict:
     prefs = sorted(n["tc_pref"] for n in nets.values())
     filtered = sorted(p for dev in tunnels for p in kernel["filters"].get(dev, []))
     expect(filtered == prefs, f"eBPF filter prefs {filtered} != {prefs}")
-    # one receive shortcut per VXLAN network with the eBPF mapping, on its underlay
+    # one receive shortcut per VXLAN network with the eBPF mapping that receives
+    # straight from the underlay, on its underlay device
     decaps = sorted((pools[n["pool_id"]]["underlay_address"], DECAP_PREF + n["tc_pref"])
                     for n in nets.values() if n["pool_id"] in pools
-                    and (n["encap"], n["mapping"]) == ("vxlan", "ebpf"))
+                    and (n["encap"], n["mapping"]) == ("vxlan", "ebpf")
+                    and n.get("receive", "tunnel") != "tunnel")
     expect(sorted(kernel["decaps"]) == decaps,
            f"receive filters on underlay devices {sorted(kernel['decaps'].items())} != {decaps}")
     stray_routes = {dev: r for dev, r in kernel["routes"].items()
@@ -203,8 +206,8 @@ def check(plugin, dockerd, host, allow_unclaimed: bool = False) -> dict:
             "interfaces": len(kernel["marked"]), "rules": len(kernel["rules"])}
 
 
-def network_rule_count(net: dict) -> int:
-    return len(network_rules(_plan_stub(net), "tunnel"))
+def network_rule_count(state: dict, network_id: str) -> int:
+    return len(network_rules(plan_for(State.from_json(state), network_id), "tunnel"))
 
 
 def port_rule_count(endpoint: dict) -> int:
@@ -212,14 +215,6 @@ def port_rule_count(endpoint: dict) -> int:
     hairpin MASQUERADE for the endpoint (fan_driver.dataplane.firewall.port_rules)."""
     dnat = sum(1 for b in endpoint.get("ports", ()) if not IPv4Address(b["host_ip"]).is_loopback)
     return dnat + 2 if dnat else 0
-
-
-def _plan_stub(net: dict):
-    class Stub:   # what network_rules reads of a plan
-        mark, bridge, slice, overlay = MARK, "bridge", "slice", "overlay"
-        gateway = IPv4Interface("250.0.0.1/24")
-        internal = bool(net.get("internal"))
-    return Stub()
 
 
 def _short(eps: dict) -> dict:

@@ -14,7 +14,8 @@ from .netns_run import Underlay, run_in, sh
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, iptables)")
 BACKENDS = [b for b in ("iptables-nft", "iptables-legacy") if shutil.which(b)]
 SETUP = """
-from fan_driver.dataplane.firewall import Firewall, network_rules, port_rules, endpoint_mark
+from ipaddress import IPv4Address, IPv4Network
+from fan_driver.dataplane.firewall import IptablesFirewall, network_rules, port_rules
 from fan_driver.dataplane.plan import VXLAN, NetworkPlan
 from fan_driver.fanmap import FanMap, HostSlice
 from fan_driver.ports import PortBinding
@@ -25,13 +26,19 @@ def plan(internal):
     return NetworkPlan(network_id="5" * 64, host=host, underlay_interface="eth0", mtu=1450,
                        encap=VXLAN, mapping="ebpf", tc_pref=1, internal=internal)
 
+PORTS = [PortBinding(proto=proto, port=80, host_ip=IPv4Address(host_ip), host_port=8080)
+         for proto in ("tcp", "udp") for host_ip in ("0.0.0.0", "172.30.0.28")]
+CONTAINER = IPv4Address("250.0.28.2")
+
 def rule_sets(internal):
     p = plan(internal)
-    ports = [PortBinding(proto=proto, port=80, host_ip=IPv4Address(host_ip), host_port=8080)
-             for proto in ("tcp", "udp") for host_ip in ("0.0.0.0", "172.30.0.28")]
     return [(p.mark, network_rules(p, "fan-vxlan")),
-            (endpoint_mark(p, "e" * 64),
-             port_rules(p, "e" * 64, IPv4Address("250.0.28.2"), ports))]
+            (p.endpoint_mark("e" * 64), port_rules(p, "e" * 64, CONTAINER, PORTS))]
+
+async def ensure(firewall, internal):
+    p = plan(internal)
+    await firewall.ensure_network(p, "fan-vxlan")
+    await firewall.ensure_ports(p, "e" * 64, CONTAINER, PORTS)
 """
 
 
@@ -56,12 +63,10 @@ def save(ns: str, backend: str) -> list:
 @pytest.mark.parametrize("internal", [False, True], ids=["plain", "internal"])
 def test_rules_as_written_are_the_lines_iptables_prints(netns, backend, internal):
     complete = run_in(netns.ns, f"""
-    firewall = Firewall("{backend}")
-    result = []
-    for mark, rules in rule_sets({internal}):
-        await firewall.replace_marked(mark, rules)
-        result.append(await firewall._complete(mark, rules))
-    return result""", SETUP)
+    firewall = IptablesFirewall("{backend}")
+    await ensure(firewall, {internal})
+    return [await firewall._complete(mark, rules) for mark, rules in rule_sets({internal})]""",
+                      SETUP)
     assert complete == [True, True]
     assert len(save(netns.ns, backend)) >= 10
 
@@ -69,9 +74,7 @@ def test_rules_as_written_are_the_lines_iptables_prints(netns, backend, internal
 @pytest.mark.parametrize("change", ["-R", "-A"], ids=["edited", "added"])
 def test_a_rule_edited_or_added_by_hand_is_put_right(netns, backend, change):
     run_in(netns.ns, f"""
-    firewall = Firewall("{backend}")
-    for mark, rules in rule_sets(False):
-        await firewall.replace_marked(mark, rules)""", SETUP)
+    await ensure(IptablesFirewall("{backend}"), False)""", SETUP)
     wanted = save(netns.ns, backend)
     accept = next(line for line in wanted if line.startswith("-A FAN-FORWARD -i "))
     chain, rest = accept.split()[1], accept.split(maxsplit=2)[2]
@@ -80,21 +83,44 @@ def test_a_rule_edited_or_added_by_hand_is_put_right(netns, backend, change):
     sh("ip", "netns", "exec", netns.ns, backend, change, chain, *position, *split_rule(edited))
     assert save(netns.ns, backend) != wanted
     run_in(netns.ns, f"""
-    firewall = Firewall("{backend}")
-    for mark, rules in rule_sets(False):
-        await firewall.replace_marked(mark, rules)""", SETUP)
+    await ensure(IptablesFirewall("{backend}"), False)""", SETUP)
     assert sorted(save(netns.ns, backend)) == sorted(wanted)
 
 
 def test_removing_a_network_leaves_nothing(netns, backend):
     run_in(netns.ns, f"""
-    firewall = Firewall("{backend}")
-    for mark, rules in rule_sets(True) + rule_sets(False):
-        await firewall.replace_marked(mark, rules)
-    await firewall.remove_marked(plan(False).mark)""", SETUP)
+    firewall = IptablesFirewall("{backend}")
+    await ensure(firewall, True)
+    await ensure(firewall, False)
+    await firewall.remove_network(plan(False))""", SETUP)
     assert save(netns.ns, backend) == []
     chains = sh("ip", "netns", "exec", netns.ns, f"{backend}-save").stdout
     assert "FAN-" not in chains
+
+
+def test_accepts_come_after_the_users_rules_wherever_dockerd_put_them(netns, backend):
+    """Our jump in filter FORWARD goes right after DOCKER-USER's, and is moved
+    there when found before it (dockerd started after the plugin)."""
+    ns = ("ip", "netns", "exec", netns.ns, backend)
+    sh(*ns, "-N", "DOCKER-USER")
+    sh(*ns, "-A", "FORWARD", "-o", "docker0", "-j", "ACCEPT")
+    sh(*ns, "-I", "FORWARD", "1", "-j", "DOCKER-USER")
+    run_in(netns.ns, f"""
+    await ensure(IptablesFirewall("{backend}"), False)""", SETUP)
+    forward = [line for line in sh(*ns, "-S", "FORWARD").stdout.splitlines()
+               if line.startswith("-A ")]
+    assert forward[:2] == ["-A FORWARD -j DOCKER-USER", "-A FORWARD -j FAN-FORWARD"]
+    sh(*ns, "-D", "FORWARD", "-j", "DOCKER-USER")
+    sh(*ns, "-A", "FORWARD", "-j", "DOCKER-USER")   # now after ours
+    run_in(netns.ns, f"""
+    await ensure(IptablesFirewall("{backend}"), False)""", SETUP)
+    forward = [line for line in sh(*ns, "-S", "FORWARD").stdout.splitlines()
+               if line.startswith("-A ")]
+    assert forward == ["-A FORWARD -o docker0 -j ACCEPT", "-A FORWARD -j DOCKER-USER",
+                       "-A FORWARD -j FAN-FORWARD"]
+    run_in(netns.ns, f"""
+    await IptablesFirewall("{backend}").remove_network(plan(False))""", SETUP)
+    assert [line for line in save(netns.ns, backend) if "FAN" in line] == []
 
 
 def split_rule(text: str) -> list:

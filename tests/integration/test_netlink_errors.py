@@ -56,7 +56,7 @@ def test_without_cap_net_admin_says_so(underlay):
 def test_probing_the_kernel_without_cap_net_admin_says_so(underlay):
     """Not "no ipip, no vxlan": the probe names the capability it lacks."""
     message = refusal(underlay.ns, """
-    await host.probe_kernel(links.ipr, lambda: False)""", without_cap="net_admin")
+    await host.probe_kernel(links.ipr, lambda: False, lambda: False)""", without_cap="net_admin")
     print(message)
     assert message.startswith("creating probe device fanprobe")
     assert "Operation not permitted (errno 1): fan-driver needs CAP_NET_ADMIN" in message
@@ -65,7 +65,7 @@ def test_probing_the_kernel_without_cap_net_admin_says_so(underlay):
 def test_reading_and_probing_the_host_leave_nothing_behind(underlay):
     interfaces, routes, features = run_in(underlay.ns, """
     facts = await host.read_facts(links.ipr)
-    features = await host.probe_kernel(links.ipr, lambda: False)
+    features = await host.probe_kernel(links.ipr, lambda: False, lambda: False)
     return [[i.name, [str(a) for a in i.addresses]] for i in facts.interfaces], \\
         [str(r) for r in facts.routes], vars(features)""", SETUP)
     assert ["eth0", ["172.30.0.28/16"]] in interfaces

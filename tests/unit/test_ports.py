@@ -3,7 +3,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from fan_driver.dataplane.firewall import network_rules, port_rules
+from fan_driver.dataplane.firewall import port_rules
 from fan_driver.dataplane.plan import VXLAN, NetworkPlan
 from fan_driver.errors import FanError
 from fan_driver.fanmap import FanMap, HostSlice
@@ -137,14 +137,6 @@ def test_port_rules_dnat_each_port_and_accept_and_hairpin_once():
 
 def test_loopback_bindings_get_no_rules():
     assert port_rules(plan(), ENDPOINT_ID, CONTAINER, [binding(8081, "127.0.0.1")]) == []
-
-
-def test_internal_network_has_no_nat_and_drops_what_leaves_the_overlay():
-    rules = network_rules(plan(internal=True), "fan-vxlan")
-    assert all(table == "filter" for table, _, _ in rules)
-    assert [spec[-1] for _, _, spec in rules][-3:] == ["DROP", "DROP", "DROP"]
-    assert ["!", "-d", "250.0.28.1/32", "-i", "fan-250-0-28"] == rules[-1][2][:5]
-    assert any("MASQUERADE" in spec for _, _, spec in network_rules(plan(), "fan-vxlan"))
 
 
 # --- the web layer ---------------------------------------------------------------------

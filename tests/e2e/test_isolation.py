@@ -1,0 +1,303 @@
+"""Isolation on one host, as Docker's bridge driver has it, and a tunnel that
+only fan hosts can speak into: real containers of a real dockerd, real traffic.
+
+Five networks: two plain fan networks, an --internal fan network, a Docker
+bridge network made before the fan networks and one made after them, and
+Docker's default bridge. Nothing new passes between any two of them in either
+direction; replies, traffic within a network, egress through NAT and published
+ports reached through the host's address still work, also after the plugin
+restarts and after a simulated reboot (where dockerd starts after the plugin,
+so its rules land in FORWARD after the fan's). A rule in DOCKER-USER applies to
+a fan container's traffic to outside the overlay. Containers, fan or bridge,
+cannot send tunnel traffic to another underlay host or to this host's tunnels.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from tests.harness import consistency
+from tests.harness.nsclient import container_pid, ns_python
+
+pytestmark = pytest.mark.e2e
+
+HOST = "172.30.0.28"
+OUTSIDE = "172.30.255.254"
+UNDERLAY = ["--ipam-opt", "underlay=172.30.0.0/16"]
+FAN = ["network", "create", "-d", "fan", "--ipam-driver", "fan", *UNDERLAY]
+PORT = 7000
+PUBLISHED = 8470          # fan-a's container, published on the host
+BRIDGE_PUBLISHED = 8471   # the early bridge's container, published on the host
+# network -> (container, how the network is made)
+NETWORKS = {
+    "iso-early": ("iso-early-c", ["network", "create", "iso-early"]),
+    "fan-a": ("iso-fan-a", [*FAN, "--subnet", "250.0.0.0/8", "fan-a"]),
+    "fan-b": ("iso-fan-b", [*FAN, "--subnet", "241.0.0.0/8", "fan-b"]),
+    "fan-int": ("iso-fan-int", [*FAN, "--internal", "--subnet", "242.0.0.0/8", "fan-int"]),
+    "iso-late": ("iso-late-c", ["network", "create", "iso-late"]),
+    "bridge": ("iso-default-c", None),
+}
+PUBLISH = {"fan-a": ["-p", f"{PUBLISHED}:{PORT}"], "iso-early": ["-p", f"{BRIDGE_PUBLISHED}:{PORT}"]}
+
+# Answers each TCP connection with the network's name, forever.
+SERVER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(64)
+print("listening", flush=True)
+while True:
+    c, _ = s.accept(); c.sendall(sys.argv[2].encode()); c.close()
+"""
+# Connects to every argv target (label=address:port) at once; prints
+# {label: what the server said, or "blocked"} as JSON.
+PROBE = r"""
+import json, socket, sys
+from concurrent.futures import ThreadPoolExecutor
+def ask(target):
+    label, where = target.split("=")
+    address, port = where.rsplit(":", 1)
+    try:
+        with socket.create_connection((address, int(port)), timeout=2) as c:
+            c.settimeout(2)
+            return label, c.recv(100).decode()
+    except OSError:
+        return label, "blocked"
+with ThreadPoolExecutor(len(sys.argv) - 1) as pool:
+    print(json.dumps(dict(pool.map(ask, sys.argv[1:]))))
+"""
+
+
+def address(dockerd, container: str, network: str) -> str:
+    settings = json.loads(dockerd.cli("inspect", container).stdout)[0]["NetworkSettings"]
+    return settings["Networks"][network]["IPAddress"]
+
+
+def probe(dockerd, container: str, targets: dict) -> dict:
+    """{label: answer} for TCP connections from `container` to label=address:port."""
+    out = ns_python(container_pid(dockerd, container), PROBE,
+                    *(f"{label}={where}" for label, where in targets.items()))
+    return json.loads(out.stdout)
+
+
+class Bed:
+    """The networks, a container on each serving PORT, a second fan-a container."""
+
+    def __init__(self, dockerd, lab_host):
+        self.dockerd, self.host = dockerd, lab_host
+        self.servers: list = []
+
+    def create(self) -> None:
+        for network, (container, create) in NETWORKS.items():
+            if create:
+                self.dockerd.cli(*create)
+            self.dockerd.cli("run", "-d", "--name", container, "--net", network,
+                             "--restart", "always", *PUBLISH.get(network, []),
+                             "busybox", "sleep", "36000")
+        self.dockerd.cli("run", "-d", "--name", "iso-fan-a2", "--net", "fan-a",
+                         "--restart", "always", "busybox", "sleep", "36000")
+
+    def serve(self) -> None:
+        self.stop_serving()
+        for network, (container, _) in NETWORKS.items():
+            proc = subprocess.Popen(
+                ["nsenter", "-t", str(container_pid(self.dockerd, container)), "-n",
+                 sys.executable, "-c", SERVER, str(PORT), network],
+                stdout=subprocess.PIPE, text=True)
+            assert proc.stdout.readline().strip() == "listening"
+            self.servers.append(proc)
+
+    def stop_serving(self) -> None:
+        for proc in self.servers:
+            proc.kill()
+            proc.wait()
+        self.servers = []
+
+    def addresses(self) -> dict:
+        return {network: address(self.dockerd, container, network)
+                for network, (container, _) in NETWORKS.items()}
+
+    def remove(self) -> None:
+        self.stop_serving()
+        containers = [c for c, _ in NETWORKS.values()] + ["iso-fan-a2"]
+        self.dockerd.cli("rm", "-f", *containers, check=False)
+        for network, (_, create) in NETWORKS.items():
+            if create:
+                self.dockerd.cli("network", "rm", network, check=False)
+
+
+@pytest.fixture(scope="module")
+def bed(dockerd, plugin, lab_host):
+    before = consistency.kernel_snapshot(lab_host)
+    made = Bed(dockerd, lab_host)
+    try:
+        made.create()
+        made.serve()
+        yield made
+    finally:
+        made.remove()
+    assert consistency.kernel_snapshot(lab_host) == before, "the networks left kernel state"
+
+
+def assert_isolated(bed) -> None:
+    """Every container reaches its own network's server and no other network's;
+    published ports answer through the host's address from every network."""
+    addresses = bed.addresses()
+    for network, (container, _) in NETWORKS.items():
+        targets = {other: f"{ip}:{PORT}" for other, ip in addresses.items()}
+        # an internal network reaches nothing outside itself; fan-a's published
+        # container is the server itself (its neighbour asks below)
+        if network not in ("fan-int", "fan-a"):
+            targets["fan-a published"] = f"{HOST}:{PUBLISHED}"
+        if network != "fan-int":
+            targets["bridge published"] = f"{HOST}:{BRIDGE_PUBLISHED}"
+        answers = probe(bed.dockerd, container, targets)
+        crossed = {other: answer for other, answer in answers.items()
+                   if other in NETWORKS and other != network and answer != "blocked"}
+        assert not crossed, f"from {network}: reached {crossed}"
+        assert answers[network] == network, f"{network} cannot reach itself: {answers}"
+        if network not in ("fan-int", "fan-a"):
+            assert answers["fan-a published"] == "fan-a", (network, answers)
+        if network != "fan-int":
+            assert answers["bridge published"] == "iso-early", (network, answers)
+    # within fan-a, directly and through the published port (hairpin)
+    assert probe(bed.dockerd, "iso-fan-a2", {"a": f"{addresses['fan-a']}:{PORT}",
+                                             "published": f"{HOST}:{PUBLISHED}"}) == \
+        {"a": "fan-a", "published": "fan-a"}
+
+
+def assert_egress(bed) -> None:
+    bed.dockerd.cli("exec", "iso-fan-a", "ping", "-c", "1", "-W", "2", OUTSIDE)
+    result = bed.dockerd.cli("exec", "iso-fan-int", "ping", "-c", "1", "-W", "2", OUTSIDE,
+                             check=False)
+    assert result.returncode != 0, "an internal fan network reached outside the overlay"
+
+
+def test_networks_are_isolated_from_each_other(bed):
+    assert_isolated(bed)
+    assert_egress(bed)
+
+
+def test_docker_user_rules_apply_to_fan_containers(bed, lab_host):
+    source = address(bed.dockerd, "iso-fan-a", "fan-a")
+    rule = ["DOCKER-USER", "-s", source, "-d", OUTSIDE, "-j", "DROP"]
+    lab_host.run(["iptables", "-I", *rule])
+    try:
+        result = bed.dockerd.cli("exec", "iso-fan-a", "ping", "-c", "1", "-W", "2", OUTSIDE,
+                                 check=False)
+        assert result.returncode != 0, "DOCKER-USER's DROP did not apply to a fan container"
+    finally:
+        lab_host.run(["iptables", "-D", *rule])
+    assert_egress(bed)
+
+
+def test_isolation_survives_a_plugin_restart(bed, plugin):
+    plugin.restart()
+    assert_isolated(bed)
+
+
+def test_isolation_after_a_reboot_with_dockerd_rules_after_the_fans(bed, dockerd, plugin,
+                                                                     lab_host):
+    bed.stop_serving()
+    dockerd.kill()
+    plugin.kill()
+    lab_host.wipe_network()
+    plugin.start()
+    dockerd.start()
+    containers = [c for c, _ in NETWORKS.values()] + ["iso-fan-a2"]
+    for container in containers:
+        dockerd.cli("start", container)   # restart policies may still be on their way
+    forward = lab_host.run(["iptables", "-S", "FORWARD"]).stdout.splitlines()
+    assert forward.index("-A FORWARD -j DOCKER-USER") < forward.index("-A FORWARD -j FAN-FORWARD")
+    bed.serve()
+    assert_isolated(bed)
+    assert_egress(bed)
+    consistency.settled(plugin, dockerd, lab_host)
+
+
+# --- the tunnel: only this host's own encapsulation reaches it ------------------------------
+
+def vxlan_datagram(vni: int, inner_src: str, inner_dst: str, port: int) -> bytes:
+    """VXLAN (flags: VNI valid) carrying an Ethernet frame with an IPv4/UDP datagram."""
+    def ip(text: str) -> bytes:
+        return bytes(int(b) for b in text.split("."))
+    payload = b"injected"
+    udp = struct.pack("!HHHH", 40000, port, 8 + len(payload), 0) + payload
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                         ip(inner_src), ip(inner_dst))
+    checksum = sum(struct.unpack("!10H", header))
+    while checksum > 0xFFFF:
+        checksum = (checksum & 0xFFFF) + (checksum >> 16)
+    header = header[:10] + struct.pack("!H", ~checksum & 0xFFFF) + header[12:]
+    frame = bytes.fromhex("0efafa001c02" "0efafa001c01" "0800") + header + udp
+    return struct.pack("!II", 0x08000000, vni << 8) + frame
+
+
+# Sends argv[1] (hex) to argv[2]:argv[3] over UDP, argv[4] times.
+SEND = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(int(sys.argv[4])):
+    s.sendto(bytes.fromhex(sys.argv[1]), (sys.argv[2], int(sys.argv[3])))
+"""
+# Counts UDP datagrams to argv[1] for argv[2] seconds; prints the count.
+COUNT = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(0.2); count = 0; end = time.monotonic() + float(sys.argv[2])
+print("listening", flush=True)
+while time.monotonic() < end:
+    try:
+        s.recv(2000); count += 1
+    except OSError:
+        pass
+print(count, flush=True)
+"""
+
+
+def counting(prefix: list, port: int, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", COUNT, str(port), str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "listening"
+    return proc
+
+
+def received(proc: subprocess.Popen) -> int:
+    out, _ = proc.communicate(timeout=30)
+    return int(out.strip())
+
+
+@pytest.mark.parametrize("sender", ["fan-a", "iso-early"])
+def test_containers_cannot_send_tunnel_traffic(bed, lab, sender):
+    """To another underlay host (the outside namespace, listening on the VXLAN
+    ports) and to this host's own tunnel, carrying a datagram for a fan-a
+    container: nothing arrives."""
+    container = NETWORKS[sender][0]
+    target = address(bed.dockerd, "iso-fan-a", "fan-a")
+    datagram = vxlan_datagram(0xFA0000, target.rsplit(".", 1)[0] + ".200", target, 9999)
+    pid = str(container_pid(bed.dockerd, container))
+    outside = [counting(["ip", "netns", "exec", lab.outside.name], port, 4)
+               for port in (4789, 8472)]
+    inside = counting(["nsenter", "-t", str(container_pid(bed.dockerd, "iso-fan-a")), "-n"],
+                      9999, 4)
+    for where in (OUTSIDE, HOST, "250.0.28.1"):
+        for port in (4789, 8472):
+            subprocess.run(["nsenter", "-t", pid, "-n", sys.executable, "-c", SEND,
+                            datagram.hex(), where, str(port), "5"], check=True, timeout=30)
+    assert [received(p) for p in outside] == [0, 0], "tunnel traffic left a container"
+    assert received(inside) == 0, "a container's VXLAN datagram reached a fan container"
+
+
+def test_the_outside_reaches_the_same_container_through_the_tunnel_only_as_a_fan_host(bed, lab):
+    """The sender with this underlay's address but no slice of its own in the
+    fan (172.30.255.254 owns 250.255.254.0/24): it cannot speak for this host's
+    slice, whose address it puts as inner source."""
+    target = address(bed.dockerd, "iso-fan-a", "fan-a")
+    inside = counting(["nsenter", "-t", str(container_pid(bed.dockerd, "iso-fan-a")), "-n"],
+                      9999, 3)
+    spoofed = vxlan_datagram(0xFA0000, "250.0.28.200", target, 9999)
+    lab.outside.run([sys.executable, "-c", SEND, spoofed.hex(), HOST, "4789", "5"])
+    assert received(inside) == 0, "an underlay host spoke for another host's slice"
