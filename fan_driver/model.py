@@ -28,7 +28,8 @@ def pool_id(overlay: IPv4Network) -> str:
 
 
 def short_id(docker_id: str) -> str:
-    """Docker's short form of a network or endpoint ID."""
+    """Docker's short form of a network or endpoint ID, of either form: its
+    first 12 characters, as `docker network ls` shows them."""
     return docker_id[:12]
 
 

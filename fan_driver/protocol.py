@@ -26,9 +26,11 @@ ENABLE_IPV4_OPTION = "com.docker.network.enable_ipv4"
 GATEWAY_REQUEST = "com.docker.network.gateway"
 # Docker 29 and later name the container in RequestAddress (moby PR 50586).
 ENDPOINT_NAME = "com.docker.network.endpoint.name"
-# Docker's network and endpoint IDs (stringid.GenerateRandomID): they end up in
-# interface names, marks and firewall comments, so nothing else is let in.
+# The IDs Docker names networks and endpoints by (see network_id, endpoint_id):
+# they end up in interface names, marks and firewall comments, so nothing else
+# is let in.
 DOCKER_ID = re.compile(r"[0-9a-f]{64}")
+SWARM_ID = re.compile(r"[0-9a-z]{25}")
 MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 ROUTE_VIA_NEXT_HOP = 0   # libnetwork types.NEXTHOP: a StaticRoute through NextHop
 
@@ -57,10 +59,25 @@ def _kind_name(kind) -> str:
     return names.get(kind, kind.__name__)
 
 
-def docker_id(body: dict, key: str) -> str:
-    value = field(body, key, str)
+def network_id(body: dict) -> str:
+    """NetworkID: a Docker ID, 64 lower-case hexadecimal digits (libnetwork's
+    stringid.GenerateRandomID), or for a swarm-scoped network the ID swarmkit
+    gave it, which the daemon creates it under: a swarm ID, 25 lower-case
+    base-36 digits (swarmkit's identity.NewID)."""
+    value = field(body, "NetworkID", str)
+    if not (DOCKER_ID.fullmatch(value) or SWARM_ID.fullmatch(value)):
+        raise BadRequest("request field NetworkID must be a Docker ID (64 hexadecimal digits) "
+                         "or a swarm ID (25 lower-case letters and digits), "
+                         f"not {value[:80]!r}")
+    return value
+
+
+def endpoint_id(body: dict) -> str:
+    """EndpointID: a Docker ID only. libnetwork makes every endpoint itself,
+    with stringid.GenerateRandomID, in swarm-scoped networks too."""
+    value = field(body, "EndpointID", str)
     if not DOCKER_ID.fullmatch(value):
-        raise BadRequest(f"request field {key} must be a Docker ID (64 hexadecimal digits), "
+        raise BadRequest("request field EndpointID must be a Docker ID (64 hexadecimal digits), "
                          f"not {value[:80]!r}")
     return value
 
@@ -89,7 +106,7 @@ class NetworkRef:
 
     @classmethod
     def decode(cls, body: dict) -> "NetworkRef":
-        return cls(docker_id(body, "NetworkID"))
+        return cls(network_id(body))
 
 
 @dataclass(frozen=True)
@@ -100,7 +117,7 @@ class EndpointRef:
 
     @classmethod
     def decode(cls, body: dict) -> "EndpointRef":
-        return cls(docker_id(body, "NetworkID"), docker_id(body, "EndpointID"))
+        return cls(network_id(body), endpoint_id(body))
 
 
 @dataclass(frozen=True)
@@ -114,7 +131,7 @@ class CreateNetwork:
 
     @classmethod
     def decode(cls, body: dict) -> "CreateNetwork":
-        network_id = docker_id(body, "NetworkID")
+        nid = network_id(body)
         options = field(body, "Options", dict, {})
         ipv4_data = field(body, "IPv4Data", list, [])
         ipv6_data = field(body, "IPv6Data", list, [])
@@ -131,7 +148,7 @@ class CreateNetwork:
                            "-o host_reserve=N instead")
         text = data.get("Pool", "")
         space = data.get("AddressSpace")
-        return cls(network_id=network_id, options=generic,
+        return cls(network_id=nid, options=generic,
                    internal=parse_flag(options, INTERNAL_OPTION, False),
                    address_space=space if isinstance(space, str) else None,
                    pool=parse_cidr(text, "subnet") if text else None, pool_as_sent=text)

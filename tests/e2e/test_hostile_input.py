@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from fan_driver.server import MAX_BODY
 from tests.harness import consistency, unixhttp
 from tests.harness.plugin import REPO_ROOT
+from tests.unit.ids import bad_endpoint_ids, bad_network_ids, endpoint_ids, network_ids
 
 pytestmark = pytest.mark.e2e
 
@@ -166,7 +167,6 @@ def assert_unchanged(plugin, world, host=None):
 # --- strategies --------------------------------------------------------------------------
 
 MISSING = object()
-hex64 = st.text("0123456789abcdef", min_size=64, max_size=64)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
                     st.text(max_size=30))
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
@@ -188,12 +188,18 @@ def missing_or(strategy):
     return st.one_of(st.just(MISSING), st.none(), strategy)
 
 
-def bad_docker_id():
-    return st.one_of(hostile_text, not_of(str), st.just(""), hex64.map(str.upper),
+def bad_id(forms: str, near_misses):
+    """Anything but an ID of the field's `forms` (a regular expression)."""
+    return st.one_of(hostile_text, not_of(str), st.just(""), near_misses,
                      st.text("0123456789abcdef", min_size=65, max_size=400),
                      st.text("0123456789abcdef", min_size=1, max_size=63),
                      long_ifname).filter(lambda v: not (isinstance(v, str) and
-                                                        re.fullmatch("[0-9a-f]{64}", v)))
+                                                        re.fullmatch(forms, v)))
+
+
+# A network's ID is Docker's or, for a swarm-scoped network, swarm's; an endpoint's Docker's.
+bad_network_id = bad_id("[0-9a-f]{64}|[0-9a-z]{25}", bad_network_ids)
+bad_endpoint_id = bad_id("[0-9a-f]{64}", bad_endpoint_ids)
 
 
 def _is_cidr(text) -> bool:
@@ -239,14 +245,16 @@ def spec(world) -> dict:
     would still fail or change nothing; each body gets at least one field that is
     not "ok"."""
     nid, eid, ip = world["nid"], world["eid"], world["ip"]
-    fresh = hex64.filter(lambda h: h not in (nid, eid))
-    ep_ids = {"NetworkID": {"ok": st.just(nid), "unknown": fresh,
-                            "malformed": missing_or(bad_docker_id())},
-              "EndpointID": {"unknown": fresh, "malformed": missing_or(bad_docker_id())}}
+    fresh_network = network_ids.filter(lambda i: i != nid)
+    fresh_endpoint = endpoint_ids.filter(lambda i: i not in (nid, eid))
+    ep_ids = {"NetworkID": {"ok": st.just(nid), "unknown": fresh_network,
+                            "malformed": missing_or(bad_network_id)},
+              "EndpointID": {"unknown": fresh_endpoint,
+                             "malformed": missing_or(bad_endpoint_id)}}
     unknown_pool = st.sampled_from(["fan:249.0.0.0/8", "fan:", "", "LocalDefault/250.0.0.0/8"])
     return {
         "NetworkDriver.CreateNetwork": {
-            "NetworkID": {"ok": fresh, "malformed": missing_or(bad_docker_id())},
+            "NetworkID": {"ok": fresh_network, "malformed": missing_or(bad_network_id)},
             "Options": {"ok": st.just({"com.docker.network.generic": {}}),
                         "malformed": st.one_of(not_of(dict), hostile_generic.map(
                             lambda g: {"com.docker.network.generic": g}))},
@@ -264,7 +272,7 @@ def spec(world) -> dict:
         },
         "NetworkDriver.CreateEndpoint": {
             **{"NetworkID": ep_ids["NetworkID"]},
-            "EndpointID": {"ok": fresh, "malformed": missing_or(bad_docker_id())},
+            "EndpointID": {"ok": fresh_endpoint, "malformed": missing_or(bad_endpoint_id)},
             "Interface": {"ok": st.just({"Address": "250.0.28.200/24", "MacAddress": ""}),
                           "malformed": st.one_of(
                               not_of(dict),
@@ -285,7 +293,7 @@ def spec(world) -> dict:
         "NetworkDriver.Leave": ep_ids,
         "NetworkDriver.DeleteEndpoint": ep_ids,
         "NetworkDriver.DeleteNetwork": {
-            "NetworkID": {"unknown": fresh, "malformed": missing_or(bad_docker_id())}},
+            "NetworkID": {"unknown": fresh_network, "malformed": missing_or(bad_network_id)}},
         "IpamDriver.RequestPool": {
             "Pool": {"ok": st.sampled_from(["", SUBNET, "250.0.0.0/9"]), "malformed": bad_cidr},
             "SubPool": {"ok": st.just(""), "malformed": st.one_of(

@@ -20,23 +20,23 @@ from fan_driver.dataplane.plan import VXLAN, NetworkPlan
 from fan_driver.fanmap import FanMap, HostSlice
 from fan_driver.ports import PortBinding
 
-def plan(internal):
+def plan(internal, network_id="5" * 64):
     host = HostSlice(FanMap(IPv4Network("250.0.0.0/8"), IPv4Network("172.30.0.0/16")),
                      IPv4Address("172.30.0.28"))
-    return NetworkPlan(network_id="5" * 64, host=host, underlay_interface="eth0", mtu=1450,
+    return NetworkPlan(network_id=network_id, host=host, underlay_interface="eth0", mtu=1450,
                        encap=VXLAN, mapping="ebpf", tc_pref=1, internal=internal)
 
 PORTS = [PortBinding(proto=proto, port=80, host_ip=IPv4Address(host_ip), host_port=8080)
          for proto in ("tcp", "udp") for host_ip in ("0.0.0.0", "172.30.0.28")]
 CONTAINER = IPv4Address("250.0.28.2")
 
-def rule_sets(internal):
-    p = plan(internal)
+def rule_sets(internal, network_id="5" * 64):
+    p = plan(internal, network_id)
     return [(p.mark, network_rules(p, "fan-vxlan")),
             (p.endpoint_mark("e" * 64), port_rules(p, "e" * 64, CONTAINER, PORTS))]
 
-async def ensure(firewall, internal):
-    p = plan(internal)
+async def ensure(firewall, internal, network_id="5" * 64):
+    p = plan(internal, network_id)
     await firewall.ensure_network(p, "fan-vxlan")
     await firewall.ensure_ports(p, "e" * 64, CONTAINER, PORTS)
 """
@@ -121,6 +121,22 @@ def test_accepts_come_after_the_users_rules_wherever_dockerd_put_them(netns, bac
     run_in(netns.ns, f"""
     await IptablesFirewall("{backend}").remove_network(plan(False))""", SETUP)
     assert [line for line in save(netns.ns, backend) if "FAN" in line] == []
+
+
+def test_a_swarm_networks_marks_parse_back_and_stay_apart(netns, backend):
+    """A swarm-scoped network's ID (25 base-36 digits) next to a Docker ID: the
+    sweep reads both networks' marks back as written, and removing one network
+    leaves the other's rules."""
+    marks = run_in(netns.ns, f"""
+    firewall = IptablesFirewall("{backend}")
+    for network_id in ("5" * 64, "r81e5w37k1jx7gcxaf5jokig3"):
+        await ensure(firewall, False, network_id)
+    before = sorted(await firewall._marks())
+    await firewall.remove_network(plan(False))
+    return [before, sorted(await firewall._marks())]""", SETUP)
+    swarm = ["fan-driver r81e5w37k1jx", "fan-driver r81e5w37k1jx eeeeeeeeeeee"]
+    assert marks == [["fan-driver 555555555555", "fan-driver 555555555555 eeeeeeeeeeee",
+                      *swarm], swarm]
 
 
 def split_rule(text: str) -> list:

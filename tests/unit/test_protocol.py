@@ -5,10 +5,13 @@ import json
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
+from hypothesis import given
 
 from fan_driver.config import MTU_OPTION, NetworkOptions, UnderlaySpec
 from fan_driver.errors import FanError
+from fan_driver.ipam import IpamDriver
 from fan_driver.model import Endpoint
+from fan_driver.network import NetworkDriver
 from fan_driver.ports import PortBinding, PortRequest, Publication
 from fan_driver.protocol import (ENDPOINT_NAME, GATEWAY_REQUEST, Activation, AddressGranted,
                                  AddressRelease, AddressRequest, AddressSpaces, BadRequest,
@@ -17,8 +20,12 @@ from fan_driver.protocol import (ENDPOINT_NAME, GATEWAY_REQUEST, Activation, Add
                                  GatewayCheck, IpamCapabilities, JoinInfo, NetworkCapabilities,
                                  NetworkRef, PoolGranted, PoolRef, PoolRequest, StaticRoute,
                                  encode)
+from fan_driver.server import routes
+
+from tests.unit import ids
 
 NID, EID = "5" * 64, "e" * 64
+SWARM_NID = "r81e5w37k1jx7gcxaf5jokig3"   # a swarm-scoped network's, as dockerd sent it
 IPV4_DATA = [{"AddressSpace": "fan", "Pool": "250.0.0.0/8", "Gateway": "250.0.28.1/24"}]
 
 
@@ -36,8 +43,11 @@ def create_network_body(**changes) -> dict:
 
 def test_network_and_endpoint_references():
     assert NetworkRef.decode({"NetworkID": NID}) == NetworkRef(NID)
+    assert NetworkRef.decode({"NetworkID": SWARM_NID}) == NetworkRef(SWARM_NID)
     assert EndpointRef.decode({"NetworkID": NID, "EndpointID": EID, "Options": {}}) == \
         EndpointRef(NID, EID)
+    assert EndpointRef.decode({"NetworkID": SWARM_NID, "EndpointID": EID}) == \
+        EndpointRef(SWARM_NID, EID)
 
 
 @pytest.mark.parametrize("body, message", [
@@ -45,14 +55,76 @@ def test_network_and_endpoint_references():
     ({"NetworkID": None}, "request is missing NetworkID"),
     ({"NetworkID": 5}, "request field NetworkID must be a string"),
     ({"NetworkID": "5" * 63}, "request field NetworkID must be a Docker ID (64 hexadecimal "
-                              "digits), not '" + "5" * 63 + "'"),
+                              "digits) or a swarm ID (25 lower-case letters and digits), not '"
+                              + "5" * 63 + "'"),
     ({"NetworkID": "A" * 64}, "must be a Docker ID"),
     ({"NetworkID": NID}, "request is missing EndpointID"),
     ({"NetworkID": NID, "EndpointID": "$(reboot)"}, "EndpointID must be a Docker ID"),
+    ({"NetworkID": NID, "EndpointID": SWARM_NID}, "request field EndpointID must be a Docker ID "
+                                                  "(64 hexadecimal digits), not '"
+                                                  + SWARM_NID + "'"),
 ])
 def test_malformed_ids(body, message):
     with pytest.raises(BadRequest, match=message.replace("(", r"\(").replace(")", r"\)")):
         EndpointRef.decode(body)
+
+
+# Every method whose body names a network, and those naming an endpoint too, found
+# by what each decoder says of a body without them (the driver classes stand in
+# for drivers: only the decoders are used).
+ROUTES = routes(NetworkDriver, IpamDriver)
+
+
+def _refusal(decode, body) -> str:
+    try:
+        decode(body)
+    except BadRequest as exc:
+        return str(exc)
+    return ""
+
+
+NAMING_A_NETWORK = sorted(path for path, route in ROUTES.items()
+                          if route.decode and _refusal(route.decode, {}) ==
+                          "request is missing NetworkID")
+NAMING_AN_ENDPOINT = sorted(path for path in NAMING_A_NETWORK
+                            if _refusal(ROUTES[path].decode, {"NetworkID": NID}) ==
+                            "request is missing EndpointID")
+
+
+def test_the_methods_naming_networks_and_endpoints():
+    endpoints = ["/NetworkDriver." + m for m in (
+        "CreateEndpoint", "DeleteEndpoint", "EndpointOperInfo", "Join", "Leave",
+        "ProgramExternalConnectivity", "RevokeExternalConnectivity")]
+    assert NAMING_AN_ENDPOINT == sorted(endpoints)
+    assert NAMING_A_NETWORK == sorted(endpoints + ["/NetworkDriver.CreateNetwork",
+                                                   "/NetworkDriver.DeleteNetwork"])
+
+
+@pytest.mark.parametrize("path", NAMING_A_NETWORK)
+@given(nid=ids.network_ids, eid=ids.endpoint_ids)
+def test_every_method_takes_docker_and_swarm_network_ids(path, nid, eid):
+    request = ROUTES[path].decode({"NetworkID": nid, "EndpointID": eid})
+    assert request.network_id == nid
+    assert getattr(request, "endpoint_id", eid) == eid
+
+
+@pytest.mark.parametrize("path", NAMING_A_NETWORK)
+@given(nid=ids.bad_network_ids, eid=ids.endpoint_ids)
+def test_every_method_refuses_near_misses_of_a_network_id(path, nid, eid):
+    with pytest.raises(BadRequest) as err:
+        ROUTES[path].decode({"NetworkID": nid, "EndpointID": eid})
+    assert str(err.value) == ("request field NetworkID must be a Docker ID (64 hexadecimal "
+                              "digits) or a swarm ID (25 lower-case letters and digits), "
+                              f"not {nid[:80]!r}")
+
+
+@pytest.mark.parametrize("path", NAMING_AN_ENDPOINT)
+@given(nid=ids.network_ids, eid=ids.bad_endpoint_ids)
+def test_every_method_refuses_an_endpoint_id_that_is_not_a_docker_id(path, nid, eid):
+    with pytest.raises(BadRequest) as err:
+        ROUTES[path].decode({"NetworkID": nid, "EndpointID": eid})
+    assert str(err.value) == ("request field EndpointID must be a Docker ID (64 hexadecimal "
+                              f"digits), not {eid[:80]!r}")
 
 
 def test_create_network_as_docker_sends_it():
