@@ -41,6 +41,10 @@ class NetworkPlan:
     mapping: str
     tc_pref: int
     internal: bool = False   # --internal: nothing leaves the overlay, nothing is published
+    # How VXLAN from peers gets in: "tunnel" (the VXLAN device, after the host's
+    # PREROUTING and INPUT), "conntrack" (straight from the underlay device for
+    # flows the host's conntrack has confirmed), "direct" (straight, always)
+    receive: str = "conntrack"
 
     @property
     def overlay(self) -> IPv4Network:
