@@ -26,6 +26,7 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -641,15 +642,19 @@ def test_receive_filter_on_a_device_the_fan_does_not_own(elf):
                 await mapping.remove_orphans(links, plans[1:])   # network 1 is not in the state
                 swept = await bpf.filters(ipr, index, bpf.INGRESS)
                 await mapping._attach_decap(links, plans[0], obj)
+                # network 1 now receives through the tunnel device: its filter is an orphan
+                await mapping.remove_orphans(links, [replace(plans[0], receive="tunnel"), plans[1]])
+                swept_by_mode = await bpf.filters(ipr, index, bpf.INGRESS)
+                await mapping._attach_decap(links, plans[0], obj)
                 await mapping.remove(links, plans[0])
                 await mapping.remove(links, plans[1])
-                return attached, swept, await bpf.filters(ipr, index, bpf.INGRESS)
+                return attached, swept, swept_by_mode, await bpf.filters(ipr, index, bpf.INGRESS)
         try:
-            attached, swept, left = asyncio.run(scenario())
+            attached, swept, swept_by_mode, left = asyncio.run(scenario())
         finally:
             obj.close()
         assert attached == {DECAP_PREF + 1: "fan_01010101", DECAP_PREF + 2: "cil_from_netdev"}
-        assert swept == left == {DECAP_PREF + 2: "cil_from_netdev"}
+        assert swept == swept_by_mode == left == {DECAP_PREF + 2: "cil_from_netdev"}
         shown = sh("tc", "-n", ns, "filter", "show", "dev", "under0", "ingress").stdout
         assert "u32" in shown and "cil_from_netdev" in shown, shown
         assert "clsact" in sh("tc", "-n", ns, "qdisc", "show", "dev", "under0").stdout
@@ -906,3 +911,87 @@ def test_second_fan_shares_the_device_and_detach(hosts):
     assert filters(hb) == {}
     assert "u32" in sh("tc", "-n", hb, "filter", "show", "dev", "fan-vxlan", "egress").stdout
     assert "clsact" in sh("tc", "-n", hb, "qdisc", "show", "dev", "fan-vxlan").stdout
+
+
+@needs_root
+def test_receive_admits_only_peers(elf):
+    """Hand-made VXLAN datagrams into a host's external-mode VXLAN device: the
+    kernel's own path delivers all of them (it checks no source), fan_receive
+    on the device's ingress only the one from a peer, with the network's VNI,
+    its inner source in the slice of the outer one."""
+    tag = uuid.uuid4().hex[:6]
+    host, container, sender = (f"fantest-rx{role}-{tag}" for role in ("host", "ctr", "snd"))
+    namespaces = [host, container, sender]
+    try:
+        for ns in (host, sender):   # add_container makes the container's
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        # the sender holds a peer's underlay address and one outside the underlay
+        sh("ip", "-n", host, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+           "netns", sender)
+        for ns, addresses in ((host, ("172.30.0.27/16", "10.9.0.1/24")),
+                              (sender, (f"{REMOTE_HOST}/16", "10.9.0.5/24"))):
+            for address in addresses:
+                sh("ip", "-n", ns, "addr", "add", address, "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", host, "link", "add", "fan-vxlan", "address", SHARED_VXLAN_MAC,
+           "type", "vxlan", "external", "dstport", "4789")
+        sh("ip", "-n", host, "link", "set", "fan-vxlan", "arp", "off", "mtu", "1450", "up")
+        sh("ip", "-n", host, "route", "add", "250.0.0.0/8", "dev", "fan-vxlan")
+        sh("ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        address = A(add_container(host, container, FAN250, "172.30.0.27", "250"))
+        index = {name: int(sh("ip", "-n", host, "-o", "link", "show", name).stdout.split(":")[0])
+                 for name in ("fan-vxlan", "fan-250", "v250")}
+        mac = sh("ip", "-n", container, "-o", "link", "show", "eth0").stdout.split("link/ether ")[1][:17]
+
+        with inside(container):
+            listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with contextlib.closing(listener), \
+                contextlib.closing(udp_from(sender, REMOTE_HOST)) as peer, \
+                contextlib.closing(udp_from(sender, "10.9.0.5")) as stranger:
+            listener.bind(("0.0.0.0", 5555))
+
+            def datagram(what: bytes, src: str, vni: int = 4242) -> bytes:
+                """A peer's container's UDP datagram to ours, as VXLAN carries it."""
+                inner = ipv4(str(address), src=src, payload=struct.pack("!HHHH", 5555, 5555,
+                                                                        8 + len(what), 0) + what)
+                return vxlan_header(bytes.fromhex(SHARED_VXLAN_MAC.replace(":", ""))
+                                    + bytes.fromhex("0efafa050902") + b"\x08\x00" + inner, vni)
+
+            def arrived() -> set:
+                for sock, what, src, vni in (
+                        (stranger, b"outside the underlay", REMOTE_CONTAINER, 4242),
+                        (peer, b"another host's slice", "250.0.77.2", 4242),
+                        (peer, b"another network's VNI", REMOTE_CONTAINER, 4243),
+                        (peer, b"a peer", REMOTE_CONTAINER, 4242)):
+                    sock.sendto(datagram(what, src, vni), ("172.30.0.27", 4789))
+                got = set()
+                listener.settimeout(1)
+                with contextlib.suppress(socket.timeout):
+                    while True:
+                        got.add(listener.recv(2048))
+                        listener.settimeout(0.3)
+                return got
+
+            assert arrived() == {b"outside the underlay", b"another host's slice",
+                                 b"another network's VNI", b"a peer"}
+            config = bpf.Config(FAN250, N("250.0.27.0/24"), 4242, True, A("172.30.0.27"),
+                                tunnel_index=index["fan-vxlan"], bridge_index=index["fan-250"],
+                                tunnel_mac=SHARED_VXLAN_MAC)
+            obj = bpf.load(config, "fan_rx", elf[config.object])
+            try:
+                libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
+                                  *bpf.endpoint_entry(int(address), index["v250"], mac))
+
+                async def attach_receive():
+                    from pyroute2 import AsyncIPRoute
+                    async with AsyncIPRoute(netns=host) as ipr:
+                        await bpf.attach(ipr, index["fan-vxlan"], obj.program_fd(bpf.RECEIVE),
+                                         "fan_rx", 10, bpf.INGRESS)
+                asyncio.run(attach_receive())
+            finally:
+                obj.close()   # tc holds the program and its map
+            assert arrived() == {b"a peer"}
+    finally:
+        for ns in namespaces:
+            sh("ip", "netns", "del", ns, check=False)
