@@ -3,8 +3,8 @@
 One external-mode (collect_md) tunnel device per encapsulation is shared by
 every fan network on the host; each network adds one route for its overlay and
 one tc filter that computes a packet's outer destination from its inner one
-(and, on VXLAN, one at ingress: see below). No per-peer routes, neighbour or
-FDB entries exist.
+(and one at ingress that admits only peers' packets: see below). No per-peer
+routes, neighbour or FDB entries exist.
 
 The VXLAN device is NOARP and has the same MAC on every host: with NOARP the
 kernel uses the device's own MAC as the next hop's, and since every host's

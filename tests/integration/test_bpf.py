@@ -434,10 +434,10 @@ def test_receive_without_tunnel_key_drops_what_is_for_the_overlay(elf, underlay_
     next filter's. (Real packets: test_receive_admits_only_peers.)"""
     ns, _ = underlay_ns
 
-    def packet(dst, **kw):
+    def packet(dst):
         # IPIP's packets are bare IPv4: a source of 8.0.x.x makes a test run's
         # Ethernet parse of its first bytes say ETH_P_IP (see test_tunnel_key_is_the_fan_rule)
-        return frame(dst, src="250.5.9.2", **kw) if l2 else ipv4(dst, src="8.0.0.1", **kw)
+        return frame(dst, src="250.5.9.2") if l2 else ipv4(dst, src="8.0.0.1")
 
     with loaded_in(ns, elf, FAN250, "172.30.0.28", l2=l2) as obj:
         libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
