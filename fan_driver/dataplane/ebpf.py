@@ -3,8 +3,8 @@
 One external-mode (collect_md) tunnel device per encapsulation is shared by
 every fan network on the host; each network adds one route for its overlay and
 one tc filter that computes a packet's outer destination from its inner one
-(and, on VXLAN, one at ingress: see below). No per-peer routes, neighbour or
-FDB entries exist.
+(and one at ingress that admits only peers' packets: see below). No per-peer
+routes, neighbour or FDB entries exist.
 
 The VXLAN device is NOARP and has the same MAC on every host: with NOARP the
 kernel uses the device's own MAC as the next hop's, and since every host's
@@ -13,17 +13,20 @@ device has that MAC the receiving device takes the frame as addressed to it.
 whose source is its own MAC as loops.) Learning is off: no FDB entries appear.
 
 Overlay traffic between hosts skips the hosts' IP forwarding: each container's
-veth has a program that encapsulates it and sends it straight out of the
-underlay device (without the underlay's index, to the tunnel device). On VXLAN
-a program per network on the underlay device's ingress removes the outer
-headers of what is for one of its containers and hands it straight into the
-container, found in a map of the network's endpoints; what it leaves (unknown
-addresses, kernels that cannot shrink the packet) goes through the VXLAN
-device, whose ingress program does the same after the kernel's decapsulation
-(see bpf/fan.bpf.c). So netfilter (FORWARD, DOCKER-USER; OUTPUT and
-POSTROUTING for sent packets; PREROUTING and INPUT for received VXLAN) does
-not see it; traffic to and from outside the overlay takes the kernel's path
-and the fan's rules as before.
+veth has a program that encapsulates what the container sends as itself (its
+address in the network's endpoints map, for its own veth) and sends it
+straight out of the underlay device (without the underlay's index, to the
+tunnel device). On VXLAN, unless the network receives through the tunnel
+device (plan.receive "tunnel"), a program per network on the underlay device's
+ingress removes the outer headers of what a peer sent to one of its containers
+and hands it straight into the container; with "conntrack" (fan_conntrack.bpf.o)
+only for outer flows the host's firewall has let in before, so that its
+PREROUTING and INPUT rules hold, with "direct" always. What it leaves goes
+through the tunnel device, whose ingress program admits only a peer's packets
+(the trust rule, see bpf/fan.bpf.c) and delivers them after the kernel's
+decapsulation. So netfilter's FORWARD, DOCKER-USER (and OUTPUT and POSTROUTING
+for sent packets) does not see overlay traffic between hosts; traffic to and
+from outside the overlay takes the kernel's path and the fan's rules as before.
 
 The underlay device is not the fan's (in the managed plugin it is the host's
 eth0): each network's filter there sits at its own pref, above the ones tc
@@ -62,6 +65,7 @@ SEND_PREF = 1   # the only filter on a container's veth
 # On the underlay device, network n's filter is at DECAP_PREF + n: above tc's own
 # choices (49152 and down), so that it neither takes nor shadows another tool's.
 DECAP_PREF = 0xF000
+DECAP_MODES = ("conntrack", "direct")   # plan.receive values with a filter there
 log = logging.getLogger(__name__)
 
 
@@ -69,17 +73,24 @@ def decap_pref(plan: NetworkPlan) -> int:
     return DECAP_PREF + plan.tc_pref
 
 
+def takes_decap(plan: NetworkPlan) -> bool:
+    """Whether the network has a filter on the underlay device (VXLAN only)."""
+    return plan.encap.l2 and plan.receive in DECAP_MODES
+
+
 async def _underlay_filter(links: Links, underlay: int, pref: int) -> str | None:
     """The name of the eBPF filter at `pref` of the underlay's ingress, if any."""
     return (await bpf.filters(links.ipr, underlay, bpf.INGRESS)).get(pref)
 
 
-def probe_error() -> str | None:
+def probe_error(conntrack: bool = False) -> str | None:
     """Why libbpf or this kernel's verifier refuses the fan's programs (the
-    object loaded with a sample network's values, then dropped), or None."""
+    object, or with `conntrack` fan_conntrack.bpf.o, loaded with a sample
+    network's values, then dropped), or None."""
     sample = FanMap(IPv4Network("250.0.0.0/8"), IPv4Network("172.30.0.0/16"))
     config = bpf.Config(sample, IPv4Network("250.0.28.0/24"), 1, True,
-                        IPv4Address("172.30.0.28"), 1, 1, 1, SHARED_VXLAN_MAC)
+                        IPv4Address("172.30.0.28"), 1, 1, 1, SHARED_VXLAN_MAC,
+                        decap_conntrack=conntrack)
     try:
         bpf.load(config, "fan_probe").close()
     except (FanError, OSError) as exc:
@@ -95,8 +106,13 @@ def supported() -> bool:
 
 
 def conntrack_supported() -> bool:
-    """Whether the receive program can look up conntrack entries here."""
-    return False
+    """Whether this kernel (6.0+ with nf_conntrack's kfuncs) and this process
+    (nf_conntrack's BTF readable: built in, or a module's with CAP_SYS_ADMIN)
+    can run the conntrack-checked decap, plan.receive "conntrack"."""
+    error = probe_error(conntrack=True)
+    if error:
+        log.info("eBPF receive with conntrack unavailable: %s", error)
+    return error is None
 
 
 class EbpfMapping(PeerMapping):
@@ -117,17 +133,19 @@ class EbpfMapping(PeerMapping):
         try:
             await bpf.attach(links.ipr, index, obj.program_fd(bpf.TUNNEL_KEY), name,
                              plan.tc_pref, bpf.EGRESS)
-            if plan.encap.l2:
-                await bpf.attach(links.ipr, index, obj.program_fd(bpf.RECEIVE), name,
-                                 plan.tc_pref, bpf.INGRESS)
+            # on IPIP too: it drops what fails the trust rule, the kernel delivers the rest
+            await bpf.attach(links.ipr, index, obj.program_fd(bpf.RECEIVE), name,
+                             plan.tc_pref, bpf.INGRESS)
         except BaseException:
             obj.close()
             raise
         self._forget(plan)
         self._objects[plan.network_id], self._tunnels[plan.network_id] = obj, index
         await links.ensure_route(plan.overlay, index, metrics={"mtu": plan.mtu})
-        if plan.encap.l2:
+        if takes_decap(plan):
             await self._attach_decap(links, plan, obj)
+        else:   # left by an earlier run in another mode
+            await self._detach_decap(links, plan)
 
     async def _attach_decap(self, links: Links, plan: NetworkPlan, obj: libbpf.BpfObject) -> None:
         """The receive shortcut on the underlay device: without it (another tool's
@@ -156,12 +174,13 @@ class EbpfMapping(PeerMapping):
             tunnel_index=tunnel, underlay_index=underlay or 0, bridge_index=bridge or 0,
             tunnel_mac=SHARED_VXLAN_MAC if plan.encap.l2 else "00:00:00:00:00:00",
             # without the underlay device's index, send through the tunnel device
-            send_encap=underlay is not None)
+            send_encap=underlay is not None,
+            decap_conntrack=plan.receive == "conntrack")
 
     async def attach_endpoint(self, links: Links, plan: NetworkPlan, veth_index: int,
                               endpoint: Endpoint) -> None:
-        """The send program on a container's veth, and the container in the
-        receive program's map."""
+        """The container in the network's map, then the send program on its
+        veth: the program sends only what the map says is the container's."""
         tunnel = await links.index(plan.encap.device)
         if tunnel is None:
             raise FanError(f"tunnel device {plan.encap.device} is missing; "
@@ -169,17 +188,16 @@ class EbpfMapping(PeerMapping):
         if self._tunnels.get(plan.network_id) != tunnel:   # not loaded, or a new device
             await self.ensure(links, plan)
         obj = self._objects[plan.network_id]
+        libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
+                          *bpf.endpoint_entry(int(endpoint.ip), veth_index, endpoint.mac))
         await bpf.attach(links.ipr, veth_index, obj.program_fd(bpf.SEND),
                          self._program_name(plan), SEND_PREF, bpf.INGRESS)
-        if plan.encap.l2:
-            libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
-                              *bpf.endpoint_entry(int(endpoint.ip), veth_index, endpoint.mac))
 
     def detach_endpoint(self, plan: NetworkPlan, endpoint: Endpoint) -> None:
         """Out of the map before its veth goes. A failure only costs drops: the
         veth's ifindex is never reused, so a stale entry cannot misdeliver."""
         obj = self._objects.get(plan.network_id)
-        if obj is None or not plan.encap.l2:
+        if obj is None:
             return
         try:
             libbpf.map_delete(obj.map_fd(bpf.ENDPOINTS), bpf.ENDPOINT_KEY.pack(int(endpoint.ip)))
@@ -243,7 +261,7 @@ class EbpfMapping(PeerMapping):
         a network that left no plan may have used any) that no plan accounts for."""
         wanted = set()
         for p in plans:
-            if p.encap.l2:
+            if takes_decap(p):
                 wanted.add((await links.index(p.underlay_interface), decap_pref(p)))
         addresses = await dumped("listing IPv4 addresses",
                                  lambda: links.ipr.get_addr(family=socket.AF_INET))

@@ -14,21 +14,25 @@ in a namespace of the test's, whose underlay routes their FIB lookups find.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
+import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
 from fan_driver.dataplane import bpf, libbpf
-from fan_driver.dataplane.ebpf import SHARED_VXLAN_MAC
+from fan_driver.dataplane.ebpf import SHARED_VXLAN_MAC, conntrack_supported, probe_error
 from fan_driver.errors import FanError
 from fan_driver.fanmap import FanMap, HostSlice
 
@@ -38,7 +42,7 @@ FAN240 = FanMap(N("240.0.0.0/8"), N("172.30.0.0/16"))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BPF_DIR = os.path.join(REPO, "fan_driver", "dataplane", "bpf")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (bpf(2), netns, tc)")
-TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_UNSPEC = 0, 7, 0xFFFFFFFF   # retval is a u32
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT, TC_ACT_UNSPEC = 0, 2, 7, 0xFFFFFFFF   # retval is a u32
 ETH_P_IP, ETH_P_ARP, ETH_P_IPV6 = 0x0800, 0x0806, 0x86DD
 UNDERLAY_MAC = "0200000000fe"
 CONTAINER_MAC, GATEWAY_MAC = "0efafa001c02", "0efafa001c01"
@@ -46,39 +50,53 @@ CONTAINER_MAC, GATEWAY_MAC = "0efafa001c02", "0efafa001c01"
 
 # --- the committed object and its source ------------------------------------------
 
-def committed_object() -> bytes:
-    with open(os.path.join(BPF_DIR, bpf.OBJECT), "rb") as f:
+OBJECTS = (bpf.OBJECT, bpf.CONNTRACK_OBJECT)
+
+
+def committed_object(name: str = bpf.OBJECT) -> bytes:
+    with open(os.path.join(BPF_DIR, name), "rb") as f:
         return f.read()
 
 
-def test_committed_object_was_built_from_the_committed_source():
-    embedded = bpf.elf_section(committed_object(), bpf.SOURCE_SECTION)
-    assert embedded is not None, f"{bpf.OBJECT} has no {bpf.SOURCE_SECTION} section"
+@pytest.mark.parametrize("name", OBJECTS)
+def test_committed_object_was_built_from_the_committed_source(name):
+    embedded = bpf.elf_section(committed_object(name), bpf.SOURCE_SECTION)
+    assert embedded is not None, f"{name} has no {bpf.SOURCE_SECTION} section"
     assert embedded.decode() == bpf.source_digest(), (
-        f"{bpf.OBJECT} is stale: run fan_driver/dataplane/bpf/build.sh and commit it")
+        f"{name} is stale: run fan_driver/dataplane/bpf/build.sh and commit it")
 
 
-def test_loader_packs_what_the_object_reads():
+@pytest.mark.parametrize("name", OBJECTS)
+def test_loader_packs_what_the_object_reads(name):
     # struct fan_config is the whole .rodata: its size is in the object's BTF too
-    assert len(bpf.elf_section(committed_object(), ".rodata")) == bpf.Config.LAYOUT.size
+    assert len(bpf.elf_section(committed_object(name), ".rodata")) == bpf.Config.LAYOUT.size
+
+
+def test_only_the_conntrack_object_calls_kfuncs():
+    """libbpf resolves every kfunc an object names, and one in a module's BTF
+    only with CAP_SYS_ADMIN: the plain object must name none."""
+    for kfunc in (b"bpf_skb_ct_lookup", b"bpf_ct_release"):
+        assert kfunc not in committed_object()
+        assert kfunc in committed_object(bpf.CONNTRACK_OBJECT)
 
 
 @pytest.fixture(scope="module", params=["committed", "rebuilt"])
-def elf(request, tmp_path_factory) -> bytes:
-    """Every in-kernel test runs on the committed object and, where clang is
-    installed, on one built now from the source."""
+def elf(request, tmp_path_factory) -> dict:
+    """Every in-kernel test runs on the committed objects and, where clang is
+    installed, on ones built now from the source: object name -> its bytes."""
     if request.param == "committed":
-        return committed_object()
+        return {name: committed_object(name) for name in OBJECTS}
     missing = [t for t in ("clang", "llvm-objcopy") if shutil.which(t) is None]
     if missing:
         pytest.skip(f"cannot rebuild the object: {', '.join(missing)} not installed "
                     "(Debian: clang llvm libbpf-dev)")
-    out = tmp_path_factory.mktemp("bpf") / bpf.OBJECT
+    out = tmp_path_factory.mktemp("bpf")
     res = subprocess.run([os.path.join(BPF_DIR, "build.sh"), str(out)], capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    rebuilt = out.read_bytes()
-    assert bpf.elf_section(rebuilt, bpf.SOURCE_SECTION).decode() == bpf.source_digest()
+    rebuilt = {name: (out / name).read_bytes() for name in OBJECTS}
+    for data in rebuilt.values():
+        assert bpf.elf_section(data, bpf.SOURCE_SECTION).decode() == bpf.source_digest()
     return rebuilt
 
 
@@ -202,19 +220,34 @@ EXAMPLES = [
 ]
 
 
-def loaded(elf: bytes, fan: FanMap, local: str, l2: bool = True, underlay_index: int = 0,
+def loaded(elf: dict, fan: FanMap, local: str, l2: bool = True, underlay_index: int = 0,
            **kw) -> libbpf.BpfObject:
-    """The object for a network of `fan` on the host at `local`."""
+    """The object (of `elf`, the one the config names) for a network of `fan`
+    on the host at `local`."""
     config = bpf.Config(fan, HostSlice(fan, A(local)).slice, 4242, l2, A(local),
                         tunnel_index=17, underlay_index=underlay_index, bridge_index=23,
                         tunnel_mac=SHARED_VXLAN_MAC, **kw)
-    return bpf.load(config, "fan_test", elf)
+    return bpf.load(config, "fan_test", elf[config.object])
+
+
+# A test run's packet comes from the loopback device of the namespace it runs in.
+TEST_RUN_IFINDEX = 1
+
+
+def own(fan: FanMap, local: str) -> str:
+    """The address of the host's container that sends in test runs: its slice's .2."""
+    return str(HostSlice(fan, A(local)).slice.network_address + 2)
 
 
 @contextmanager
-def loaded_in(ns, *args, **kw):
-    obj = loaded(*args, **kw)
+def loaded_in(ns, elf, fan, local, *args, **kw):
+    """The object, run in `ns`, with the host's sending container (own()) in its
+    endpoints map as the test run's device: the send program sends only what
+    carries the address of the endpoint whose veth it came from."""
+    obj = loaded(elf, fan, local, *args, **kw)
     try:
+        libbpf.map_update(obj.map_fd(bpf.ENDPOINTS), *bpf.endpoint_entry(
+            int(A(own(fan, local))), TEST_RUN_IFINDEX, CONTAINER_MAC))
         with inside(ns):
             yield obj
     finally:
@@ -294,7 +327,7 @@ def test_send_encapsulates_to_the_fan_rule_address(elf, underlay_ns):
     for overlay, underlay, host, slice_ in EXAMPLES:
         fan = FanMap(N(overlay), N(underlay))
         local = local_for(underlay)
-        packet = frame(str(N(slice_).network_address + 2))
+        packet = frame(str(N(slice_).network_address + 2), src=own(fan, local))
         with loaded_in(ns, elf, fan, local, underlay_index=under0) as obj:
             verdict, out = run_in_kernel(obj, bpf.SEND, packet)
         assert verdict == TC_ACT_REDIRECT, (overlay, underlay)
@@ -308,7 +341,7 @@ def test_send_encapsulates_ipip_to_the_fan_rule_address(elf, underlay_ns, df):
     for overlay, underlay, host, slice_ in EXAMPLES:
         fan = FanMap(N(overlay), N(underlay))
         local = local_for(underlay)
-        packet = frame(str(N(slice_).network_address + 2))
+        packet = frame(str(N(slice_).network_address + 2), src=own(fan, local))
         if df:   # the inner DF bit, with the checksum kept valid
             packet = packet[:20] + b"\x40" + packet[21:24] + bytes(2) + packet[26:]
             packet = packet[:24] + struct.pack("!H", checksum(packet[14:34])) + packet[26:]
@@ -329,7 +362,8 @@ def test_send_encapsulates_ipip_to_the_fan_rule_address(elf, underlay_ns, df):
 @needs_root
 def test_send_without_neighbour_leaves_the_next_hop_to_the_kernel(elf, underlay_ns):
     ns, under0 = underlay_ns
-    packet = frame("250.0.99.2")   # host 172.30.0.99 has no neighbour entry
+    # host 172.30.0.99 has no neighbour entry
+    packet = frame("250.0.99.2", src=own(FAN250, "172.30.0.1"))
     with loaded_in(ns, elf, FAN250, "172.30.0.1", underlay_index=under0) as obj:
         verdict, out = run_in_kernel(obj, bpf.SEND, packet)
     assert verdict == TC_ACT_REDIRECT   # bpf_redirect_neigh resolves and writes the MAC
@@ -349,7 +383,7 @@ def test_send_leaves_the_rest_to_the_kernel(elf, underlay_ns):
             assert run_in_kernel(obj, bpf.SEND, packet) == (TC_ACT_OK, packet)
     # no route to the peer's underlay (here: none at all): the kernel's path too
     fan = FanMap(N("250.0.0.0/8"), N("172.31.0.0/16"))
-    packet = frame("250.5.9.2")
+    packet = frame("250.5.9.2", src=own(fan, "172.31.0.1"))
     with loaded_in(ns, elf, fan, "172.31.0.1", underlay_index=under0) as obj:
         assert run_in_kernel(obj, bpf.SEND, packet) == (TC_ACT_OK, packet)
 
@@ -360,7 +394,7 @@ def test_send_through_the_tunnel_device(elf, underlay_ns, l2):
     """IPIP (and VXLAN without the underlay's index): routed, then to the
     tunnel device, readdressed to the shared MAC on VXLAN."""
     ns, _ = underlay_ns
-    packet = frame("250.5.9.2")
+    packet = frame("250.5.9.2", src=own(FAN250, "172.30.0.1"))
     with loaded_in(ns, elf, FAN250, "172.30.0.1", l2=l2, send_encap=False) as obj:
         verdict, out = run_in_kernel(obj, bpf.SEND, packet)
     assert verdict == TC_ACT_REDIRECT
@@ -370,57 +404,89 @@ def test_send_through_the_tunnel_device(elf, underlay_ns, l2):
 
 
 @needs_root
-def test_receive_hands_this_slice_to_the_container(elf, underlay_ns):
+@pytest.mark.parametrize("l2", [True, False], ids=["vxlan", "ipip"])
+def test_send_drops_what_is_not_the_endpoints_own(elf, underlay_ns, l2):
+    """To another host goes only what carries the address of the endpoint whose
+    veth it came from: the peer's trust rule would take the rest as ours."""
+    ns, under0 = underlay_ns
+    local = "172.30.0.1"
+    with loaded_in(ns, elf, FAN250, local, l2=l2, underlay_index=under0) as obj:
+        # 250.0.1.3 is this host's other container, on another veth
+        libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
+                          *bpf.endpoint_entry(int(A("250.0.1.3")), 31, "0efafa000103"))
+        foreign = {"another container's address": "250.0.1.3",
+                   "an address of the slice no endpoint holds": "250.0.1.9",
+                   "another host's container": "250.5.9.2",
+                   "outside the overlay": "10.0.0.1"}
+        for what, src in foreign.items():
+            packet = frame("250.5.9.2", src=src)
+            assert run_in_kernel(obj, bpf.SEND, packet) == (TC_ACT_SHOT, packet), what
+        verdict, _ = run_in_kernel(obj, bpf.SEND, frame("250.5.9.2", src=own(FAN250, local)))
+        assert verdict == TC_ACT_REDIRECT
+
+
+@needs_root
+@pytest.mark.parametrize("l2", [True, False], ids=["vxlan", "ipip"])
+def test_receive_without_tunnel_key_drops_what_is_for_the_overlay(elf, underlay_ns, l2):
+    """A test run carries no tunnel metadata, as no packet that came out of the
+    tunnel does: whatever is for the network's overlay, even this host's own
+    container, gateway or broadcast, is untrusted and dropped. The rest is the
+    next filter's. (Real packets: test_receive_admits_only_peers.)"""
     ns, _ = underlay_ns
-    with loaded_in(ns, elf, FAN250, "172.30.0.28") as obj:
+
+    def packet(dst):
+        # IPIP's packets are bare IPv4: a source of 8.0.x.x makes a test run's
+        # Ethernet parse of its first bytes say ETH_P_IP (see test_tunnel_key_is_the_fan_rule)
+        return frame(dst, src="250.5.9.2") if l2 else ipv4(dst, src="8.0.0.1")
+
+    with loaded_in(ns, elf, FAN250, "172.30.0.28", l2=l2) as obj:
         libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
                           *bpf.endpoint_entry(int(A("250.0.28.9")), 31, "0e:fa:fa:00:1c:09"))
-        # a container in the map: into its namespace, readdressed to its MAC
-        packet = frame("250.0.28.9", ttl=63, dst_mac=SHARED_VXLAN_MAC.replace(":", ""))
-        verdict, out = run_in_kernel(obj, bpf.RECEIVE, packet)
-        assert verdict == TC_ACT_REDIRECT and out[:6] == bytes.fromhex("0efafa001c09")
-        routed(packet, out)
-        # one the map does not hold (yet): out of the bridge, by the neighbour table
-        packet = frame("250.0.28.10")
-        verdict, out = run_in_kernel(obj, bpf.RECEIVE, packet)
-        assert verdict == TC_ACT_REDIRECT and out[:6] == packet[:6]
-        routed(packet, out)
-        # the gateway (this host), the slice's broadcast, another network's slice,
-        # an expiring TTL, not IPv4: the next filter or the kernel's path
-        for packet in (frame("250.0.28.1"), frame("250.0.28.255"), frame("240.0.28.9"),
-                       frame("250.5.9.2"), frame("250.0.28.9", ttl=1),
-                       frame("250.0.28.9", ethertype=ETH_P_ARP)):
-            assert run_in_kernel(obj, bpf.RECEIVE, packet) == (TC_ACT_UNSPEC, packet)
-        libbpf.map_delete(obj.map_fd(bpf.ENDPOINTS), bpf.ENDPOINT_KEY.pack(int(A("250.0.28.9"))))
-        libbpf.map_delete(obj.map_fd(bpf.ENDPOINTS), bpf.ENDPOINT_KEY.pack(int(A("250.0.28.9"))))
+        for dst in ("250.0.28.9", "250.0.28.10", "250.0.28.1", "250.0.28.255", "250.5.9.2"):
+            assert run_in_kernel(obj, bpf.RECEIVE, packet(dst)) == (TC_ACT_SHOT, packet(dst)), dst
+        others = [packet("240.0.28.9"), packet("8.8.8.8")]
+        if l2:
+            others.append(frame("250.0.28.9", ethertype=ETH_P_ARP))
+        for other in others:
+            assert run_in_kernel(obj, bpf.RECEIVE, other) == (TC_ACT_UNSPEC, other)
 
 
 REMOTE_HOST = "172.30.5.9"
 
 
+REMOTE_CONTAINER = "250.5.9.2"   # in the slice of REMOTE_HOST
+REMOTE_SPORT = 40000
+
+
+def vxlan_header(inner: bytes, vni: int = 4242, flags: int = 0x08000000) -> bytes:
+    return struct.pack("!II", flags, vni << 8) + inner
+
+
 def vxlan(inner: bytes, local: str = "172.30.0.28", vni: int = 4242, dport: int = 4789,
           proto: int = 17, frag: int = 0x4000, ethertype: int = ETH_P_IP,
-          dst_mac: str = "000000000000", flags: int = 0x08000000) -> bytes:
+          dst_mac: str = "000000000000", flags: int = 0x08000000, remote: str = REMOTE_HOST,
+          sport: int = REMOTE_SPORT) -> bytes:
     """`inner` as a peer's send program sends it to `local`. The outer destination
     MAC is the test run's device's (loopback: zeros), as the underlay NIC's would be."""
     udp_len = 16 + len(inner)
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 1, frag, 64, proto, 0,
-                     A(REMOTE_HOST).packed, A(local).packed)
+                     A(remote).packed, A(local).packed)
     ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
     return (bytes.fromhex(dst_mac) + bytes.fromhex(UNDERLAY_MAC) + struct.pack("!H", ethertype)
-            + ip + struct.pack("!HHHH", 40000, dport, udp_len, 0)
-            + struct.pack("!II", flags, vni << 8) + inner)
+            + ip + struct.pack("!HHHH", sport, dport, udp_len, 0) + vxlan_header(inner, vni, flags))
 
 
-def sent_frame(dst: str, ttl: int = 63, ethertype: int = ETH_P_IP) -> bytes:
+def sent_frame(dst: str, ttl: int = 63, ethertype: int = ETH_P_IP,
+               src: str = REMOTE_CONTAINER) -> bytes:
     """The inner frame of a peer's send program: to the shared MAC, from its container."""
-    return frame(dst, ttl, dst_mac=SHARED_VXLAN_MAC.replace(":", ""), ethertype=ethertype)
+    return frame(dst, ttl, dst_mac=SHARED_VXLAN_MAC.replace(":", ""), ethertype=ethertype,
+                 src=src)
 
 
 @contextmanager
-def with_container(elf: bytes):
+def with_container(elf: dict, **kw):
     """Host 172.30.0.28's object, its container 250.0.28.9 (veth 31) in the map."""
-    obj = loaded(elf, FAN250, "172.30.0.28")
+    obj = loaded(elf, FAN250, "172.30.0.28", **kw)
     try:
         libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
                           *bpf.endpoint_entry(int(A("250.0.28.9")), 31, "0e:fa:fa:00:1c:09"))
@@ -468,6 +534,80 @@ def test_decap_leaves_what_it_does_not_recognise_untouched(elf):
 
 
 @needs_root
+@pytest.mark.parametrize("conntrack", [False, True], ids=["direct", "conntrack"])
+def test_decap_leaves_what_fails_the_trust_rule_untouched(elf, conntrack):
+    """Untouched, not dropped: the kernel's path (the host's firewall, then
+    fan_receive, which drops it) judges it again."""
+    if conntrack and not conntrack_supported():
+        pytest.skip("LOUD: this kernel cannot load the conntrack-checked decap "
+                    f"(kernel 6.0+ with nf_conntrack's kfuncs): {probe_error(conntrack=True)}")
+    with with_container(elf, decap_conntrack=conntrack) as obj:
+        known = sent_frame("250.0.28.9")
+        others = {
+            "an outer source outside the underlay": vxlan(known, remote="10.9.0.5"),
+            "this host's own address as outer source": vxlan(known, remote="172.30.0.28"),
+            "another host's slice as inner source": vxlan(sent_frame("250.0.28.9", src="250.0.77.2")),
+            "an inner source outside the overlay": vxlan(sent_frame("250.0.28.9", src="10.0.0.1")),
+        }
+        for what, packet in others.items():
+            assert run_in_kernel(obj, bpf.DECAP, packet) == (TC_ACT_UNSPEC, packet), what
+
+
+def udp_from(ns: str, src: str) -> socket.socket:
+    """A UDP socket of namespace `ns` bound to `src` (it stays there after setns back)."""
+    with inside(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((src, REMOTE_SPORT))
+    return sock
+
+
+@needs_root
+def test_decap_with_conntrack_takes_only_flows_the_firewall_let_in(elf):
+    """Conntrack mode: a peer's frame is decapsulated only once its outer flow
+    has a confirmed conntrack entry, made here for real: a datagram from the
+    peer through the namespace's INPUT, with a conntrack-using rule loaded
+    there. Direct mode takes it from the start."""
+    if not conntrack_supported():
+        pytest.skip("LOUD: this kernel cannot load the conntrack-checked decap "
+                    f"(kernel 6.0+ with nf_conntrack's kfuncs): {probe_error(conntrack=True)}")
+    if shutil.which("iptables") is None:
+        pytest.skip("LOUD: iptables is not installed: cannot load a conntrack rule")
+    tag = uuid.uuid4().hex[:6]
+    host, peer = f"fantest-ct-{tag}", f"fantest-ctpeer-{tag}"
+    try:
+        for ns in (host, peer):
+            sh("ip", "netns", "add", ns)
+        sh("ip", "-n", host, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+           "netns", peer)
+        for ns, address in ((host, "172.30.0.28"), (peer, REMOTE_HOST)):
+            sh("ip", "-n", ns, "addr", "add", f"{address}/16", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        # a stateful firewall: conntrack runs in a namespace only for rules that use it
+        sh("ip", "netns", "exec", host, "iptables", "-A", "INPUT", "-p", "udp", "--dport",
+           "4789", "-m", "conntrack", "--ctstate", "NEW,ESTABLISHED", "-j", "ACCEPT")
+        packet = vxlan(sent_frame("250.0.28.9"))
+        with with_container(elf, decap_conntrack=True) as checked, \
+                with_container(elf) as direct, inside(host):
+            assert run_in_kernel(checked, bpf.DECAP, packet) == (TC_ACT_UNSPEC, packet)
+            assert run_in_kernel(direct, bpf.DECAP, packet)[0] == TC_ACT_REDIRECT
+            with contextlib.closing(udp_from(peer, REMOTE_HOST)) as sock:
+                sock.sendto(b"first packet of the flow", ("172.30.0.28", 4789))
+            deadline = time.monotonic() + 2
+            while (run_in_kernel(checked, bpf.DECAP, packet)[0] != TC_ACT_REDIRECT
+                   and time.monotonic() < deadline):
+                time.sleep(0.02)
+            verdict, out = run_in_kernel(checked, bpf.DECAP, packet)
+            assert verdict == TC_ACT_REDIRECT, sh("ip", "netns", "exec", host, "iptables", "-vnL").stdout
+            assert out[:6] == bytes.fromhex("0efafa001c09") and len(out) == len(packet) - 50
+            # another outer flow of the same peer (another source port) has no entry
+            other = vxlan(sent_frame("250.0.28.9"), sport=REMOTE_SPORT + 1)
+            assert run_in_kernel(checked, bpf.DECAP, other) == (TC_ACT_UNSPEC, other)
+    finally:
+        for ns in (host, peer):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+@needs_root
 def test_receive_filter_on_a_device_the_fan_does_not_own(elf):
     """On the underlay device: attach at the network's pref, never over another
     tool's filter; removal and the orphan sweep take only ours and leave the
@@ -502,15 +642,19 @@ def test_receive_filter_on_a_device_the_fan_does_not_own(elf):
                 await mapping.remove_orphans(links, plans[1:])   # network 1 is not in the state
                 swept = await bpf.filters(ipr, index, bpf.INGRESS)
                 await mapping._attach_decap(links, plans[0], obj)
+                # network 1 now receives through the tunnel device: its filter is an orphan
+                await mapping.remove_orphans(links, [replace(plans[0], receive="tunnel"), plans[1]])
+                swept_by_mode = await bpf.filters(ipr, index, bpf.INGRESS)
+                await mapping._attach_decap(links, plans[0], obj)
                 await mapping.remove(links, plans[0])
                 await mapping.remove(links, plans[1])
-                return attached, swept, await bpf.filters(ipr, index, bpf.INGRESS)
+                return attached, swept, swept_by_mode, await bpf.filters(ipr, index, bpf.INGRESS)
         try:
-            attached, swept, left = asyncio.run(scenario())
+            attached, swept, swept_by_mode, left = asyncio.run(scenario())
         finally:
             obj.close()
         assert attached == {DECAP_PREF + 1: "fan_01010101", DECAP_PREF + 2: "cil_from_netdev"}
-        assert swept == left == {DECAP_PREF + 2: "cil_from_netdev"}
+        assert swept == swept_by_mode == left == {DECAP_PREF + 2: "cil_from_netdev"}
         shown = sh("tc", "-n", ns, "filter", "show", "dev", "under0", "ingress").stdout
         assert "u32" in shown and "cil_from_netdev" in shown, shown
         assert "clsact" in sh("tc", "-n", ns, "qdisc", "show", "dev", "under0").stdout
@@ -526,7 +670,7 @@ def test_verifier_rejection_carries_its_log():
     assert code[:8] == bytes.fromhex("bf16000000000000")   # r6 = r1: keep the context
     bad = elf[:at] + bytes.fromhex("bf96000000000000") + elf[at + 8:]   # r6 = r9, unset
     with pytest.raises(FanError) as err:
-        loaded(bad, FAN250, "172.30.0.28")
+        loaded({bpf.OBJECT: bad}, FAN250, "172.30.0.28")
     assert "R9 !read_ok" in str(err.value) and "verifier" in str(err.value), str(err.value)
 
 
@@ -541,11 +685,15 @@ def test_object_loads_with_only_the_plugins_capabilities():
     with open(os.path.join(REPO, "plugin", "config.json")) as f:
         caps = json.load(f)["linux"]["capabilities"]
     keep = ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
-    probe = "from fan_driver.dataplane import ebpf; print(ebpf.probe_error() or 'LOADED')"
+    # the conntrack object's kfunc calls need CAP_BPF (bpf_capable()): where
+    # this process (all capabilities) can load it, the plugin must too
+    probe = ("from fan_driver.dataplane import ebpf; "
+             "print(ebpf.probe_error() or 'LOADED', ebpf.probe_error(conntrack=True) or 'LOADED')")
     res = subprocess.run([setpriv, f"--bounding-set=-all,{keep}", sys.executable, "-c", probe],
                          capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=REPO))
-    assert res.stdout.strip() == "LOADED", res.stdout[-3000:] + res.stderr[-2000:]
+    expected = "LOADED " + ("LOADED" if conntrack_supported() else "")
+    assert res.stdout.startswith(expected), res.stdout[-3000:] + res.stderr[-2000:]
 
 
 def test_vni_out_of_range_is_refused():
@@ -763,3 +911,87 @@ def test_second_fan_shares_the_device_and_detach(hosts):
     assert filters(hb) == {}
     assert "u32" in sh("tc", "-n", hb, "filter", "show", "dev", "fan-vxlan", "egress").stdout
     assert "clsact" in sh("tc", "-n", hb, "qdisc", "show", "dev", "fan-vxlan").stdout
+
+
+@needs_root
+def test_receive_admits_only_peers(elf):
+    """Hand-made VXLAN datagrams into a host's external-mode VXLAN device: the
+    kernel's own path delivers all of them (it checks no source), fan_receive
+    on the device's ingress only the one from a peer, with the network's VNI,
+    its inner source in the slice of the outer one."""
+    tag = uuid.uuid4().hex[:6]
+    host, container, sender = (f"fantest-rx{role}-{tag}" for role in ("host", "ctr", "snd"))
+    namespaces = [host, container, sender]
+    try:
+        for ns in (host, sender):   # add_container makes the container's
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        # the sender holds a peer's underlay address and one outside the underlay
+        sh("ip", "-n", host, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+           "netns", sender)
+        for ns, addresses in ((host, ("172.30.0.27/16", "10.9.0.1/24")),
+                              (sender, (f"{REMOTE_HOST}/16", "10.9.0.5/24"))):
+            for address in addresses:
+                sh("ip", "-n", ns, "addr", "add", address, "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", host, "link", "add", "fan-vxlan", "address", SHARED_VXLAN_MAC,
+           "type", "vxlan", "external", "dstport", "4789")
+        sh("ip", "-n", host, "link", "set", "fan-vxlan", "arp", "off", "mtu", "1450", "up")
+        sh("ip", "-n", host, "route", "add", "250.0.0.0/8", "dev", "fan-vxlan")
+        sh("ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        address = A(add_container(host, container, FAN250, "172.30.0.27", "250"))
+        index = {name: int(sh("ip", "-n", host, "-o", "link", "show", name).stdout.split(":")[0])
+                 for name in ("fan-vxlan", "fan-250", "v250")}
+        mac = sh("ip", "-n", container, "-o", "link", "show", "eth0").stdout.split("link/ether ")[1][:17]
+
+        with inside(container):
+            listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with contextlib.closing(listener), \
+                contextlib.closing(udp_from(sender, REMOTE_HOST)) as peer, \
+                contextlib.closing(udp_from(sender, "10.9.0.5")) as stranger:
+            listener.bind(("0.0.0.0", 5555))
+
+            def datagram(what: bytes, src: str, vni: int = 4242) -> bytes:
+                """A peer's container's UDP datagram to ours, as VXLAN carries it."""
+                inner = ipv4(str(address), src=src, payload=struct.pack("!HHHH", 5555, 5555,
+                                                                        8 + len(what), 0) + what)
+                return vxlan_header(bytes.fromhex(SHARED_VXLAN_MAC.replace(":", ""))
+                                    + bytes.fromhex("0efafa050902") + b"\x08\x00" + inner, vni)
+
+            def arrived() -> set:
+                for sock, what, src, vni in (
+                        (stranger, b"outside the underlay", REMOTE_CONTAINER, 4242),
+                        (peer, b"another host's slice", "250.0.77.2", 4242),
+                        (peer, b"another network's VNI", REMOTE_CONTAINER, 4243),
+                        (peer, b"a peer", REMOTE_CONTAINER, 4242)):
+                    sock.sendto(datagram(what, src, vni), ("172.30.0.27", 4789))
+                got = set()
+                listener.settimeout(1)
+                with contextlib.suppress(socket.timeout):
+                    while True:
+                        got.add(listener.recv(2048))
+                        listener.settimeout(0.3)
+                return got
+
+            assert arrived() == {b"outside the underlay", b"another host's slice",
+                                 b"another network's VNI", b"a peer"}
+            config = bpf.Config(FAN250, N("250.0.27.0/24"), 4242, True, A("172.30.0.27"),
+                                tunnel_index=index["fan-vxlan"], bridge_index=index["fan-250"],
+                                tunnel_mac=SHARED_VXLAN_MAC)
+            obj = bpf.load(config, "fan_rx", elf[config.object])
+            try:
+                libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
+                                  *bpf.endpoint_entry(int(address), index["v250"], mac))
+
+                async def attach_receive():
+                    from pyroute2 import AsyncIPRoute
+                    async with AsyncIPRoute(netns=host) as ipr:
+                        await bpf.attach(ipr, index["fan-vxlan"], obj.program_fd(bpf.RECEIVE),
+                                         "fan_rx", 10, bpf.INGRESS)
+                asyncio.run(attach_receive())
+            finally:
+                obj.close()   # tc holds the program and its map
+            assert arrived() == {b"a peer"}
+    finally:
+        for ns in namespaces:
+            sh("ip", "netns", "del", ns, check=False)

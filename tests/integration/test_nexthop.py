@@ -161,7 +161,7 @@ def test_orphan_sweep_deletes_only_our_stale_nexthops_and_routes(underlay):
 DATAPLANE = """
 from fan_driver import iptables
 from fan_driver.dataplane import LinuxDataplane
-from fan_driver.dataplane.firewall import Firewall
+from fan_driver.dataplane.firewall import IptablesFirewall
 """
 
 
@@ -177,7 +177,7 @@ def test_a_leftover_vxlan_device_loses_its_peers_in_bulk_then_goes(underlay):
     assert counts(underlay, device) == {"nexthops": 0, "routes": 0, "neighbours": 253,
                                         "fdb": 253}     # the device is still there
     run_in(underlay.ns, """
-        firewall = Firewall(iptables.firewall_binary("auto"))
+        firewall = IptablesFirewall(iptables.firewall_binary("auto"))
         await LinuxDataplane(links.ipr, firewall, {"routes": RoutesMapping()}).remove_orphans(
             [], set())
     """, SETUP + DATAPLANE)

@@ -6,9 +6,12 @@ packet's outer destination from its inner one. Upstream kernels do the same
 with a tunnel device in external (collect_md) mode and a tc program that sets
 the tunnel key; fan.bpf.c says what each of its programs does.
 
-The object is built by build.sh (clang) and committed, so installing needs no
-compiler; it carries the SHA-256 of the source it was built from, which the
-tests compare with the source beside it.
+The objects are built by build.sh (clang) and committed, so installing needs no
+compiler; each carries the SHA-256 of the source it was built from, which the
+tests compare with the source beside it. fan_conntrack.bpf.o holds the same
+programs, its fan_decap taking only flows the host's conntrack has confirmed; it
+loads only where the conntrack kfuncs do (kernel 6.0+, nf_conntrack's BTF
+readable by the loader), so the plain object carries no kfunc at all.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from ...fanmap import FanMap
 from .. import libbpf
 from ..netlink import GONE, dumped, kernel
 
-OBJECT, SOURCES = "fan.bpf.o", ("fan.bpf.c", "fan.h")
+OBJECT, CONNTRACK_OBJECT, SOURCES = "fan.bpf.o", "fan_conntrack.bpf.o", ("fan.bpf.c", "fan.h")
 SOURCE_SECTION = ".fan.source"
 TUNNEL_KEY, SEND, RECEIVE, DECAP = "fan_tunnel_key", "fan_send", "fan_receive", "fan_decap"
 ENDPOINTS = "endpoints"
@@ -72,8 +75,13 @@ class Config:
     tunnel_mac: str = "00:00:00:00:00:00"
     send_encap: bool = True    # on VXLAN the send program encapsulates itself
     test_record_key: bool = False
+    decap_conntrack: bool = False   # not packed: picks fan_conntrack.bpf.o
 
-    LAYOUT = struct.Struct("=11I6sBBB3x")
+    LAYOUT = struct.Struct("=12I6sBBB3x")
+
+    @property
+    def object(self) -> str:
+        return CONNTRACK_OBJECT if self.decap_conntrack else OBJECT
 
     def pack(self) -> bytes:
         if not 0 <= self.vni < VNI_LIMIT:
@@ -81,7 +89,7 @@ class Config:
         fan = self.fan
         return self.LAYOUT.pack(
             int(fan.overlay.network_address), int(fan.overlay.netmask),
-            int(fan.underlay.network_address), fan.shift,
+            int(fan.underlay.network_address), int(fan.underlay.netmask), fan.shift,
             int(self.slice.network_address), int(self.slice.netmask), self.vni,
             int(self.local), self.tunnel_index, self.underlay_index, self.bridge_index,
             bytes.fromhex(self.tunnel_mac.replace(":", "")),
@@ -89,8 +97,9 @@ class Config:
 
 
 def load(config: Config, name: str, elf: bytes | None = None) -> libbpf.BpfObject:
-    """The object loaded for one network (its endpoints map sized to the slice)."""
-    return libbpf.BpfObject(elf if elf is not None else _read(OBJECT), name, config.pack(),
+    """The object loaded for one network (its endpoints map sized to the slice);
+    `elf` in place of the committed object the config names."""
+    return libbpf.BpfObject(elf if elf is not None else _read(config.object), name, config.pack(),
                             {ENDPOINTS: config.slice.num_addresses})
 
 

@@ -8,15 +8,25 @@
  * fan_send: on each container veth's ingress, unicast IPv4 for another host's
  *   slice skips the host's IP forwarding (and netfilter): encapsulated here and
  *   handed straight to the underlay device (or, without the underlay's index,
- *   to the tunnel device, whose fan_tunnel_key sets the outer address).
+ *   to the tunnel device, whose fan_tunnel_key sets the outer address). Only
+ *   with the container's own address as its source: the rest is dropped.
  * fan_decap: on the underlay device's ingress, VXLAN for this host and the
- *   network's VNI whose inner destination is a container in the endpoints map
- *   loses its outer headers and goes straight into the container's namespace:
- *   no UDP socket lookup, vxlan_rcv or metadata dst. The rest, unrecognised or
- *   on a kernel that cannot shrink it, goes on untouched to the VXLAN device,
- *   where fan_receive takes it.
- * fan_receive: on the VXLAN device's ingress, IPv4 for a container of this
- *   host's slice goes straight into its namespace (or, unknown, to the bridge).
+ *   network's VNI from a peer (the trust rule below) whose inner destination
+ *   is a container in the endpoints map loses its outer headers and goes
+ *   straight into the container's namespace: no UDP socket lookup, vxlan_rcv or
+ *   metadata dst, and none of the host's PREROUTING and INPUT. Built with
+ *   FAN_CONNTRACK (fan_conntrack.bpf.o), only a flow the host's firewall has
+ *   already let in (a confirmed conntrack entry) is taken. The rest goes on
+ *   untouched to the VXLAN device, through netfilter, where fan_receive judges it.
+ * fan_receive: on the tunnel device's ingress, after the kernel decapsulated:
+ *   what is for the network's overlay passes only by the trust rule (VNI and
+ *   outer source from the tunnel key) and only for this host's slice; on
+ *   VXLAN, IPv4 for a container then goes straight into its namespace (or,
+ *   unknown, to the bridge); IPIP's bare packets are left to the kernel.
+ *
+ * The trust rule: a packet from the tunnel is a peer's only when its outer
+ * source is another host of the underlay and its inner source lies in the
+ * slice that host owns (fan_outer(inner source) == outer source).
  *
  * Shortcuts decrement the TTL as the router they replace would and leave
  * everything else (ARP, broadcasts, local traffic, expiring TTLs) to the
@@ -62,6 +72,14 @@ static __always_inline int in_net(__u32 addr, __u32 net, __u32 mask)
 static __always_inline __u32 fan_outer(__u32 inner)
 {
 	return cfg.underlay_net | ((inner & ~cfg.overlay_mask) >> cfg.shift);
+}
+
+/* The trust rule (host order): `outer` is another host of the underlay, and
+ * `src`, the inner source, lies in the slice that host owns. */
+static __always_inline int from_peer(__u32 outer, __u32 src)
+{
+	return in_net(outer, cfg.underlay_net, cfg.underlay_mask) && outer != cfg.local_ipv4 &&
+	       in_net(src, cfg.overlay_net, cfg.overlay_mask) && fan_outer(src) == outer;
 }
 
 /* The IPv4 header at `off` (a constant), pulled into the linear area if need
@@ -286,6 +304,14 @@ int fan_send(struct __sk_buff *skb)
 	 * multicasts stay on the bridge */
 	if ((void *)(eth + 1) > (void *)(long)skb->data_end || eth->h_dest[0] & 1)
 		return TC_ACT_OK;
+	/* Only the container's own address, from its own veth, goes to a peer:
+	 * a container cannot put another's address (or a forged one) into the
+	 * tunnel, where the peer's trust rule would accept it. */
+	__u32 src = bpf_ntohl(ip->saddr);
+	struct fan_endpoint *self = bpf_map_lookup_elem(&endpoints, &src);
+
+	if (!self || self->ifindex != skb->ifindex)
+		return TC_ACT_SHOT;
 	if (cfg.send_encap) {
 		__u32 remote = fan_outer(dst);
 		struct bpf_fib_lookup fib;
@@ -306,18 +332,49 @@ int fan_send(struct __sk_buff *skb)
 	return bpf_redirect(cfg.tunnel_ifindex, 0);
 }
 
+/* Whether the packet the kernel decapsulated, of inner source `src`, is a
+ * peer's: the network's VNI (VXLAN) and the trust rule on the tunnel key's
+ * outer source. A packet without tunnel metadata (none on an external-mode
+ * device's ingress; a test run's) is not. */
+static __always_inline int tunnel_peer(struct __sk_buff *skb, __u32 src)
+{
+	struct bpf_tunnel_key key;
+
+	if (bpf_skb_get_tunnel_key(skb, &key, TUNNEL_KEY_SIZE, 0))
+		return 0;
+	if (cfg.l2_tunnel && key.tunnel_id != cfg.vni)
+		return 0;
+	return from_peer(key.remote_ipv4, src); /* the helper gives host order */
+}
+
 SEC("tc")
 int fan_receive(struct __sk_buff *skb)
 {
-	struct iphdr *ip = ipv4_at(skb, ETH_HLEN);
+	/* VXLAN's packets are Ethernet frames, IPIP's bare IPv4 (constant offsets:
+	 * the verifier keeps one branch) */
+	struct iphdr *ip = cfg.l2_tunnel ? ipv4_at(skb, ETH_HLEN) : ipv4_at(skb, 0);
 
 	if (!ip)
 		return TC_ACT_UNSPEC;
 	__u32 dst = bpf_ntohl(ip->daddr);
-	/* another network's slice, the gateway (this host), the slice's broadcast,
-	 * an expiring TTL: the next filter, or the kernel's path */
-	if (!in_net(dst, cfg.slice_net, cfg.slice_mask) || dst == cfg.slice_net + 1 ||
-	    dst == (cfg.slice_net | ~cfg.slice_mask) || ip->ttl <= 1)
+	/* The shared device carries every network's packets: what is not for this
+	 * network's overlay is the next filter's (or the kernel's). What is, this
+	 * filter judges: nothing after it would. */
+	if (!in_net(dst, cfg.overlay_net, cfg.overlay_mask))
+		return TC_ACT_UNSPEC;
+	if (!tunnel_peer(skb, bpf_ntohl(ip->saddr)))
+		return TC_ACT_SHOT;
+	/* another host's slice: the kernel would route it back into the tunnel,
+	 * a relay for whoever sent it */
+	if (!in_net(dst, cfg.slice_net, cfg.slice_mask))
+		return TC_ACT_SHOT;
+	/* the gateway (this host), the slice's broadcast, an expiring TTL: the
+	 * kernel's path */
+	if (dst == cfg.slice_net + 1 || dst == (cfg.slice_net | ~cfg.slice_mask) || ip->ttl <= 1)
+		return TC_ACT_UNSPEC;
+	/* IPIP's packets have no Ethernet header to readdress: the kernel routes
+	 * them to the bridge */
+	if (!cfg.l2_tunnel)
 		return TC_ACT_UNSPEC;
 	decrement_ttl(ip);
 	struct fan_endpoint *ep = bpf_map_lookup_elem(&endpoints, &dst);
@@ -341,6 +398,51 @@ struct vxlan_frame {   /* what fan_decap expects at the start of the packet */
 
 #define IP_FRAGMENT bpf_htons(0x3FFF)   /* MF or an offset: IP_MF | IP_OFFSET */
 #define PACKET_HOST 0                   /* <linux/if_packet.h>: addressed to us */
+
+#ifdef FAN_CONNTRACK
+/* The conntrack kfuncs (kernel 6.0+, in nf_conntrack). Their own object, not a
+ * __weak extern behind a switch: libbpf resolves every extern of an object, and
+ * one in a module's BTF (Debian's nf_conntrack is a module) takes iterating
+ * BTF ids, which needs CAP_SYS_ADMIN: the plugin, without it, could not load
+ * the object at all. */
+struct nf_conn {};
+struct bpf_ct_opts {     /* the kernel's (not UAPI): the 12 bytes every version accepts */
+	__s32 netns_id;
+	__s32 error;
+	__u8 l4proto;
+	__u8 dir;
+	__u8 reserved[2];
+};
+extern struct nf_conn *bpf_skb_ct_lookup(struct __sk_buff *skb, struct bpf_sock_tuple *tuple,
+					 __u32 tuple_size, struct bpf_ct_opts *opts,
+					 __u32 opts_size) __ksym;
+extern void bpf_ct_release(struct nf_conn *ct) __ksym;
+
+/* Whether the host's firewall let the frame's outer flow in already: only a
+ * confirmed conntrack entry is in the table, and an entry is confirmed once its
+ * flow's first packet passed the host's INPUT chain. */
+static __always_inline int flow_admitted(struct __sk_buff *skb, struct vxlan_frame *f)
+{
+	struct bpf_sock_tuple tuple;
+	struct bpf_ct_opts opts;
+
+	/* every byte set: a loader without CAP_PERFMON may not pass unset stack */
+	__builtin_memset(&tuple, 0, sizeof(tuple));
+	__builtin_memset(&opts, 0, sizeof(opts));
+	tuple.ipv4.saddr = f->ip.saddr;
+	tuple.ipv4.daddr = f->ip.daddr;
+	tuple.ipv4.sport = f->udp.source;
+	tuple.ipv4.dport = f->udp.dest;
+	opts.netns_id = BPF_F_CURRENT_NETNS;
+	opts.l4proto = IPPROTO_UDP;
+	struct nf_conn *ct = bpf_skb_ct_lookup(skb, &tuple, sizeof(tuple.ipv4), &opts, sizeof(opts));
+
+	if (!ct)
+		return 0;
+	bpf_ct_release(ct);
+	return 1;
+}
+#endif
 
 /* The frame if it is VXLAN to this host's address and the network's VNI, of
  * unfragmented IPv4 that a router would forward (TTL > 1), or NULL. */
@@ -374,12 +476,23 @@ int fan_decap(struct __sk_buff *skb)
 
 	if (!f)
 		return TC_ACT_UNSPEC;
+	/* Not a peer's: left untouched rather than dropped, so that it takes the
+	 * kernel's path, where the host's firewall sees (and may log or count) it
+	 * and fan_receive drops it; this filter, on a device the fan does not
+	 * own, takes only what it delivers. */
+	if (!from_peer(bpf_ntohl(f->ip.saddr), bpf_ntohl(f->inner_ip.saddr)))
+		return TC_ACT_UNSPEC;
 	__u32 dst = bpf_ntohl(f->inner_ip.daddr);
 	/* a container of the map; the rest (the gateway, broadcasts, addresses
 	 * not in the map yet) the VXLAN device and fan_receive deliver */
 	struct fan_endpoint *ep = bpf_map_lookup_elem(&endpoints, &dst);
 	if (!ep)
 		return TC_ACT_UNSPEC;
+#ifdef FAN_CONNTRACK
+	/* a flow the firewall has not let in yet takes the kernel's path, INPUT */
+	if (!flow_admitted(skb, f))
+		return TC_ACT_UNSPEC;
+#endif
 	__u8 source[ETH_ALEN];
 
 	__builtin_memcpy(source, f->inner_eth.h_source, ETH_ALEN);

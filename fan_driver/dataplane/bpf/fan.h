@@ -9,7 +9,7 @@
  * drops the branches a network does not take. Addresses in host byte order. */
 struct fan_config {
 	__u32 overlay_net, overlay_mask;
-	__u32 underlay_net;
+	__u32 underlay_net, underlay_mask;
 	__u32 shift;            /* 32 - overlay prefix - host bits */
 	__u32 slice_net, slice_mask;
 	__u32 vni;
