@@ -30,7 +30,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pyroute2 import AsyncIPRoute
 
 from fan_driver.dataplane import bpf
-from fan_driver.dataplane.ebpf import PROGRAM_PREFIX, SEND_PREF, SHARED_VXLAN_MAC
+from fan_driver.dataplane.ebpf import SEND_PREF, SHARED_VXLAN_MAC
 from fan_driver.dataplane.plan import ENCAPS, VXLAN
 from fan_driver.fanmap import FanMap, HostSlice
 from tests.harness.netlab import busybox_path
@@ -48,20 +48,29 @@ FANS = {("vxlan", "ebpf"): "250.0.0.0/8", ("vxlan", "routes"): "240.0.0.0/8",
         ("ipip", "ebpf"): "245.0.0.0/8", ("ipip", "routes"): "246.0.0.0/8",
         ("vxlan", "kernel"): "247.0.0.0/8", ("ipip", "kernel"): "248.0.0.0/8"}
 # The A/B variants, each a second vxlan+ebpf network with one shortcut of the
-# default undone: name -> (overlay, what the A/B row compares).
+# default undone or one check of it skipped: name -> (overlay, its options,
+# what the A/B row compares).
 # - send via fan-vxlan: the send program only routes and hands packets to the
 #   external-mode device (whose egress program sets the tunnel key, the device
 #   encapsulating), against the default that encapsulates itself;
-# - receive via fan-vxlan: no filter on the underlay device's ingress, so packets
-#   go through the kernel's UDP socket and vxlan_rcv to the VXLAN device's
-#   ingress program, against the default that decapsulates on the underlay.
+# - receive=tunnel: packets go through the host's PREROUTING and INPUT, the
+#   kernel's UDP socket and vxlan_rcv to the VXLAN device's ingress program,
+#   against the default (receive=conntrack where the kernel can) that
+#   decapsulates on the underlay what conntrack has seen pass the firewall;
+# - receive=direct: decapsulating on the underlay without asking conntrack
+#   (the opt-in that skips the host's PREROUTING and INPUT): what the check costs.
 VIA_DEVICE = "fan vxlan+ebpf, send via fan-vxlan"
-RX_VIA_DEVICE = "fan vxlan+ebpf, receive via fan-vxlan"
+RX_VIA_DEVICE = "fan vxlan+ebpf, receive=tunnel"
+RX_DIRECT = "fan vxlan+ebpf, receive=direct"
 VARIANTS = {
-    VIA_DEVICE: ("249.0.0.0/8", "the send program encapsulating and redirecting to the "
-                                "underlay device, against handing packets to fan-vxlan"),
-    RX_VIA_DEVICE: ("251.0.0.0/8", "decapsulating on the underlay device's ingress, against "
-                                   "receiving through fan-vxlan"),
+    VIA_DEVICE: ("249.0.0.0/8", [], "the send program encapsulating and redirecting to the "
+                                    "underlay device, against handing packets to fan-vxlan"),
+    RX_VIA_DEVICE: ("251.0.0.0/8", ["-o", "receive=tunnel"],
+                    "the default receive path, against receiving through the host's "
+                    "firewall and fan-vxlan"),
+    RX_DIRECT: ("252.0.0.0/8", ["-o", "receive=direct"],
+                "the default receive path, against decapsulating without the conntrack "
+                "check (skipping the host's INPUT)"),
 }
 SWARM_NET, SWARM_SUBNET = "bench-ov", "10.77.0.0/24"
 OVERLAY = "docker overlay (swarm)"
@@ -167,34 +176,17 @@ def _container_path(name: str, a: FanHost, b: FanHost, net: str, overhead: int) 
 def _variant_path(a: FanHost, b: FanHost, variant: str) -> DataPath:
     """A second vxlan+ebpf network with one of the default's shortcuts undone on
     both hosts: the rest of the fan stays as it is."""
-    overlay = VARIANTS[variant][0]
+    overlay, options, _ = VARIANTS[variant]
     net, args = fan_network("vxlan", "ebpf")
     net = f"{net}-{list(VARIANTS).index(variant)}"
     args[args.index(FANS["vxlan", "ebpf"])] = overlay
     for h in (a, b):
-        h.cli(*args, net)
+        h.cli(*args, *options, net)
     path = _container_path(variant, a, b, net, VXLAN.overhead)
-    for h in (a, b):
-        if variant == VIA_DEVICE:
+    if variant == VIA_DEVICE:
+        for h in (a, b):
             _swap_send_program(h, net, IPv4Network(overlay), send_encap=False)
-        else:
-            _remove_decap(h, net)
     return path
-
-
-def _remove_decap(h: FanHost, net: str) -> None:
-    """Take the network's receive filter off the host's underlay device."""
-    name = PROGRAM_PREFIX + h.cli("network", "inspect", "-f", "{{.Id}}", net).stdout.strip()[:8]
-
-    async def remove():
-        async with AsyncIPRoute(netns=h.host.name) as ipr:
-            underlay = (await ipr.link_lookup(ifname="eth0"))[0]
-            prefs = [pref for pref, found in (await bpf.filters(ipr, underlay, bpf.INGRESS)).items()
-                     if found == name]
-            if not prefs:
-                raise RuntimeError(f"no receive filter {name} on {h.name}'s eth0")
-            await bpf.detach(ipr, underlay, prefs[0], bpf.INGRESS, keep_qdisc=True)
-    asyncio.run(remove())
 
 
 def _swap_send_program(h: FanHost, container: str, overlay: IPv4Network, **changes) -> None:
@@ -366,7 +358,7 @@ def rows(paths: list[DataPath], samples: dict, report: Report, regime: str) -> N
                            note="" if regime == REGIMES[0] or p.overhead != VXLAN.overhead else
                            "both VXLAN with the same MTU: the same bytes on the wire"))
     default = fan_path_name("vxlan", "ebpf")
-    for variant, (_, compared) in VARIANTS.items():
+    for variant, (_, _, compared) in VARIANTS.items():
         if variant in tput:
             report.add(Row(SECTION, f"{regime}: TCP throughput, {default} vs {variant}",
                            tput[default], tput[variant], "Gbit/s",

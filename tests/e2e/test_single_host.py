@@ -10,6 +10,8 @@ from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
 
+from fan_driver.dataplane import ebpf
+from tests.harness import consistency
 from tests.harness.consistency import kernel_snapshot
 from tests.harness.nsclient import container_pid, dns_query
 
@@ -72,8 +74,9 @@ def test_network_create_builds_bridge_tunnel_and_route(fan_net, lab_host, plugin
     assert "dev fan-vxlan" in routes
     show = lab_host.run([sys.executable, "-m", "fan_driver", "show",
                          "--state-dir", str(plugin.state_dir)]).stdout
+    receive = "conntrack" if ebpf.conntrack_supported() else "tunnel"
     assert re.search(rf"{BRIDGE}\s+{re.escape(SUBNET)}\s+172\.30\.0\.28/16\s+{re.escape(SLICE)}"
-                     r"\s+vxlan/ebpf\s+1450\s+0", show), show
+                     rf"\s+vxlan/ebpf\s+{receive}\s+1450\s+0", show), show
 
 
 def test_containers_get_slice_addresses_and_reach_each_other(dockerd, trio):
@@ -212,14 +215,17 @@ def test_second_network_with_the_same_overlay_is_refused(dockerd, fan_net, lab_h
     assert kernel_snapshot(lab_host) == before
 
 
-def test_rules_are_marked_and_survive_dockerd_restart(dockerd, trio, lab_host):
+def test_rules_are_marked_and_survive_dockerd_restart(dockerd, trio, lab_host, plugin):
     # dockerd sets this when it starts; a simulated reboot in another module
     # resets the firewall, so set it here: the fan must work under it.
     lab_host.run(["iptables", "-P", "FORWARD", "DROP"])
     saved = lab_host.run(["iptables-save"]).stdout
     assert ":FORWARD DROP" in saved
     ours = [line for line in saved.splitlines() if "fan-driver" in line]
-    assert len(ours) == 4 and all('--comment "fan-driver ' in line for line in ours)
+    state = consistency.read_state(plugin.state_dir)
+    (network_id,) = state["networks"]
+    assert len(ours) == consistency.network_rule_count(state, network_id)
+    assert all('--comment "fan-driver ' in line for line in ours)
     dockerd.restart()
     for name in trio:
         dockerd.cli("start", name)
