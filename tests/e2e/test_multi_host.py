@@ -12,6 +12,7 @@ import time
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,36 @@ def test_overlay_traffic_takes_the_ebpf_shortcut_past_ip_forwarding(fan_hosts, c
     gateway = SLICES["h59"] + "1"
     out = hosts["h27"].exec("ping", "-c", "1", "-W", "3", gateway).stdout
     assert "1 packets received" in out, out
+
+
+UDP_TIMEOUT = "net.netfilter.nf_conntrack_udp_timeout"
+FORGET_CONNTRACK = "from pyroute2 import Conntrack; Conntrack().flush()"
+
+
+def test_a_host_firewall_rule_keeps_a_sender_from_every_container(fan_hosts, containers):
+    """A rule in the receiver's INPUT against a sender's VXLAN, added while that
+    sender's flow is live: once conntrack forgets the flow (UDP's timeout, made
+    3 s here) nothing of the sender reaches a container, whichever path the
+    network receives on; another sender still does, and the sender again once
+    the rule goes."""
+    hosts = {h.name: h for h in fan_hosts[0]}
+    receiver, sender, other = hosts["h59"], hosts["h27"], hosts["h28"]
+    rule = ["INPUT", "-s", EXTRA_HOSTS["h27"].split("/")[0], "-p", "udp", "--dport", "4789",
+            "-j", "DROP"]
+    timeout = receiver.host.run(["sysctl", "-n", UDP_TIMEOUT]).stdout.strip()
+    receiver.host.run(["sysctl", "-qw", f"{UDP_TIMEOUT}=3"])
+    receiver.host.run([sys.executable, "-c", FORGET_CONNTRACK])   # entries made with 30 s
+    try:
+        sender.exec("ping", "-c", "2", "-W", "2", containers["h59"])
+        receiver.host.run(["iptables", "-I", *rule])
+        time.sleep(4)
+        out = sender.exec("ping", "-c", "3", "-W", "2", containers["h59"], check=False).stdout
+        assert " 0 packets received" in out, out
+        other.exec("ping", "-c", "1", "-W", "2", containers["h59"])
+    finally:
+        receiver.host.run(["iptables", "-D", *rule], check=False)
+        receiver.host.run(["sysctl", "-qw", f"{UDP_TIMEOUT}={timeout}"])
+    sender.exec("ping", "-c", "1", "-W", "2", containers["h59"])
 
 
 def test_large_packets_do_not_vanish(fan_hosts, containers):
