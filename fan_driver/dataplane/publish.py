@@ -10,6 +10,7 @@ from typing import List, Sequence, Tuple
 from ..errors import FanError
 from ..model import short_id
 from ..ports import Held, PortBinding, PortRequest, first_conflict, parse_port_range
+from .dnat import ForeignDnat, first_taker
 from .firewall import Firewall, endpoint_mark, port_rules
 from .plan import NetworkPlan
 from .proxy import PortTaken, UserlandProxy
@@ -28,9 +29,10 @@ class Publisher:
         failure nothing of it is left."""
         bindings: List[PortBinding] = []
         ephemeral = parse_port_range(_read(EPHEMERAL_RANGE))
+        foreign = await self.firewall.foreign_dnat()
         try:
             for request in requests:
-                binding = await self._take(request, container, held, ephemeral)
+                binding = await self._take(request, container, held, foreign, ephemeral)
                 bindings.append(binding)
                 held.setdefault((binding.proto, binding.host_port), []).append(
                     (f"this container ({request.describe()})", binding))
@@ -45,7 +47,7 @@ class Publisher:
         return tuple(bindings)
 
     async def _take(self, request: PortRequest, container: IPv4Address, held: Held,
-                    ephemeral: Tuple[int, int]) -> PortBinding:
+                    foreign: Sequence[ForeignDnat], ephemeral: Tuple[int, int]) -> PortBinding:
         candidates = request.candidates(ephemeral)
         for port in candidates:
             binding = PortBinding(request.proto, request.host_ip, port, request.port)
@@ -54,6 +56,7 @@ class Publisher:
                 if holder is not None:
                     raise PortTaken(f"host port {port}/{binding.proto} is already published "
                                     f"by {holder}")
+                _refuse_dnatted(binding, foreign)
                 await self.proxy.open(binding, container)
                 return binding
             except PortTaken as exc:
@@ -65,14 +68,26 @@ class Publisher:
 
     async def restore(self, plan: NetworkPlan, endpoint_id: str, container: IPv4Address,
                       bindings: Sequence[PortBinding]) -> None:
-        """After a restart or a reboot: the proxy's sockets and the rules again."""
+        """After a restart or a reboot: the proxy's sockets and the rules again,
+        but for a port another process or another DNAT rule took meanwhile:
+        its binding stays in the state, without a rule (DNAT would take the
+        traffic from its new holder), and comes back at a restore once free."""
+        foreign = await self.firewall.foreign_dnat()
+        programmed = []
         for binding in bindings:
             try:
+                _refuse_dnatted(binding, foreign)
                 await self.proxy.open(binding, container)
+            except PortTaken as exc:
+                log.error("endpoint %s: %s not restored: %s; free the port, then restart "
+                          "fan-driver or the container", short_id(endpoint_id),
+                          binding.describe(), exc)
+                continue
             except FanError as exc:   # the rules still serve other machines
                 log.error("endpoint %s: %s", short_id(endpoint_id), exc)
+            programmed.append(binding)
         await self.firewall.replace_marked(endpoint_mark(plan, endpoint_id),
-                                           port_rules(plan, endpoint_id, container, bindings))
+                                           port_rules(plan, endpoint_id, container, programmed))
 
     async def unpublish(self, plan: NetworkPlan, endpoint_id: str,
                         bindings: Sequence[PortBinding]) -> None:
@@ -80,6 +95,13 @@ class Publisher:
                                           drop_empty_chains=False)
         for binding in bindings:
             self.proxy.close(binding)
+
+
+def _refuse_dnatted(binding: PortBinding, foreign: Sequence[ForeignDnat]) -> None:
+    rule = first_taker(binding, foreign)
+    if rule is not None:
+        raise PortTaken(f"host port {binding.host_port}/{binding.proto} is already forwarded "
+                        f"by a DNAT rule that is not fan-driver's ({rule.describe()})")
 
 
 def _read(path: Path) -> str:
