@@ -56,8 +56,7 @@ class Publisher:
                 if holder is not None:
                     raise PortTaken(f"host port {port}/{binding.proto} is already published "
                                     f"by {holder}")
-                _refuse_dnatted(binding, foreign)
-                await self.proxy.open(binding, container)
+                await self._open(binding, container, foreign)
                 return binding
             except PortTaken as exc:
                 if len(candidates) == 1:
@@ -76,8 +75,7 @@ class Publisher:
         programmed = []
         for binding in bindings:
             try:
-                _refuse_dnatted(binding, foreign)
-                await self.proxy.open(binding, container)
+                await self._open(binding, container, foreign)
             except PortTaken as exc:
                 log.error("endpoint %s: %s not restored: %s; free the port, then restart "
                           "fan-driver or the container", short_id(endpoint_id),
@@ -89,19 +87,24 @@ class Publisher:
         await self.firewall.replace_marked(endpoint_mark(plan, endpoint_id),
                                            port_rules(plan, endpoint_id, container, programmed))
 
+    async def _open(self, binding: PortBinding, container: IPv4Address,
+                    foreign: Sequence[ForeignDnat]) -> None:
+        """Take the binding's host port: its socket first (PortTaken names the
+        process holding it), then refuse it if another DNAT rule forwards it."""
+        await self.proxy.open(binding, container)
+        rule = first_taker(binding, foreign)
+        if rule is not None:
+            self.proxy.close(binding)
+            raise PortTaken(f"host port {binding.host_port}/{binding.proto} is already "
+                            f"forwarded by a DNAT rule that is not fan-driver's "
+                            f"({rule.describe()})")
+
     async def unpublish(self, plan: NetworkPlan, endpoint_id: str,
                         bindings: Sequence[PortBinding]) -> None:
         await self.firewall.remove_marked(endpoint_mark(plan, endpoint_id),
                                           drop_empty_chains=False)
         for binding in bindings:
             self.proxy.close(binding)
-
-
-def _refuse_dnatted(binding: PortBinding, foreign: Sequence[ForeignDnat]) -> None:
-    rule = first_taker(binding, foreign)
-    if rule is not None:
-        raise PortTaken(f"host port {binding.host_port}/{binding.proto} is already forwarded "
-                        f"by a DNAT rule that is not fan-driver's ({rule.describe()})")
 
 
 def _read(path: Path) -> str:
