@@ -116,7 +116,8 @@ def _parse(words: List[str], line: str) -> Optional[ForeignDnat]:
     for i, word in enumerate(words):
         negated = i > 0 and words[i - 1] == "!"
         if word == "-p" and i + 1 < len(words):
-            proto = "" if words[i + 1] == "all" else words[i + 1]
+            # `! -p udp` reads as any protocol, to be safe
+            proto = "" if negated or words[i + 1] == "all" else words[i + 1]
         elif word in ("--dport", "--destination-port", "--dports", "--destination-ports") \
                 and i + 1 < len(words):
             ports, ports_negated = _port_ranges(words[i + 1]), negated

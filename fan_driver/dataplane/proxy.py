@@ -59,8 +59,8 @@ class UserlandProxy:
             return
         loop = asyncio.get_running_loop()
         address = (str(binding.host_ip), binding.host_port)
+        bound = _Bound(binding, self.max_relayed)
         try:
-            bound = _Bound(binding, self.max_relayed)
             if binding.proto == "tcp":
                 listener = await asyncio.start_server(
                     lambda r, w: _relay_tcp(r, w, (str(target), binding.port), bound), *address,
@@ -126,8 +126,9 @@ def _raise_open_file_limit() -> None:
 
 
 class _Bound:
-    """How many connections or flows one published port relays, and the
-    warning, at most one per REFUSAL_WARNING_SECONDS, for those turned away."""
+    """One published port's bound: its TCP connections are counted here (its
+    UDP flows are its relay's upstreams), and the warning, at most one per
+    REFUSAL_WARNING_SECONDS, counts those turned away."""
 
     def __init__(self, binding: PortBinding, limit: int):
         self.binding, self.limit = binding, limit
@@ -155,21 +156,26 @@ async def _relay_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         return
     bound.active += 1
     try:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*target)
-        except OSError as exc:
-            log.warning("proxy: cannot reach %s:%d: %s", *target, exc)
-            writer.close()
-            return
-        try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        except OSError:   # a reset on one side: the other goes too
-            pass
-        finally:
-            writer.close()
-            up_writer.close()
+        await _relay(reader, writer, target)
     finally:
         bound.active -= 1
+
+
+async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 target: Tuple[str, int]) -> None:
+    try:
+        up_reader, up_writer = await asyncio.open_connection(*target)
+    except OSError as exc:
+        log.warning("proxy: cannot reach %s:%d: %s", *target, exc)
+        writer.close()
+        return
+    try:
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+    except OSError:   # a reset on one side: the other goes too
+        pass
+    finally:
+        writer.close()
+        up_writer.close()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
