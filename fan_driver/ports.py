@@ -25,6 +25,8 @@ ANY_ADDRESS = IPv4Address("0.0.0.0")
 # net.ipv4.ip_local_port_range.
 EPHEMERAL_FALLBACK = (49153, 65535)
 MAX_BINDINGS = 65536
+EXAMPLE_ENTRY = ('{"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 8080, '
+                 '"HostPortEnd": 8080}')
 
 
 @dataclass(frozen=True)
@@ -39,16 +41,20 @@ class PortRequest:
     @classmethod
     def from_json(cls, raw) -> "PortRequest":
         if not isinstance(raw, Mapping):
-            raise FanError(f"port map entry {str(raw)[:80]!r} is not a JSON object")
+            raise FanError(f"port map entry {str(raw)[:80]!r} is not a JSON object; each "
+                           f"entry of {PORTMAP} is one, as {EXAMPLE_ENTRY}")
         number = raw.get("Proto", 6)
-        if number not in PROTOCOLS or isinstance(number, bool):
-            raise FanError(f"port map entry {dict(raw)!r}: protocol {number!r} is neither "
+        if not _is_int(number):
+            raise FanError(f"port map entry {_shown(raw)}: Proto {repr(number)[:40]} is not an "
+                           "integer; give the IP protocol number, 6 (TCP) or 17 (UDP)")
+        if number not in PROTOCOLS:
+            raise FanError(f"port map entry {_shown(raw)}: protocol {number!r} is neither "
                            "TCP (6) nor UDP (17); the fan publishes TCP and UDP ports")
         port = _port(raw.get("Port"), "Port", raw, minimum=1)
-        start = _port(raw.get("HostPort") or 0, "HostPort", raw)
-        end = _port(raw.get("HostPortEnd") or 0, "HostPortEnd", raw)
+        start = _port(_or_zero(raw.get("HostPort")), "HostPort", raw)
+        end = _port(_or_zero(raw.get("HostPortEnd")), "HostPortEnd", raw)
         if start and end and end < start:
-            raise FanError(f"port map entry {dict(raw)!r}: host port range {start}-{end} "
+            raise FanError(f"port map entry {_shown(raw)}: host port range {start}-{end} "
                            "ends before it starts")
         return cls(proto=PROTOCOLS[number], port=port, host_ip=_host_ip(raw.get("HostIP"), raw),
                    host_port=start, host_port_end=max(start, end))
@@ -115,9 +121,12 @@ class Publication:
         options = options or {}
         if not isinstance(options, Mapping):
             raise FanError("ProgramExternalConnectivity Options must be a JSON object")
-        raw = options.get(PORTMAP) or []
+        raw = options.get(PORTMAP)
+        if raw is None:
+            raw = []
         if not isinstance(raw, list):
-            raise FanError(f"{PORTMAP} must be a list of port bindings")
+            raise FanError(f"{PORTMAP} {str(raw)[:80]!r} is not a list; it must be a JSON list "
+                           f"of port bindings, as [{EXAMPLE_ENTRY}] (null or [] for none)")
         if len(raw) > MAX_BINDINGS:
             raise FanError(f"{len(raw)} port bindings: at most {MAX_BINDINGS} can be published")
         return cls(tuple(PortRequest.from_json(entry) for entry in raw))
@@ -169,9 +178,26 @@ def runs(bindings: Iterable[PortBinding]) -> Iterator[Tuple[PortBinding, int]]:
         yield first, length
 
 
+def _is_int(value) -> bool:
+    """A JSON integer: not a boolean, not a float such as 6.0 (6.0 == 6 in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _or_zero(value):
+    """HostPort and HostPortEnd: absent or null is 0, as Go's zero value."""
+    return 0 if value is None else value
+
+
+def _shown(raw: Mapping) -> str:
+    return repr(dict(raw))[:200]
+
+
 def _port(value, name: str, raw, minimum: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= 65535:
-        raise FanError(f"port map entry {dict(raw)!r}: {name} {value!r} is not a port "
+    if not _is_int(value):
+        raise FanError(f"port map entry {_shown(raw)}: {name} {str(value)[:40]!r} is not an "
+                       f"integer; give a port number from {minimum} to 65535 as a JSON number")
+    if not minimum <= value <= 65535:
+        raise FanError(f"port map entry {_shown(raw)}: {name} {value!r} is not a port "
                        f"number from {minimum} to 65535")
     return value
 
@@ -179,13 +205,18 @@ def _port(value, name: str, raw, minimum: int = 0) -> int:
 def _host_ip(value, raw) -> IPv4Address:
     if value in (None, ""):
         return ANY_ADDRESS
+    if not isinstance(value, str):
+        raise FanError(f"port map entry {_shown(raw)}: HostIP {str(value)[:40]!r} is not a "
+                       'string; give an IPv4 address as a string, such as "127.0.0.1", or "" '
+                       "for every address of the host")
     try:
         address = ip_address(value)
-    except (ValueError, TypeError):
-        raise FanError(f"port map entry {dict(raw)!r}: HostIP {value!r} is not an IP "
-                       "address") from None
+    except ValueError:
+        raise FanError(f"port map entry {_shown(raw)}: HostIP {value[:40]!r} is not an IP "
+                       'address; give an IPv4 address such as "127.0.0.1", or "" for every '
+                       "address of the host") from None
     if address.version != 4:
-        raise FanError(f"port map entry {dict(raw)!r}: HostIP {value} is IPv6; the fan is "
+        raise FanError(f"port map entry {_shown(raw)}: HostIP {value} is IPv6; the fan is "
                        "IPv4: publish on an IPv4 host address (-p 0.0.0.0:PORT:PORT)")
     return address
 

@@ -13,7 +13,7 @@ from ..errors import FanError
 from ..fanmap import FanMap, HostSlice
 from ..host import KernelFeatures
 from ..settings import Settings
-from .probe import IP_FORWARD, Iptables, Probe, StateInfo
+from .probe import IP_FORWARD, Iptables, Probe, PublishedPort, StateInfo
 from .report import FAIL, INFO, OK, WARN, Item
 
 
@@ -49,6 +49,7 @@ def judge(settings: Settings, probe: Probe, overlay: str = str(DEFAULT_OVERLAY))
         _judge_mtu(underlay, encap, add)
     _judge_firewall(probe.iptables, probe.ip_forward, add)
     _judge_state(probe.state, add)
+    _judge_ports(probe.ports, add)
     return items
 
 
@@ -199,3 +200,42 @@ def _judge_state(state: StateInfo, add):
 
 def _first_line(text: str) -> str:
     return (text or "unknown reason").strip().splitlines()[0]
+
+
+def _judge_ports(ports, add):
+    """Published ports whose host port is not (only) the fan's: a restore
+    leaves a port another process or DNAT rule took to it, without our rule."""
+    problems = 0
+    for port in ports:
+        problem = _port_problem(port)
+        if problem is not None:
+            problems += 1
+            add("ports", f"port {port.binding.split('->')[0]}", WARN, *problem)
+    if ports and not problems:
+        add("ports", "ports", OK, f"{len(ports)} published port(s), each with its DNAT rule "
+            "(loopback ones: the proxy alone)")
+
+
+def _port_problem(port: PublishedPort):
+    """(detail, fix) for a port that does not reach its container, else None."""
+    whose = f"endpoint {port.endpoint} of fan network {port.network} publishes {port.binding}"
+    restart = "restarting fan-driver (its restore) or the container programs the rule again"
+    if port.loopback:
+        return None
+    if port.dnat and port.foreign:
+        return (f"{whose}, and a DNAT rule that is not fan-driver's forwards that host port "
+                f"too ({port.foreign}): fan-driver's rule comes first and takes its traffic",
+                "publish one of them on another host port")
+    if port.dnat:
+        return None
+    if port.foreign:
+        return (f"{whose}, but a DNAT rule that is not fan-driver's forwards that host port "
+                f"({port.foreign}): fan-driver left it without its own rule",
+                f"remove that rule (or what wrote it), then {restart}; or publish another "
+                "host port")
+    if port.listener:
+        return (f"{whose}, but {port.listener} holds that host port: fan-driver left it "
+                "without a DNAT rule rather than take the port's traffic from it",
+                f"stop what holds the port, then {restart}; or publish another host port")
+    return (f"{whose}, but it has no DNAT rule: it does not reach the container",
+            f"start fan-driver if it is not running; {restart}")

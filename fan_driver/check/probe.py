@@ -1,6 +1,6 @@
 """Reading the host for `fan-driver check`: kernel features, interfaces and
-routes, iptables, ip_forward and the state file, as plain data (`Probe`) so
-that judging it is pure."""
+routes, iptables, ip_forward, the state file and what the kernel shows of each
+published port, as plain data (`Probe`) so that judging it is pure."""
 from __future__ import annotations
 
 import shutil
@@ -13,7 +13,10 @@ from pyroute2 import AsyncIPRoute
 from .. import host, iptables
 from ..config import RECEIVE_PATHS, HostFacts
 from ..dataplane import ebpf
+from ..dataplane.dnat import first_taker, foreign_dnat
 from ..dataplane.firewall import CHAINS
+from ..dataplane.plan import MARK
+from ..dataplane.proxy import listener_of
 from ..errors import FanError
 from ..host import KernelFeatures
 from ..model import short_id
@@ -28,6 +31,7 @@ class Iptables:
     installed: bool = True
     version: str = ""                       # `iptables --version` of the backend in use
     backend: Optional[str] = None           # "nft" or "legacy": the one fan-driver uses
+    binary: str = ""                        # the iptables fan-driver runs
     chosen_by: str = ""                     # why that one
     # backend -> how many rules it holds (None: cannot be read)
     rules: Dict[str, Optional[int]] = field(default_factory=dict)
@@ -47,6 +51,20 @@ class StateInfo:
 
 
 @dataclass(frozen=True)
+class PublishedPort:
+    """A binding of the state, and what the kernel shows of its host port: the
+    plugin is a separate process, so this is how check learns that a restore
+    left a port to the process or rule that took it meanwhile."""
+    network: str                            # short IDs
+    endpoint: str
+    binding: str                            # PortBinding.describe()
+    loopback: bool                          # served by the proxy alone: no DNAT rule
+    dnat: bool                              # our DNAT rule is in the nat table
+    listener: Optional[str] = None          # who listens on the host port, if anyone
+    foreign: Optional[str] = None           # a DNAT rule not ours forwarding it
+
+
+@dataclass(frozen=True)
 class Probe:
     """Everything read from the host."""
     features: Optional[KernelFeatures]
@@ -56,6 +74,7 @@ class Probe:
     ip_forward: Optional[str]               # "1", "0", or None when unreadable
     ebpf_error: str = ""                    # why the eBPF probe failed
     netlink_error: str = ""                 # reading links or probing devices failed
+    ports: Tuple[PublishedPort, ...] = ()
 
 
 async def probe(state_dir: Path, iptables_setting: str = "auto") -> Probe:
@@ -73,9 +92,12 @@ async def probe(state_dir: Path, iptables_setting: str = "auto") -> Probe:
             features = await host.probe_kernel(ipr, ebpf_works, ebpf.conntrack_supported)
     except Exception as exc:   # a report, not a crash: say what failed
         netlink_error = f"{type(exc).__name__}: {exc}"
-    return Probe(features=features, facts=facts, iptables=probe_iptables(iptables_setting),
+    ipt = probe_iptables(iptables_setting)
+    return Probe(features=features, facts=facts, iptables=ipt,
                  state=probe_state(state_dir), ip_forward=_read(IP_FORWARD),
-                 ebpf_error=ebpf_error, netlink_error=netlink_error)
+                 ebpf_error=ebpf_error, netlink_error=netlink_error,
+                 ports=probe_ports(state_dir, ipt.binary) if ipt.binary and not ipt.error
+                 else ())
 
 
 def _read(path: str) -> Optional[str]:
@@ -91,7 +113,8 @@ def probe_iptables(iptables_setting: str = "auto") -> Iptables:
         shutil.which(f"iptables-{b}") for b in iptables.BACKENDS)
     if not installed:
         return Iptables(installed=False, rules=backend.rules)
-    found = dict(backend=backend.name, chosen_by=backend.chosen_by, rules=backend.rules)
+    found = dict(backend=backend.name, binary=backend.binary, chosen_by=backend.chosen_by,
+                 rules=backend.rules)
     code, version = iptables.run([backend.binary, "--version"])
     code, forward = iptables.run([backend.binary, "-w", "-S", "FORWARD"])
     if code != 0:
@@ -125,3 +148,40 @@ def probe_state(state_dir: Path) -> StateInfo:
                      f"{len(net.endpoints)} endpoint(s), receive={net.receive}: "
                      f"{RECEIVE_PATHS[net.receive]}")
     return StateInfo(directory=directory, networks=tuple(lines), overlays=tuple(overlays))
+
+
+def probe_ports(state_dir: Path, binary: str) -> Tuple[PublishedPort, ...]:
+    """Each published port of the state with its DNAT rule (or none), its
+    listener and a DNAT rule of others forwarding it; () when the state or
+    the nat table cannot be read (the state and iptables items say why)."""
+    if not (Path(state_dir) / STATE_FILE).exists():
+        return ()
+    try:
+        state = Store(Path(state_dir)).load()
+    except (FanError, OSError):
+        return ()
+    code, out = iptables.run([binary, "-w", "-t", "nat", "-S"])
+    if code != 0:
+        return ()
+    lines = out.splitlines()
+    foreign = foreign_dnat(lines)
+    found = []
+    for nid, net in sorted(state.networks.items()):
+        for eid, endpoint in sorted(net.endpoints.items()):
+            ours = [line for line in lines if line.startswith("-A ") and " -j DNAT " in line
+                    and f'--comment "{MARK} {short_id(nid)} {short_id(eid)}"' in line]
+            for b in endpoint.ports:
+                rule = first_taker(b, foreign)
+                found.append(PublishedPort(
+                    network=short_id(nid), endpoint=short_id(eid), binding=b.describe(),
+                    loopback=b.loopback, dnat=any(_dnats(line, b) for line in ours),
+                    listener=listener_of(b), foreign=rule.describe() if rule else None))
+    return tuple(found)
+
+
+def _dnats(line: str, binding) -> bool:
+    """Whether our DNAT rule `line` is the binding's (port_rules writes it)."""
+    words = line.split()
+    address = [] if binding.host_ip.is_unspecified else ["-d", f"{binding.host_ip}/32"]
+    return (words[2:2 + len(address)] == address
+            and f"-p {binding.proto} " in line and f" --dport {binding.host_port} " in line)

@@ -8,7 +8,7 @@ from typing import List, Sequence
 OK, INFO, WARN, FAIL = "ok", "info", "warn", "FAIL"
 SECTIONS = {"settings": "settings", "kernel": "kernel features",
             "plan": "what a fan network would get here", "firewall": "firewall",
-            "state": "state"}
+            "state": "state", "ports": "published ports"}
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Dict, Iterable, List, Protocol, Sequence, Set, Tuple
 
 from ..model import Endpoint
 from ..ports import Held, PortBinding, PortRequest
+from .dnat import ForeignDnat
 from .netlink import Links
 from .plan import NetworkPlan
 
@@ -75,6 +76,11 @@ class Firewall(Protocol):
     @abstractmethod
     async def remove_ports(self, plan: NetworkPlan, endpoint_id: str) -> None:
         """The endpoint's published ports."""
+
+    @abstractmethod
+    async def foreign_dnat(self) -> List[ForeignDnat]:
+        """The host ports other tools' DNAT rules forward: taken, as a listening
+        socket makes a port taken."""
 
     @abstractmethod
     async def sweep(self, known_marks: Set[str]) -> None:

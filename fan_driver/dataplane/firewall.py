@@ -24,6 +24,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 from ..errors import FanError
 from ..ports import ANY_ADDRESS, PortBinding
 from .base import Firewall
+from .dnat import ForeignDnat, foreign_dnat
 from .plan import MARK, TUNNEL_UDP_PORTS, NetworkPlan
 
 log = logging.getLogger(__name__)
@@ -379,3 +380,10 @@ class IptablesFirewall(Firewall):
         return {_mark_of(line) for table_lines in (await self._listings() or {}).values()
                 for line in table_lines
                 if line.startswith("-A ") and line.split()[1] in ours and _mark_of(line)}
+
+    async def foreign_dnat(self) -> List[ForeignDnat]:
+        """The nat table's DNAT rules that are not ours (dnat.py): host ports
+        taken without a socket. An unreadable table reads as none: the rules
+        we write next would fail the same way, and say why."""
+        code, out = await self._run("nat", "-S")
+        return foreign_dnat(out.splitlines()) if code == 0 else []

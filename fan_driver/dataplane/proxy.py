@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import resource
+import time
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 UDP_IDLE_SECONDS = 90.0
 RELAY_CHUNK = 65536
 LISTEN_STATES = {"tcp": "0A", "udp": "07"}   # TCP_LISTEN; UDP's unconnected state
+# Relayed TCP connections, and UDP client flows, per published port: each takes
+# two file descriptors, so one local client cannot exhaust the plugin's.
+MAX_RELAYED = 1024
+# At most one warning per published port in this time, counting what was turned away.
+REFUSAL_WARNING_SECONDS = 60.0
 
 Key = Tuple[str, str, int]   # proto, host address, host port
 
@@ -40,8 +46,9 @@ class PortTaken(FanError):
 
 
 class UserlandProxy:
-    def __init__(self, proc: Path = Path("/proc")):
+    def __init__(self, proc: Path = Path("/proc"), max_relayed: int = MAX_RELAYED):
         self.proc = proc
+        self.max_relayed = max_relayed
         self._listeners: Dict[Key, object] = {}
         _raise_open_file_limit()   # a 1,000-port range is 1,000 listening sockets
 
@@ -52,14 +59,15 @@ class UserlandProxy:
             return
         loop = asyncio.get_running_loop()
         address = (str(binding.host_ip), binding.host_port)
+        bound = _Bound(binding, self.max_relayed)
         try:
             if binding.proto == "tcp":
                 listener = await asyncio.start_server(
-                    lambda r, w: _relay_tcp(r, w, (str(target), binding.port)), *address,
+                    lambda r, w: _relay_tcp(r, w, (str(target), binding.port), bound), *address,
                     reuse_address=True)
             else:
                 listener, _ = await loop.create_datagram_endpoint(
-                    lambda: _UdpRelay((str(target), binding.port)), local_addr=address)
+                    lambda: _UdpRelay((str(target), binding.port), bound), local_addr=address)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise FanError(f"cannot listen on {binding.describe()}: {exc.strerror}") from None
@@ -73,18 +81,25 @@ class UserlandProxy:
             listener.close()
 
     def holder(self, binding: PortBinding) -> str:
-        """Who listens on the binding's port, as well as /proc tells (a managed
-        plugin sees the host's sockets but not the host's processes)."""
-        inodes = _listening_inodes(self.proc, binding.proto, binding.host_port)
-        for pid in (p for p in os.listdir(self.proc) if p.isdigit()):
-            try:
-                fds = os.listdir(self.proc / pid / "fd")
-                if any(os.readlink(self.proc / pid / "fd" / fd) in inodes for fd in fds):
-                    name = (self.proc / pid / "comm").read_text().strip()
-                    return f"{name} (pid {pid}, listening on the host)"
-            except OSError:
-                continue
-        return "another process listening on the host"
+        return listener_of(binding, self.proc) or "another process listening on the host"
+
+
+def listener_of(binding: PortBinding, proc: Path = Path("/proc")) -> Optional[str]:
+    """Who listens on the binding's port, as well as /proc tells (a managed
+    plugin sees the host's sockets but not the host's processes); None when
+    no socket listens on it."""
+    inodes = _listening_inodes(proc, binding.proto, binding.host_port)
+    if not inodes:
+        return None
+    for pid in (p for p in os.listdir(proc) if p.isdigit()):
+        try:
+            fds = os.listdir(proc / pid / "fd")
+            if any(os.readlink(proc / pid / "fd" / fd) in inodes for fd in fds):
+                name = (proc / pid / "comm").read_text().strip()
+                return f"{name} (pid {pid}, listening on the host)"
+        except OSError:
+            continue
+    return "another process listening on the host"
 
 
 def _key(binding: PortBinding) -> Key:
@@ -110,8 +125,44 @@ def _raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+class _Bound:
+    """One published port's bound: its TCP connections are counted here (its
+    UDP flows are its relay's upstreams), and the warning, at most one per
+    REFUSAL_WARNING_SECONDS, counts those turned away."""
+
+    def __init__(self, binding: PortBinding, limit: int):
+        self.binding, self.limit = binding, limit
+        self.active = 0
+        self.refused = 0
+        self.warned_at = -REFUSAL_WARNING_SECONDS
+
+    def full(self) -> bool:
+        return self.active >= self.limit
+
+    def refuse(self, what: str) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self.warned_at >= REFUSAL_WARNING_SECONDS:
+            log.warning("proxy: %s relays %d %s already, its bound: %d new one(s) turned away",
+                        self.binding.describe(), self.limit, what, self.refused)
+            self.warned_at, self.refused = now, 0
+
+
 async def _relay_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     target: Tuple[str, int]) -> None:
+                     target: Tuple[str, int], bound: _Bound) -> None:
+    if bound.full():
+        writer.close()
+        bound.refuse("TCP connections")
+        return
+    bound.active += 1
+    try:
+        await _relay(reader, writer, target)
+    finally:
+        bound.active -= 1
+
+
+async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 target: Tuple[str, int]) -> None:
     try:
         up_reader, up_writer = await asyncio.open_connection(*target)
     except OSError as exc:
@@ -142,8 +193,8 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 class _UdpRelay(asyncio.DatagramProtocol):
     """One upstream socket per client address, forgotten when idle."""
 
-    def __init__(self, target: Tuple[str, int]):
-        self.target = target
+    def __init__(self, target: Tuple[str, int], bound: _Bound):
+        self.target, self.bound = target, bound
         self.transport: Optional[asyncio.DatagramTransport] = None
         self.upstreams: Dict[tuple, "_UdpUpstream"] = {}
 
@@ -153,6 +204,9 @@ class _UdpRelay(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, client) -> None:
         upstream = self.upstreams.get(client)
         if upstream is None:
+            if len(self.upstreams) >= self.bound.limit:
+                self.bound.refuse("UDP flows")
+                return
             upstream = self.upstreams[client] = _UdpUpstream(self, client)
             asyncio.get_running_loop().create_task(upstream.connect(self.target))
         upstream.send(data)

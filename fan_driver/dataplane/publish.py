@@ -11,6 +11,7 @@ from ..errors import FanError
 from ..model import short_id
 from ..ports import Held, PortBinding, PortRequest, first_conflict, parse_port_range
 from .base import Firewall
+from .dnat import ForeignDnat, first_taker
 from .plan import NetworkPlan
 from .proxy import PortTaken, UserlandProxy
 
@@ -28,9 +29,10 @@ class Publisher:
         failure nothing of it is left."""
         bindings: List[PortBinding] = []
         ephemeral = parse_port_range(_read(EPHEMERAL_RANGE))
+        foreign = await self.firewall.foreign_dnat()
         try:
             for request in requests:
-                binding = await self._take(request, container, held, ephemeral)
+                binding = await self._take(request, container, held, foreign, ephemeral)
                 bindings.append(binding)
                 held.setdefault((binding.proto, binding.host_port), []).append(
                     (f"this container ({request.describe()})", binding))
@@ -43,7 +45,7 @@ class Publisher:
         return tuple(bindings)
 
     async def _take(self, request: PortRequest, container: IPv4Address, held: Held,
-                    ephemeral: Tuple[int, int]) -> PortBinding:
+                    foreign: Sequence[ForeignDnat], ephemeral: Tuple[int, int]) -> PortBinding:
         candidates = request.candidates(ephemeral)
         for port in candidates:
             binding = PortBinding(request.proto, request.host_ip, port, request.port)
@@ -52,7 +54,7 @@ class Publisher:
                 if holder is not None:
                     raise PortTaken(f"host port {port}/{binding.proto} is already published "
                                     f"by {holder}")
-                await self.proxy.open(binding, container)
+                await self._open(binding, container, foreign)
                 return binding
             except PortTaken as exc:
                 if len(candidates) == 1:
@@ -63,13 +65,36 @@ class Publisher:
 
     async def restore(self, plan: NetworkPlan, endpoint_id: str, container: IPv4Address,
                       bindings: Sequence[PortBinding]) -> None:
-        """After a restart or a reboot: the proxy's sockets and the rules again."""
+        """After a restart or a reboot: the proxy's sockets and the rules again,
+        but for a port another process or another DNAT rule took meanwhile:
+        its binding stays in the state, without a rule (DNAT would take the
+        traffic from its new holder), and comes back at a restore once free."""
+        foreign = await self.firewall.foreign_dnat()
+        programmed = []
         for binding in bindings:
             try:
-                await self.proxy.open(binding, container)
+                await self._open(binding, container, foreign)
+            except PortTaken as exc:
+                log.error("endpoint %s: %s not restored: %s; free the port, then restart "
+                          "fan-driver or the container", short_id(endpoint_id),
+                          binding.describe(), exc)
+                continue
             except FanError as exc:   # the rules still serve other machines
                 log.error("endpoint %s: %s", short_id(endpoint_id), exc)
-        await self.firewall.ensure_ports(plan, endpoint_id, container, bindings)
+            programmed.append(binding)
+        await self.firewall.ensure_ports(plan, endpoint_id, container, programmed)
+
+    async def _open(self, binding: PortBinding, container: IPv4Address,
+                    foreign: Sequence[ForeignDnat]) -> None:
+        """Take the binding's host port: its socket first (PortTaken names the
+        process holding it), then refuse it if another DNAT rule forwards it."""
+        await self.proxy.open(binding, container)
+        rule = first_taker(binding, foreign)
+        if rule is not None:
+            self.proxy.close(binding)
+            raise PortTaken(f"host port {binding.host_port}/{binding.proto} is already "
+                            f"forwarded by a DNAT rule that is not fan-driver's "
+                            f"({rule.describe()})")
 
     async def unpublish(self, plan: NetworkPlan, endpoint_id: str,
                         bindings: Sequence[PortBinding]) -> None:

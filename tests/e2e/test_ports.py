@@ -21,6 +21,8 @@ from fan_driver import faults
 from tests.harness.dockerd import docker_bg
 from tests.harness.fanhosts import CREATE, start_host
 from tests.harness import consistency
+from tests.harness.plugin import REPO_ROOT, plugin_env
+from tests.harness.procs import run_cmd
 
 pytestmark = pytest.mark.e2e
 
@@ -340,6 +342,130 @@ def test_reboot_brings_the_ports_back(lab, lab_host, dockerd, plugin, web):
     finally:
         server.kill()
         server.wait()
+
+
+# --- ports taken by others -----------------------------------------------------------------
+
+# Another tool's DNAT rules, as Docker's bridge writes them with "userland-proxy":
+# false: no socket holds these ports.
+FOREIGN_DNAT = [
+    ["PREROUTING", "-p", "tcp", "-m", "tcp", "--dport", "8130", "-m", "comment", "--comment",
+     "fanlab other tool", "-j", "DNAT", "--to-destination", "172.30.0.99:80"],
+    ["PREROUTING", "-p", "tcp", "-m", "tcp", "--dport", "8131:8132", "-m", "comment",
+     "--comment", "fanlab other tool", "-j", "DNAT", "--to-destination", "172.30.0.99:80"],
+]
+HOST_SERVER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(8); print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.sendall(b"host process"); c.close()
+"""
+
+
+@pytest.fixture
+def foreign_dnat(lab_host):
+    for rule in FOREIGN_DNAT:
+        lab_host.run(["iptables", "-w", "-t", "nat", "-A", *rule])
+    yield
+    for rule in FOREIGN_DNAT:
+        lab_host.run(["iptables", "-w", "-t", "nat", "-D", *rule])
+
+
+def test_a_port_another_dnat_rule_forwards_is_refused_and_ranges_skip_it(
+        lab_host, dockerd, plugin, web, foreign_dnat):
+    before = fan_rules(lab_host)
+    try:
+        result = dockerd.cli("run", "-d", "--name", "late", "--net", "fan", "-p", "8130:80",
+                             "busybox", "sleep", "600", check=False)
+        assert result.returncode != 0
+        for said in ("host port 8130/tcp is already forwarded by a DNAT rule that is not "
+                     "fan-driver's (nat chain PREROUTING: -A PREROUTING -p tcp -m tcp --dport "
+                     '8130 -m comment --comment "fanlab other tool" -j DNAT',
+                     "publish another host port"):
+            assert said in result.stderr, result.stderr
+        assert fan_rules(lab_host) == before
+        consistency.settled(plugin, dockerd, lab_host)
+        # a range takes the first port no rule forwards
+        dockerd.cli("run", "-d", "--name", "ranged", "--net", "fan", "-p", "8131-8133:80",
+                    "busybox", "sleep", "600")
+        ports = oper_info(plugin, dockerd, "ranged")["com.docker.network.portmap"]
+        assert [p["HostPort"] for p in ports] == [8133]
+        consistency.settled(plugin, dockerd, lab_host)
+    finally:
+        dockerd.cli("rm", "-f", "late", "ranged", check=False)
+    consistency.settled(plugin, dockerd, lab_host)
+    assert fan_rules(lab_host) == before
+
+
+def dnat_for(host, port: int) -> list:
+    return [r for r in fan_rules(host) if f"--dport {port} " in r and "-j DNAT" in r]
+
+
+def plugin_network(plugin) -> str:
+    (network,) = consistency.read_state(plugin.state_dir)["networks"]
+    return network[:12]
+
+
+def fan_check(plugin) -> str:
+    return run_cmd(["ip", "netns", "exec", plugin.host.name, plugin.python, "-m", "fan_driver",
+                    "check", "--state-dir", str(plugin.state_dir)], check=False, cwd=REPO_ROOT,
+                   env=plugin_env(plugin.env), timeout=120).stdout
+
+
+def test_reboot_leaves_a_port_a_host_process_took_to_it(lab, lab_host, dockerd, plugin, web):
+    """After a reboot, a port some process bound before the plugin started is
+    not DNATed away from it; the endpoint's other ports come back; the port
+    comes back at a restore once free."""
+    dockerd.cli("run", "-d", "--name", "taken", "--net", "fan", "-p", "8140:80", "-p", "8141:81",
+                "busybox", "sleep", "600")
+    _, endpoint = endpoint_of(dockerd, "taken")
+    assert dnat_for(lab_host, 8140) and dnat_for(lab_host, 8141)
+    blocker = None
+    try:
+        dockerd.kill()
+        plugin.kill()
+        web.kill()
+        lab_host.wipe_network()
+        blocker = lab_host.popen([sys.executable, "-c", HOST_SERVER, "8140"],
+                                 stdout=subprocess.PIPE, text=True)
+        assert blocker.stdout.readline().strip() == "ready"
+        plugin.start()
+        assert not dnat_for(lab_host, 8140) and dnat_for(lab_host, 8141)
+        assert ask(lab.outside, [], "tcp", HOST, 8140) == "host process"
+        log = plugin.log_tail(300)
+        assert (f"endpoint {endpoint[:12]}: 0.0.0.0:8140->80/tcp not restored: host port "
+                f"8140/tcp is already in use by python3") in log, log
+        assert f"(pid {blocker.pid}, listening on the host)" in log, log
+        report = fan_check(plugin)
+        flat = " ".join(report.split())   # as wrapped for a terminal
+        assert "warn port 0.0.0.0:8140" in flat, report
+        assert (f"endpoint {endpoint[:12]} of fan network {plugin_network(plugin)} publishes "
+                f"0.0.0.0:8140->80/tcp, but python3 (pid {blocker.pid}, listening on the "
+                "host) holds that host port") in flat, report
+        assert "port 0.0.0.0:8141" not in flat, report
+        # the binding stayed in the state: freed, the port comes back at the next restore
+        blocker.kill()
+        blocker.wait()
+        blocker = None
+        plugin.stop()
+        plugin.start()
+        assert dnat_for(lab_host, 8140) and dnat_for(lab_host, 8141)
+        assert "port 0.0.0.0:8140" not in fan_check(plugin)
+    finally:
+        if blocker is not None:
+            blocker.kill()
+            blocker.wait()
+        plugin.start()
+        dockerd.start()
+        dockerd.cli("rm", "-f", "taken", check=False)
+    deadline = time.monotonic() + 90
+    while "web" not in dockerd.cli("ps", "--format", "{{.Names}}").stdout.split():
+        assert time.monotonic() < deadline, dockerd.log_tail(30)
+        time.sleep(0.5)
+    dockerd.cli("start", "neighbour")
+    consistency.settled(plugin, dockerd, lab_host)
+    assert not dnat_for(lab_host, 8140)
 
 
 # --- --internal --------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from fan_driver.check.judge import judge
-from fan_driver.check.probe import Iptables, Probe, StateInfo
+from fan_driver.check.probe import Iptables, Probe, PublishedPort, StateInfo
 from fan_driver.check.refusal import refusal_app
 from fan_driver.check.report import FAIL, INFO, OK, WARN, Item, exit_status, format_report
 from fan_driver.cli import main, parse_args
@@ -348,3 +348,49 @@ def test_no_ebpf_for_lack_of_libbpf_names_the_package():
     items = judge(Settings(), probe(features=features, ebpf_error=missing))
     assert "libbpf1" in item(items, "ebpf").fix
     assert item(items, "tunnel").detail.startswith("vxlan with routes mapping")
+
+
+# --- published ports ----------------------------------------------------------------------
+
+def published(**changes) -> PublishedPort:
+    values = dict(network="555555555555", endpoint="eeeeeeeeeeee",
+                  binding="0.0.0.0:8080->80/tcp", loopback=False, dnat=True,
+                  listener="python3 (pid 7, listening on the host)")
+    values.update(changes)
+    return PublishedPort(**values)
+
+
+def port_items(*ports):
+    return [i for i in judge(Settings(), probe(ports=ports)) if i.section == "ports"]
+
+
+def test_published_ports_with_their_rules_are_ok():
+    (item,) = port_items(published(), published(binding="127.0.0.1:8081->80/tcp",
+                                                loopback=True, dnat=False))
+    assert (item.status, item.detail) == (OK, "2 published port(s), each with its DNAT rule "
+                                              "(loopback ones: the proxy alone)")
+    assert port_items() == []
+
+
+def test_a_port_left_to_the_process_that_took_it_is_a_warning_naming_it():
+    (item,) = port_items(published(dnat=False, listener="nc (pid 42, listening on the host)"))
+    assert (item.status, item.name) == (WARN, "port 0.0.0.0:8080")
+    assert "endpoint eeeeeeeeeeee of fan network 555555555555 publishes 0.0.0.0:8080->80/tcp" \
+        in item.detail
+    assert "nc (pid 42, listening on the host) holds that host port" in item.detail
+    assert "stop what holds the port, then restarting fan-driver" in item.fix
+    assert exit_status(judge(Settings(), probe(ports=(published(dnat=False),)))) == 0
+
+
+def test_a_port_forwarded_by_another_dnat_rule_is_a_warning_naming_the_rule():
+    rule = "nat chain DOCKER: -A DOCKER -p tcp -m tcp --dport 8080 -j DNAT"
+    (left,) = port_items(published(dnat=False, listener=None, foreign=rule))
+    assert "fan-driver left it without its own rule" in left.detail and rule in left.detail
+    (both,) = port_items(published(foreign=rule))
+    assert "fan-driver's rule comes first" in both.detail
+    assert both.fix == "publish one of them on another host port"
+
+
+def test_a_port_without_rule_or_holder_says_to_restore():
+    (item,) = port_items(published(dnat=False, listener=None))
+    assert "has no DNAT rule" in item.detail and "start fan-driver" in item.fix

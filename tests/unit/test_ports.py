@@ -70,6 +70,43 @@ def test_bad_port_map_entries_are_named(bad, fragment):
     assert fragment in str(info.value)
 
 
+# A field of the wrong JSON type: the field, the value and how it should be written.
+@pytest.mark.parametrize("bad,fragments", [
+    (entry(Proto="6"), ["Proto '6' is not an integer", "6 (TCP) or 17 (UDP)"]),
+    (entry(Proto=6.0), ["Proto 6.0 is not an integer"]),
+    (entry(Proto=True), ["Proto True is not an integer"]),
+    (entry(Proto=None), ["Proto None is not an integer"]),
+    (entry(Port=80.5), ["Port '80.5' is not an integer", "as a JSON number"]),
+    (entry(HostPort="8080"), ["HostPort '8080' is not an integer", "from 0 to 65535"]),
+    (entry(HostPort=""), ["HostPort '' is not an integer"]),
+    (entry(HostPort=False), ["HostPort 'False' is not an integer"]),
+    (entry(HostPortEnd=[8080]), ["HostPortEnd '[8080]' is not an integer"]),
+    (entry(HostIP=2130706433), ["HostIP '2130706433' is not a string", '"127.0.0.1"']),
+    (entry(HostIP=["127.0.0.1"]), ["HostIP \"['127.0.0.1']\" is not a string"]),
+    (entry(HostIP="localhost"), ["HostIP 'localhost' is not an IP address", '""']),
+    ([8080, 80], ["is not a JSON object", '"HostPort": 8080']),
+])
+def test_port_map_fields_of_the_wrong_type_are_named_with_the_fix(bad, fragments):
+    with pytest.raises(FanError) as info:
+        Publication.from_options({"com.docker.network.portmap": [bad]})
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("portmap", [{}, "", 0, False, {"Proto": 6}, "8080:80"])
+def test_a_port_map_that_is_not_a_list_is_refused(portmap):
+    with pytest.raises(FanError) as info:
+        Publication.from_options({"com.docker.network.portmap": portmap})
+    assert "com.docker.network.portmap" in str(info.value)
+    assert "is not a list; it must be a JSON list of port bindings" in str(info.value)
+
+
+def test_null_or_missing_ports_default_as_docker_zero_values():
+    request = PortRequest.from_json(entry(HostPort=None, HostPortEnd=None, HostIP=None))
+    assert request == PortRequest("tcp", 80, ANY_ADDRESS, 0, 0)
+    assert PortRequest.from_json({"Port": 80}) == PortRequest("tcp", 80, ANY_ADDRESS, 0, 0)
+
+
 def test_candidate_host_ports():
     ephemeral = (49153, 49160)
     assert list(PortRequest("tcp", 80, ANY_ADDRESS, 8080, 8080).candidates(ephemeral)) == [8080]
@@ -154,6 +191,18 @@ async def test_bad_port_map_is_refused_before_the_driver(client):  # noqa: F811
         "NetworkID": NETWORK_ID, "EndpointID": ENDPOINT_ID,
         "Options": {"com.docker.network.portmap": [entry(Proto=132)]}})
     assert_err(status, reply, "protocol 132")
+
+
+@pytest.mark.parametrize("portmap,fragment", [
+    ([entry(HostPort="8080")], "HostPort '8080' is not an integer"),
+    ([entry(HostIP=127)], "HostIP '127' is not a string"),
+    ({"0": entry()}, "is not a list"),
+])
+async def test_malformed_port_map_fields_get_a_docker_error(client, portmap, fragment):  # noqa: F811
+    status, reply = await call(client, "NetworkDriver.ProgramExternalConnectivity", {
+        "NetworkID": NETWORK_ID, "EndpointID": ENDPOINT_ID,
+        "Options": {"com.docker.network.portmap": portmap}})
+    assert_err(status, reply, fragment)
 
 
 async def test_publishing_on_an_unknown_endpoint_is_not_found(client):  # noqa: F811

@@ -240,7 +240,7 @@ def test_external_connectivity_decodes_the_port_map():
 def test_malformed_external_connectivity():
     with pytest.raises(BadRequest, match="Options must be a JSON object"):
         ExternalConnectivity.decode({"NetworkID": NID, "EndpointID": EID, "Options": []})
-    with pytest.raises(FanError, match="must be a list of port bindings"):
+    with pytest.raises(FanError, match="is not a list; it must be a JSON list of port bindings"):
         ExternalConnectivity.decode({"NetworkID": NID, "EndpointID": EID,
                                      "Options": {"com.docker.network.portmap": "x"}})
 
