@@ -1,9 +1,9 @@
 """Isolation on one host, as Docker's bridge driver has it, and a tunnel that
 only fan hosts can speak into: real containers of a real dockerd, real traffic.
 
-Five networks: two plain fan networks, an --internal fan network, a Docker
-bridge network made before the fan networks and one made after them, and
-Docker's default bridge. Nothing new passes between any two of them in either
+Six networks: two plain fan networks (eBPF and per-peer routes mappings), an
+--internal fan network, a Docker bridge network made before the fan networks,
+one made after them, and Docker's default bridge. Nothing new passes between any two of them in either
 direction; replies, traffic within a network, egress through NAT and published
 ports reached through the host's address still work, also after the plugin
 restarts and after a simulated reboot (where dockerd starts after the plugin,
@@ -27,8 +27,11 @@ pytestmark = pytest.mark.e2e
 
 HOST = "172.30.0.28"
 OUTSIDE = "172.30.255.254"
-UNDERLAY = ["--ipam-opt", "underlay=172.30.0.0/16"]
-FAN = ["network", "create", "-d", "fan", "--ipam-driver", "fan", *UNDERLAY]
+FAN = ["network", "create", "-d", "fan", "--ipam-driver", "fan",
+       "--ipam-opt", "underlay=172.30.0.0/16"]
+# fan-b finds its peers by per-peer routes (a /20 underlay keeps them few)
+ROUTES_FAN = ["network", "create", "-d", "fan", "--ipam-driver", "fan",
+              "--ipam-opt", "underlay=172.30.0.0/20", "-o", "mapping=routes"]
 PORT = 7000
 PUBLISHED = 8470          # fan-a's container, published on the host
 BRIDGE_PUBLISHED = 8471   # the early bridge's container, published on the host
@@ -36,7 +39,7 @@ BRIDGE_PUBLISHED = 8471   # the early bridge's container, published on the host
 NETWORKS = {
     "iso-early": ("iso-early-c", ["network", "create", "iso-early"]),
     "fan-a": ("iso-fan-a", [*FAN, "--subnet", "250.0.0.0/8", "fan-a"]),
-    "fan-b": ("iso-fan-b", [*FAN, "--subnet", "241.0.0.0/8", "fan-b"]),
+    "fan-b": ("iso-fan-b", [*ROUTES_FAN, "--subnet", "241.0.0.0/8", "fan-b"]),
     "fan-int": ("iso-fan-int", [*FAN, "--internal", "--subnet", "242.0.0.0/8", "fan-int"]),
     "iso-late": ("iso-late-c", ["network", "create", "iso-late"]),
     "bridge": ("iso-default-c", None),

@@ -321,6 +321,37 @@ def test_single_host_fan_network(mp):
     assert (network["encap"], network["mapping"], len(network["endpoints"])) == ("vxlan", "ebpf", 3)
 
 
+def test_the_managed_plugins_network_is_isolated_as_a_bridge_network(mp):
+    """The plugin image's iptables writes the isolation, the DOCKER-USER order
+    and the tunnel guard (u32, multiport and addrtype matches): nothing new
+    between the fan and Docker's bridge networks, either way."""
+    mp.cli("network", "create", "mp-br")
+    try:
+        for name, net in (("mp-br-c", "mp-br"), ("mp-default-c", "bridge")):
+            mp.cli("run", "-d", "--name", name, "--net", net, "busybox", "sleep", "600")
+        bridged = [json.loads(mp.cli("inspect", name).stdout)[0]["NetworkSettings"]["Networks"]
+                   [net]["IPAddress"] for name, net in (("mp-br-c", "mp-br"),
+                                                        ("mp-default-c", "bridge"))]
+        fan_container = address(mp, TRIO[0])
+        for target in bridged:
+            result = mp.cli("exec", TRIO[0], "ping", "-c", "1", "-W", "1", target, check=False)
+            assert result.returncode != 0, f"the fan reached a bridge container {target}"
+        for name in ("mp-br-c", "mp-default-c"):
+            result = mp.cli("exec", name, "ping", "-c", "1", "-W", "1", fan_container,
+                            check=False)
+            assert result.returncode != 0, f"{name} reached the fan container"
+        ping(mp, TRIO[0], OUTSIDE)
+        ping(mp, TRIO[1], fan_container)
+        rules = mp.host.run(["iptables-save"]).stdout.splitlines()
+        assert len([r for r in rules if r.startswith("-A FAN-TUNNEL ")]) == 3
+        forward = mp.host.run(["iptables", "-S", "FORWARD"]).stdout.splitlines()
+        assert forward.index("-A FORWARD -j DOCKER-USER") < \
+            forward.index("-A FORWARD -j FAN-FORWARD")
+    finally:
+        mp.cli("rm", "-f", "mp-br-c", "mp-default-c", check=False)
+        mp.cli("network", "rm", "mp-br", check=False)
+
+
 def test_publishing_ports_through_the_managed_plugin(mp):
     """The managed plugin cannot write /proc/sys (no route_localnet): its
     userland relay serves 127.0.0.1, the kernel's DNAT everything else."""
@@ -346,7 +377,7 @@ def test_publishing_ports_through_the_managed_plugin(mp):
         blocker.wait()
         mp.cli("rm", "-f", "mp-web", "mp-late", check=False)
     assert not [line for line in mp.host.run(["iptables-save"]).stdout.splitlines()
-                if "DNAT" in line and "fan-driver" in line]
+                if "-j DNAT" in line and "fan-driver" in line]
 
 
 def test_check_runs_inside_the_plugin_and_from_the_image(mp):
