@@ -29,7 +29,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from pyroute2 import AsyncIPRoute
 
-from fan_driver.dataplane import bpf
+from fan_driver.dataplane import bpf, libbpf
 from fan_driver.dataplane.ebpf import SEND_PREF, SHARED_VXLAN_MAC
 from fan_driver.dataplane.plan import ENCAPS, VXLAN
 from fan_driver.fanmap import FanMap, HostSlice
@@ -194,6 +194,8 @@ def _swap_send_program(h: FanHost, container: str, overlay: IPv4Network, **chang
     the values the plugin loads it with."""
     out = run_cmd(in_netns(h.container_netns(container), ["ip", "-o", "link", "show", "eth0"]))
     veth = int(re.search(r"eth0@if(\d+)", out.stdout).group(1))
+    mac = re.search(r"link/ether ([0-9a-f:]{17})", out.stdout).group(1)
+    address = IPv4Address(h.containers[container][1])
 
     async def swap():
         async with AsyncIPRoute(netns=h.host.name) as ipr:
@@ -206,6 +208,9 @@ def _swap_send_program(h: FanHost, container: str, overlay: IPv4Network, **chang
                                 tunnel_mac=SHARED_VXLAN_MAC)
             obj = bpf.load(replace(config, **changes), "fan_bench")
             try:
+                # the program sends only what its map says is the container's
+                libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
+                                  *bpf.endpoint_entry(int(address), veth, mac))
                 await bpf.attach(ipr, veth, obj.program_fd(bpf.SEND), "fan_bench", SEND_PREF,
                                  bpf.INGRESS)
             finally:

@@ -21,6 +21,7 @@ from fan_driver.fanmap import FanMap, HostSlice
 from fan_driver.dataplane.firewall import network_rules
 from fan_driver.dataplane.ebpf import DECAP_PREF, PROGRAM_PREFIX
 from fan_driver.dataplane.plan import ENCAPS, MARK
+from fan_driver.dataplane.routes import RoutesMapping
 from fan_driver.model import Owner, State
 from fan_driver.network import plan_for
 
@@ -169,15 +170,22 @@ def check(plugin, dockerd, host, allow_unclaimed: bool = False) -> dict:
     docker_ips = [ip for n in docker.values() for ip in n["endpoints"].values()]
     dupes += [ip for ip, n in Counter(docker_ips).items() if n > 1]
     expect(not dupes, f"addresses held twice: {dupes}")
-    # tunnels: one shared device per encapsulation in use, one route and one
-    # filter per network on it
+    # tunnels: per-peer routes networks have a device of their own (its
+    # routes, one per peer, are programmed in the background); the others
+    # share one device per encapsulation in use, one route and one filter per
+    # network on it
+    per_peer = {nid for nid, n in nets.items() if n["mapping"] == "routes"}
+    wanted_links |= {RoutesMapping().tunnel_device(plan_for(State.from_json(state), nid))
+                     for nid in per_peer}
+    shared = {nid: n for nid, n in nets.items() if nid not in per_peer}
     tunnels = {name for name in kernel["marked"] if name in SHARED_TUNNELS}
     wanted_links |= tunnels
-    expect(bool(tunnels) == bool(nets), f"tunnel devices {sorted(tunnels)} for {len(nets)} networks")
-    overlays = sorted(n["pool_id"].split(":", 1)[1] for n in nets.values())
+    expect(bool(tunnels) == bool(shared),
+           f"tunnel devices {sorted(tunnels)} for {len(shared)} networks")
+    overlays = sorted(n["pool_id"].split(":", 1)[1] for n in shared.values())
     routed = sorted(dst for dev in tunnels for dst in kernel["routes"].get(dev, []))
     expect(routed == overlays, f"overlay routes {routed} != {overlays}")
-    prefs = sorted(n["tc_pref"] for n in nets.values())
+    prefs = sorted(n["tc_pref"] for n in shared.values())
     filtered = sorted(p for dev in tunnels for p in kernel["filters"].get(dev, []))
     expect(filtered == prefs, f"eBPF filter prefs {filtered} != {prefs}")
     # one receive shortcut per VXLAN network with the eBPF mapping that receives
