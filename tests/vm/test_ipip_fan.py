@@ -9,7 +9,8 @@ peer mappings, one after the other:
             host), dedicated `fanr-ipip` device with one onlink route per peer
 
 and checks pings between every ordered pair of containers (routed TTL), a
-10 MiB TCP transfer across hosts, the devices and per-host kernel object
+10 MiB TCP transfer across hosts, the tunnel's firewall rules and trust rule
+with hand-made IPIP datagrams, the devices and per-host kernel object
 counts, dockerd's teardown order, and that encap=auto picks ipip. The
 scenario itself is tests/vm/ipip_scenario.py, which runs inside the guest.
 
@@ -34,9 +35,11 @@ ROUTES_UNDERLAY = os.environ.get("FAN_VM_ROUTES_UNDERLAY", "172.30.0.0/20")
 GUEST_TIMEOUT = 1200
 
 CHECKS = {
-    "ebpf": ["slices", "addresses", "ping", "transfer", "device", "auto-chooses-ipip",
-             "shared-device-survives", "teardown"],
-    "routes": ["slices", "addresses", "lab-peer-routes", "ping", "transfer", "routes-programmed",
+    "ebpf": ["slices", "addresses", "ping", "transfer", "tunnel-firewall", "ipip-trust",
+             "container-ipip-dropped", "device", "auto-chooses-ipip", "shared-device-survives",
+             "teardown"],
+    "routes": ["slices", "addresses", "lab-peer-routes", "ping", "transfer", "tunnel-firewall",
+               "ipip-trust", "container-ipip-dropped", "routes-programmed",
                "routes-match-fan-rule", "device", "teardown"],
     "all": ["plugin-logs-clean"],
 }
