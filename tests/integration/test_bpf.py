@@ -210,7 +210,7 @@ def inside(netns: str):
             assert libc.setns(home.fileno(), CLONE_NEWNET) == 0
 
 
-# REFERENCE §1's worked examples: overlay, underlay, host, the host's slice
+# Worked examples of the fan rule: overlay, underlay, host, the host's slice
 EXAMPLES = [
     ("250.0.0.0/8", "172.30.0.0/16", "172.30.0.28", "250.0.28.0/24"),
     ("250.0.0.0/8", "172.30.0.0/24", "172.30.0.28", "250.28.0.0/16"),

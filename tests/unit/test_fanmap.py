@@ -1,4 +1,4 @@
-"""The Fan's address arithmetic (REFERENCE §1): worked examples and properties."""
+"""The Fan's address arithmetic: worked examples and properties."""
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -13,7 +13,7 @@ def fan(overlay: str, underlay: str) -> FanMap:
     return FanMap(IPv4Network(overlay), IPv4Network(underlay))
 
 
-# REFERENCE §1, "Worked examples (checked)": overlay, underlay, host, slice, bridge.
+# Worked examples, each checked by hand: overlay, underlay, host, slice, bridge.
 WORKED_EXAMPLES = [
     ("250.0.0.0/8", "172.30.0.0/16", "172.30.0.28", "250.0.28.0/24", "fan-250-0-28"),
     ("250.0.0.0/8", "172.30.0.0/16", "172.30.5.9", "250.5.9.0/24", "fan-250-5-9"),
