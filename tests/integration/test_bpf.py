@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import shutil
@@ -53,6 +54,32 @@ CONTAINER_MAC, GATEWAY_MAC = "0efafa001c02", "0efafa001c01"
 OBJECTS = (bpf.OBJECT, bpf.CONNTRACK_OBJECT)
 
 
+SOURCE_SECTION = ".fan.source"   # where build.sh records the SHA-256 of the source
+
+
+def source_digest() -> str:
+    """SHA-256 of the source as build.sh hashes it: fan.bpf.c then fan.h."""
+    return hashlib.sha256(b"".join(open(os.path.join(BPF_DIR, name), "rb").read()
+                                   for name in ("fan.bpf.c", "fan.h"))).hexdigest()
+
+
+def elf_section(elf: bytes, wanted: str) -> bytes | None:
+    """One section's bytes of a little-endian ELF64 file (as BPF objects are)."""
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    entsize, count, names_index = struct.unpack_from("<HHH", elf, 0x3A)
+
+    def header(i: int) -> tuple[int, int, int]:
+        name, _, _, _, offset, size = struct.unpack_from("<IIQQQQ", elf, shoff + i * entsize)
+        return name, offset, size
+
+    _, names_at, _ = header(names_index)
+    for i in range(count):
+        name, offset, size = header(i)
+        if elf[names_at + name:elf.index(b"\0", names_at + name)].decode() == wanted:
+            return elf[offset:offset + size]
+    return None
+
+
 def committed_object(name: str = bpf.OBJECT) -> bytes:
     with open(os.path.join(BPF_DIR, name), "rb") as f:
         return f.read()
@@ -60,16 +87,16 @@ def committed_object(name: str = bpf.OBJECT) -> bytes:
 
 @pytest.mark.parametrize("name", OBJECTS)
 def test_committed_object_was_built_from_the_committed_source(name):
-    embedded = bpf.elf_section(committed_object(name), bpf.SOURCE_SECTION)
-    assert embedded is not None, f"{name} has no {bpf.SOURCE_SECTION} section"
-    assert embedded.decode() == bpf.source_digest(), (
+    embedded = elf_section(committed_object(name), SOURCE_SECTION)
+    assert embedded is not None, f"{name} has no {SOURCE_SECTION} section"
+    assert embedded.decode() == source_digest(), (
         f"{name} is stale: run fan_driver/dataplane/bpf/build.sh and commit it")
 
 
 @pytest.mark.parametrize("name", OBJECTS)
 def test_loader_packs_what_the_object_reads(name):
     # struct fan_config is the whole .rodata: its size is in the object's BTF too
-    assert len(bpf.elf_section(committed_object(name), ".rodata")) == bpf.Config.LAYOUT.size
+    assert len(elf_section(committed_object(name), ".rodata")) == bpf.Config.LAYOUT.size
 
 
 def test_only_the_conntrack_object_calls_kfuncs():
@@ -96,7 +123,7 @@ def elf(request, tmp_path_factory) -> dict:
     assert res.returncode == 0, res.stderr
     rebuilt = {name: (out / name).read_bytes() for name in OBJECTS}
     for data in rebuilt.values():
-        assert bpf.elf_section(data, bpf.SOURCE_SECTION).decode() == bpf.source_digest()
+        assert elf_section(data, SOURCE_SECTION).decode() == source_digest()
     return rebuilt
 
 
@@ -156,9 +183,18 @@ def run_in_kernel(obj: libbpf.BpfObject, program: str, packet: bytes) -> tuple[i
     return opts.retval, data_out.raw[:opts.data_size_out]
 
 
+def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes:
+    lib = libbpf.library()
+    lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    value = ctypes.create_string_buffer(value_size)
+    err = lib.bpf_map_lookup_elem(map_fd, key, value)
+    assert err == 0, os.strerror(-err)
+    return value.raw
+
+
 def recorded_key(obj: libbpf.BpfObject) -> tuple[int, A, int]:
     """tunnel_id, remote_ipv4 and tunnel_ttl of the key the program set last."""
-    key = libbpf.map_lookup(obj.map_fd(".bss"), struct.pack("=I", 0), 44)
+    key = map_lookup(obj.map_fd(".bss"), struct.pack("=I", 0), 44)
     tunnel_id, remote = struct.unpack_from("=II", key)
     return tunnel_id, A(remote), key[21]
 
@@ -665,7 +701,7 @@ def test_receive_filter_on_a_device_the_fan_does_not_own(elf):
 @needs_root
 def test_verifier_rejection_carries_its_log():
     elf = committed_object()
-    code = bpf.elf_section(elf, "tc")
+    code = elf_section(elf, "tc")
     at = elf.index(code)
     assert code[:8] == bytes.fromhex("bf16000000000000")   # r6 = r1: keep the context
     bad = elf[:at] + bytes.fromhex("bf96000000000000") + elf[at + 8:]   # r6 = r9, unset
