@@ -34,6 +34,7 @@ import pytest
 
 from fan_driver.dataplane import bpf, libbpf
 from fan_driver.dataplane.ebpf import SHARED_VXLAN_MAC, conntrack_supported, probe_error
+from fan_driver.dataplane.plan import OUTER_TTL, VXLAN_PORT
 from fan_driver.errors import FanError
 from fan_driver.fanmap import FanMap, HostSlice
 
@@ -348,10 +349,10 @@ def check_vxlan(out: bytes, packet: bytes, local: str, remote: str, dst_mac: byt
     ip = out[14:34]
     assert checksum(ip) == 0
     version, _, length, _, frag, ttl, proto, _, src, dst = struct.unpack("!BBHHHBBH4s4s", ip)
-    assert (version, length, frag, ttl, proto) == (0x45, len(out) - 14, 0x4000, 64, 17)
+    assert (version, length, frag, ttl, proto) == (0x45, len(out) - 14, 0x4000, OUTER_TTL, 17)
     assert (A(src), A(dst)) == (A(local), A(remote))
     sport, dport, udp_len, udp_check = struct.unpack_from("!HHHH", out, 34)
-    assert 32768 <= sport < 61000 and (dport, udp_len, udp_check) == (4789, len(out) - 34, 0)
+    assert 32768 <= sport < 61000 and (dport, udp_len, udp_check) == (VXLAN_PORT, len(out) - 34, 0)
     assert out[42:50] == struct.pack("!II", 0x08000000, 4242 << 8)
     assert out[50:64] == bytes.fromhex(SHARED_VXLAN_MAC.replace(":", "")) + packet[6:14]
     routed(packet[14:], out[64:], 0)
@@ -390,7 +391,7 @@ def test_send_encapsulates_ipip_to_the_fan_rule_address(elf, underlay_ns, df):
         assert checksum(ip) == 0
         version, _, length, _, frag, ttl, proto, _, src, dst = struct.unpack("!BBHHHBBH4s4s", ip)
         # RFC 2003: the outer DF is the inner one
-        assert (version, length, frag, ttl, proto) == (0x45, len(out) - 14, 0x4000 * df, 64, 4)
+        assert (version, length, frag, ttl, proto) == (0x45, len(out) - 14, 0x4000 * df, OUTER_TTL, 4)
         assert (A(src), A(dst)) == (A(local), A(host))
         routed(packet[14:], out[34:], 0)
 
@@ -498,7 +499,7 @@ def vxlan_header(inner: bytes, vni: int = 4242, flags: int = 0x08000000) -> byte
     return struct.pack("!II", flags, vni << 8) + inner
 
 
-def vxlan(inner: bytes, local: str = "172.30.0.28", vni: int = 4242, dport: int = 4789,
+def vxlan(inner: bytes, local: str = "172.30.0.28", vni: int = 4242, dport: int = VXLAN_PORT,
           proto: int = 17, frag: int = 0x4000, ethertype: int = ETH_P_IP,
           dst_mac: str = "000000000000", flags: int = 0x08000000, remote: str = REMOTE_HOST,
           sport: int = REMOTE_SPORT) -> bytes:
@@ -620,14 +621,14 @@ def test_decap_with_conntrack_takes_only_flows_the_firewall_let_in(elf):
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
         # a stateful firewall: conntrack runs in a namespace only for rules that use it
         sh("ip", "netns", "exec", host, "iptables", "-A", "INPUT", "-p", "udp", "--dport",
-           "4789", "-m", "conntrack", "--ctstate", "NEW,ESTABLISHED", "-j", "ACCEPT")
+           str(VXLAN_PORT), "-m", "conntrack", "--ctstate", "NEW,ESTABLISHED", "-j", "ACCEPT")
         packet = vxlan(sent_frame("250.0.28.9"))
         with with_container(elf, decap_conntrack=True) as checked, \
                 with_container(elf) as direct, inside(host):
             assert run_in_kernel(checked, bpf.DECAP, packet) == (TC_ACT_UNSPEC, packet)
             assert run_in_kernel(direct, bpf.DECAP, packet)[0] == TC_ACT_REDIRECT
             with contextlib.closing(udp_from(peer, REMOTE_HOST)) as sock:
-                sock.sendto(b"first packet of the flow", ("172.30.0.28", 4789))
+                sock.sendto(b"first packet of the flow", ("172.30.0.28", VXLAN_PORT))
             deadline = time.monotonic() + 2
             while (run_in_kernel(checked, bpf.DECAP, packet)[0] != TC_ACT_REDIRECT
                    and time.monotonic() < deadline):
@@ -871,7 +872,7 @@ def hosts():
             # same MAC everywhere + NOARP: the next-hop MAC is the device's own,
             # which every peer's device accepts as its own, so no neigh/FDB entries
             sh("ip", "-n", h, "link", "add", "fan-vxlan", "address", "0e:fa:00:00:00:01",
-               "type", "vxlan", "external", "dstport", "4789")
+               "type", "vxlan", "external", "dstport", str(VXLAN_PORT))
             sh("ip", "-n", h, "link", "set", "fan-vxlan", "arp", "off", "mtu", "1450", "up")
             sh("ip", "netns", "exec", h, "sysctl", "-qw", "net.ipv4.ip_forward=1")
             for fan, tag in ((FAN250, "250"), (FAN240, "240")):
@@ -971,7 +972,7 @@ def test_receive_admits_only_peers(elf):
                 sh("ip", "-n", ns, "addr", "add", address, "dev", "eth0")
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", host, "link", "add", "fan-vxlan", "address", SHARED_VXLAN_MAC,
-           "type", "vxlan", "external", "dstport", "4789")
+           "type", "vxlan", "external", "dstport", str(VXLAN_PORT))
         sh("ip", "-n", host, "link", "set", "fan-vxlan", "arp", "off", "mtu", "1450", "up")
         sh("ip", "-n", host, "route", "add", "250.0.0.0/8", "dev", "fan-vxlan")
         sh("ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
@@ -1000,7 +1001,7 @@ def test_receive_admits_only_peers(elf):
                         (peer, b"another host's slice", "250.0.77.2", 4242),
                         (peer, b"another network's VNI", REMOTE_CONTAINER, 4243),
                         (peer, b"a peer", REMOTE_CONTAINER, 4242)):
-                    sock.sendto(datagram(what, src, vni), ("172.30.0.27", 4789))
+                    sock.sendto(datagram(what, src, vni), ("172.30.0.27", VXLAN_PORT))
                 got = set()
                 listener.settimeout(1)
                 with contextlib.suppress(socket.timeout):

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from fan_driver.dataplane.plan import VXLAN_ROUTES_PORT
+
 from .netns_run import Underlay, run_in
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, rtnetlink)")
@@ -16,6 +18,7 @@ SETUP = """
 from fan_driver import host
 from fan_driver.errors import KernelError
 from fan_driver.dataplane.netlink import Rtnl, ipv4_nexthops, nexthop_request
+from fan_driver.dataplane.plan import VXLAN_ROUTES_PORT
 """
 
 
@@ -33,10 +36,10 @@ def refusal(ns: str, body: str, without_cap: str = "") -> str:
 
 
 def test_vni_taken_by_a_stranger_names_the_device(underlay):
-    underlay.ip("link", "add", "squatter", "type", "vxlan", "id", "42", "dstport", "8472",
+    underlay.ip("link", "add", "squatter", "type", "vxlan", "id", "42", "dstport", str(VXLAN_ROUTES_PORT),
                 "local", "172.30.0.28")
     message = refusal(underlay.ns, """
-    await links.claim("fanr-00002a", "vxlan", "fan-driver", vxlan_id=42, vxlan_port=8472,
+    await links.claim("fanr-00002a", "vxlan", "fan-driver", vxlan_id=42, vxlan_port=VXLAN_ROUTES_PORT,
                       vxlan_local="172.30.0.28", vxlan_link=await links.index("eth0"))""")
     print(message)
     assert message.startswith("creating vxlan device fanr-00002a: File exists (errno 17)")
