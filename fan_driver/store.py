@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from .errors import FanError
-from .model import State
+from .model import STATE_VERSION, NewerState, State
 
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
@@ -46,6 +46,11 @@ class Store:
             state = State.from_json(json.loads(text))
         except FileNotFoundError:
             return State()
+        except NewerState as exc:
+            raise FanError(
+                f"state file {path} has version {exc.version}, newer than this fan-driver's "
+                f"{STATE_VERSION}: a newer fan-driver wrote it. Run that version (or a later "
+                "one) again; moving the file aside would forget its networks") from None
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise FanError(f"state file {path} is corrupt ({exc!r}); move it aside to "
                            "start empty") from exc

@@ -175,3 +175,34 @@ def test_a_file_in_an_older_form_is_rewritten_at_the_first_save(store):
 
     assert file_identity(store)[0] != before[0]
     assert store.load() == State()
+
+
+def test_a_file_without_a_version_is_version_1(store):
+    data = {k: v for k, v in sample_state().to_json().items() if k != "version"}
+    store.directory.mkdir(parents=True)
+    (store.directory / STATE_FILE).write_text(json.dumps(data))
+
+    assert store.load() == sample_state()
+
+
+def test_a_file_of_a_newer_version_is_refused_naming_file_version_and_fix(store):
+    store.directory.mkdir(parents=True)
+    path = store.directory / STATE_FILE
+    path.write_text(json.dumps(dict(State().to_json(), version=2)))
+
+    with pytest.raises(FanError) as err:
+        store.open()
+
+    message = str(err.value)
+    assert str(path) in message and "version 2" in message
+    assert "a newer fan-driver wrote it" in message and "corrupt" not in message
+    assert json.loads(path.read_text())["version"] == 2   # left as it was
+
+
+@pytest.mark.parametrize("version", [0, "1", None, 1.5, True])
+def test_a_version_that_no_fan_driver_writes_is_corrupt(store, version):
+    store.directory.mkdir(parents=True)
+    (store.directory / STATE_FILE).write_text(json.dumps(dict(State().to_json(), version=version)))
+
+    with pytest.raises(FanError, match="corrupt"):
+        store.load()
