@@ -328,7 +328,7 @@ class line_rate:
             host.run(["tc", "qdisc", "del", "dev", "eth0", "root"], check=False)
 
 
-# Targets (issue 13): CPU-bound every fan keeps 85 % of the underlay and the eBPF
+# Targets: CPU-bound every fan keeps 85 % of the underlay and the eBPF
 # mapping beats Docker's overlay by 10 %; at line rate, 95 % of the underlay.
 TARGETS = {REGIMES[0]: {"underlay": 0.85, "overlay": 1.10},
            REGIMES[1]: {"underlay": 0.95, "overlay": None}}

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
 
 
 def peer_mappings() -> Dict[str, PeerMapping]:
-    """One of each peer-mapping mechanism, by name (dataplane.PREFERENCE)."""
+    """One of each peer-mapping mechanism, by name (config.PEER_MAPPINGS)."""
     from .dataplane.ebpf import EbpfMapping
     from .dataplane.kernel_fanmap import KernelMapping
     from .dataplane.routes import RoutesMapping

@@ -14,8 +14,9 @@ ENCAPS = ("auto", "ipip", "vxlan")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # How a host finds the underlay address of a peer's slice: the kernel's fan map
 # (Ubuntu's patch), an eBPF program, or one route (and for VXLAN neighbour and
-# FDB entry) per peer.
-MAPPINGS = ("auto", "kernel", "ebpf", "routes")
+# FDB entry) per peer; `auto` takes the first this kernel can do.
+PEER_MAPPINGS = ("kernel", "ebpf", "routes")
+MAPPINGS = ("auto",) + PEER_MAPPINGS
 # How VXLAN from other hosts reaches containers: through the kernel's tunnel
 # device (after the host's PREROUTING and INPUT), straight from the underlay
 # device for flows the host's firewall admitted (conntrack), or straight from

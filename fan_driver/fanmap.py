@@ -66,13 +66,6 @@ class FanMap:
         base = int(self.overlay.network_address) | (self.host_number(underlay_addr) << self.shift)
         return IPv4Network((base, self.slice_prefixlen))
 
-    def underlay_for(self, overlay_addr: IPv4Address) -> IPv4Address:
-        """The underlay host that owns overlay_addr: a packet's outer destination."""
-        if overlay_addr not in self.overlay:
-            raise FanError(f"{overlay_addr} is not in overlay {self.overlay}")
-        host = (int(overlay_addr) & int(self.overlay.hostmask)) >> self.shift
-        return IPv4Address(int(self.underlay.network_address) | host)
-
     def peers(self, underlay_addr: IPv4Address):
         """Every other usable host of the underlay, with its slice."""
         for peer in self.underlay.hosts():

@@ -55,9 +55,6 @@ class Faults:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Faults":
         return cls(environ.get(ENV) or None)
 
-    def __bool__(self) -> bool:
-        return self.point is not None
-
     def check(self, point: str) -> None:
         """Die here if this is the point (and the time) we were told to."""
         if point != self.point:

@@ -9,13 +9,12 @@ from ipaddress import IPv4Interface, IPv4Network
 from pyroute2 import AsyncIPRoute
 
 from .config import HostFacts, Interface, KernelFeatures
-from .dataplane.netlink import GONE, dumped, kernel
+from .dataplane.netlink import GONE, MAIN_TABLE, RTN_UNICAST, dumped, kernel
+from .dataplane.plan import VXLAN_PORT
 from .errors import KernelError
 
 log = logging.getLogger(__name__)
 
-MAIN_TABLE = 254
-RTN_UNICAST = 1
 KERNEL_FAN_VERSION = "/proc/sys/net/fan/version"
 # A device kind the kernel refuses to create for lack of permission is not
 # known to be absent: the plugin cannot work anyway, and says why.
@@ -55,7 +54,7 @@ async def probe_kernel(ipr: AsyncIPRoute, ebpf_check, conntrack_check) -> Kernel
     return KernelFeatures(
         fan_map=os.path.exists(KERNEL_FAN_VERSION),
         ipip=await _can_create(ipr, "ipip", {}),
-        vxlan=await _can_create(ipr, "vxlan", {"vxlan_id": 1, "vxlan_port": 4789}),
+        vxlan=await _can_create(ipr, "vxlan", {"vxlan_id": 1, "vxlan_port": VXLAN_PORT}),
         ebpf=ebpf,
         conntrack_lookup=ebpf and conntrack_check(),
     )

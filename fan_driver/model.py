@@ -11,6 +11,16 @@ from .ports import PortBinding
 # Pools are keyed by their overlay: two fan networks can never share one.
 POOL_PREFIX = "fan:"
 ENDPOINT_IFNAME_PREFIX = "fve"
+# The state file's layout; a file without a version has the first one.
+STATE_VERSION = 1
+
+
+class NewerState(Exception):
+    """A state file of a layout this fan-driver does not know: a newer one wrote it."""
+
+    def __init__(self, version: int):
+        super().__init__(f"version {version}")
+        self.version = version
 
 
 class Owner:
@@ -107,7 +117,7 @@ class State:
     def to_json(self) -> dict:
         """A copy as plain data (by hand: dataclasses.asdict is ten times slower,
         and this runs on every change)."""
-        return {"version": 1,
+        return {"version": STATE_VERSION,
                 # remembered as pairs: the file's keys are sorted, and its order matters
                 "pools": {k: dict(vars(p), addresses=dict(p.addresses),
                                   remembered=[[n, a] for n, a in p.remembered.items()])
@@ -119,6 +129,11 @@ class State:
     @classmethod
     def from_json(cls, data: dict) -> "State":
         """The state in `data`, sharing nothing with it."""
+        version = data.get("version", 1)
+        if type(version) is not int or version < 1:
+            raise ValueError(f"version {version!r}")
+        if version > STATE_VERSION:
+            raise NewerState(version)
         networks = {}
         for nid, raw in data.get("networks", {}).items():
             raw = dict(raw)

@@ -5,7 +5,7 @@ Docker's JSON keys live here alone: the drivers take and return these values.
 What the fan cannot serve and a request's own shape already shows (IPv6, a
 sub-pool, auxiliary addresses, an IPv6-only network) is refused while decoding,
 in the order Docker's fields were always checked; what depends on the state
-is the drivers' to refuse. REFERENCE §2 lists the fields.
+is the drivers' to refuse.
 """
 from __future__ import annotations
 

@@ -24,7 +24,6 @@ from .protocol import BadRequest
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
 # The calls dockerd makes without a body. Any other call with an empty body is
 # dockerd's plugin client retrying a request that got no answer (the plugin
 # stopped while handling it): it re-sends the body it already consumed. Such a

@@ -28,7 +28,6 @@ class Option:
     default: str
     help: str
     choices: Tuple[str, ...] = ()
-    managed: bool = False           # settable in the managed plugin (plugin/config.json)
     unmanaged: bool = True          # means something outside the managed plugin
 
 
@@ -43,17 +42,15 @@ class Settings:
     state_dir: str = field(default="/var/lib/fan-driver", metadata=_option(
         "--state-dir", "FAN_STATE_DIR", "directory of the state file"))
     underlay: str = field(default=DEFAULT_UNDERLAY, metadata=_option(
-        "--default-underlay", "FAN_UNDERLAY", "underlay for networks created without one",
-        managed=True))
+        "--default-underlay", "FAN_UNDERLAY", "underlay for networks created without one"))
     encap: str = field(default="auto", metadata=_option(
         "--default-encap", "FAN_ENCAP", "encapsulation for networks created without one",
-        choices=ENCAPS, managed=True))
+        choices=ENCAPS))
     log_level: str = field(default="info", metadata=_option(
-        "--log-level", "FAN_LOG_LEVEL", "how much the plugin logs", choices=LOG_LEVELS,
-        managed=True))
+        "--log-level", "FAN_LOG_LEVEL", "how much the plugin logs", choices=LOG_LEVELS))
     iptables: str = field(default="auto", metadata=_option(
         "--iptables", "FAN_IPTABLES", "the managed plugin's iptables backend: auto (the one "
-        "holding the host's rules), nft or legacy", choices=IPTABLES_SETTINGS, managed=True, unmanaged=False))
+        "holding the host's rules), nft or legacy", choices=IPTABLES_SETTINGS, unmanaged=False))
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str],

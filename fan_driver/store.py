@@ -3,7 +3,9 @@
 Every change is written whole to a temporary file, fsynced and renamed over the
 old one, so a crash leaves either the old state or the new one, never a mix.
 A request that changes nothing writes nothing.
-A lock file keeps a second plugin process off the same directory.
+Every read-modify-write, from any process, holds the directory's flock and
+starts from the file (`try_lock`, `reread`); the lock file keeps a second
+serving plugin off the same directory for its life.
 """
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import fcntl
 import json
 import os
 from pathlib import Path
+from typing import Optional, Tuple
 
 from .errors import FanError
-from .model import State
+from .model import STATE_VERSION, NewerState, State
 
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
@@ -23,10 +26,11 @@ class Store:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self._lock_fd = None
-        self._on_disk = None   # the file's text, as last read or written
+        self._change_fd = None
+        self._on_disk = None   # the file's text, as last opened, reread or written
 
     def open(self) -> State:
-        """Take the directory's lock and read the state (empty when new)."""
+        """Claim the directory for this serving plugin and read the state (empty when new)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -37,19 +41,55 @@ class Store:
                 f"another fan-driver is already using state directory {self.directory}; "
                 "stop it or give --state-dir another directory") from None
         self._lock_fd = fd
-        return self.load()
+        state, self._on_disk = self._read()
+        return state
 
     def load(self) -> State:
+        """The state the file holds (empty when there is none)."""
+        return self._read()[0]
+
+    def _read(self) -> Tuple[State, Optional[str]]:
         path = self.directory / STATE_FILE
         try:
             text = path.read_text()
             state = State.from_json(json.loads(text))
         except FileNotFoundError:
-            return State()
+            return State(), None
+        except NewerState as exc:
+            raise FanError(
+                f"state file {path} has version {exc.version}, newer than this fan-driver's "
+                f"{STATE_VERSION}: a newer fan-driver wrote it. Run that version (or a later "
+                "one) again; moving the file aside would forget its networks") from None
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise FanError(f"state file {path} is corrupt ({exc!r}); move it aside to "
                            "start empty") from exc
-        self._on_disk = text
+        return state, text
+
+    def try_lock(self) -> bool:
+        """Take the lock of one read-modify-write, unless another holds it."""
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._change_fd = fd
+        return True
+
+    def unlock(self) -> None:
+        os.close(self._change_fd)
+        self._change_fd = None
+
+    def reread(self) -> Optional[State]:
+        """The state in the file if it changed since this store opened, reread or
+        wrote it (another process saved), else None."""
+        try:
+            text = (self.directory / STATE_FILE).read_text()
+        except FileNotFoundError:
+            text = None
+        if text == self._on_disk:
+            return None
+        state, self._on_disk = self._read()
         return state
 
     def save(self, state: State) -> dict:

@@ -12,7 +12,7 @@ from pyroute2 import AsyncIPRoute
 
 from .. import host, iptables
 from ..config import RECEIVE_PATHS, HostFacts
-from ..dataplane import ebpf
+from ..dataplane import IP_FORWARD, ebpf
 from ..dataplane.dnat import first_taker, foreign_dnat
 from ..dataplane.firewall import CHAINS
 from ..dataplane.plan import MARK
@@ -21,8 +21,6 @@ from ..errors import FanError
 from ..host import KernelFeatures
 from ..model import short_id
 from ..store import STATE_FILE, Store
-
-IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 
 
 @dataclass(frozen=True)
@@ -100,9 +98,9 @@ async def probe(state_dir: Path, iptables_setting: str = "auto") -> Probe:
                  else ())
 
 
-def _read(path: str) -> Optional[str]:
+def _read(path: Path) -> Optional[str]:
     try:
-        return Path(path).read_text().strip()
+        return path.read_text().strip()
     except OSError:
         return None
 

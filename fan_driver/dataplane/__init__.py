@@ -18,7 +18,7 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import FanError
-from ..config import KernelFeatures
+from ..config import PEER_MAPPINGS, KernelFeatures
 from ..model import Endpoint
 from ..ports import Held, PortBinding, PortRequest
 from .base import Dataplane, Firewall, PeerMapping
@@ -30,8 +30,6 @@ from .publish import Publisher
 log = logging.getLogger(__name__)
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
-PREFERENCE = ("kernel", "ebpf", "routes")   # the mappings `auto` tries, in order
-
 
 def choose(encap: str, mapping: str, receive: str,
            features: KernelFeatures) -> Tuple[Encap, str, str]:
@@ -41,10 +39,10 @@ def choose(encap: str, mapping: str, receive: str,
     50); VXLAN received straight from the underlay for flows conntrack has
     seen pass the host's firewall, where the kernel can look them up."""
     if mapping == "auto":
-        mapping = next(m for m in PREFERENCE if _mapping_supported(m, features))
-    elif mapping not in PREFERENCE:
+        mapping = next(m for m in PEER_MAPPINGS if _mapping_supported(m, features))
+    elif mapping not in PEER_MAPPINGS:
         raise FanError(f"mapping={mapping} is not available in this version of fan-driver; "
-                       f"use one of: {', '.join(sorted(PREFERENCE))} or auto")
+                       f"use one of: {', '.join(sorted(PEER_MAPPINGS))} or auto")
     elif not _mapping_supported(mapping, features):
         raise FanError(f"this kernel cannot do mapping={mapping} ({features.describe()}); "
                        "use mapping=auto, and run `fan-driver check` for details")
@@ -79,7 +77,7 @@ class LinuxDataplane(Dataplane):
                  mappings: Mapping[str, PeerMapping]):
         self.links = Links(ipr)
         self.firewall = firewall
-        self.mappings = mappings   # name -> mechanism, one of each in PREFERENCE
+        self.mappings = mappings   # name -> mechanism, one of each in PEER_MAPPINGS
         self.ports = Publisher(firewall, UserlandProxy())
 
     async def _ensure_rules(self, plan: NetworkPlan) -> None:

@@ -16,7 +16,7 @@ from ..model import Endpoint
 from .base import PeerMapping
 from .netlink import (NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, Links, attr, ifinfomsg,
                       rtnl_message, rtnl_request)
-from .plan import MARK, VXLAN_PORT, NetworkPlan
+from .plan import MARK, OUTER_TTL, VXLAN_PORT, NetworkPlan
 
 RTM_NEWLINK = 16
 IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO = 3, 4, 18
@@ -47,7 +47,7 @@ def newlink_message(name: str, plan: NetworkPlan, underlay_index: int) -> bytes:
     if plan.encap.name == "ipip":
         data = [attr(IPIP_ATTRS["link"], struct.pack("=I", underlay_index)),
                 attr(IPIP_ATTRS["local"], local),
-                attr(IPIP_ATTRS["ttl"], struct.pack("=B", 64)), fan_map]
+                attr(IPIP_ATTRS["ttl"], struct.pack("=B", OUTER_TTL)), fan_map]
     else:
         data = [attr(VXLAN_ATTRS["id"], struct.pack("=I", plan.vni)),
                 attr(VXLAN_ATTRS["link"], struct.pack("=I", underlay_index)),

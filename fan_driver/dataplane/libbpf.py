@@ -51,7 +51,6 @@ def _signatures(lib) -> None:
             ("bpf_map__set_initial_value", i, [p, p, sz]),
             ("bpf_map__set_max_entries", i, [p, u32]),
             ("bpf_map_update_elem", i, [i, p, p, ctypes.c_uint64]),
-            ("bpf_map_lookup_elem", i, [i, p, p]),
             ("bpf_map_delete_elem", i, [i, p])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
@@ -153,16 +152,6 @@ def map_update(map_fd: int, key: bytes, value: bytes) -> None:
     err = library().bpf_map_update_elem(map_fd, key, value, 0)
     if err:
         raise _failed("updating an eBPF map", err)
-
-
-def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
-    value = ctypes.create_string_buffer(value_size)
-    err = library().bpf_map_lookup_elem(map_fd, key, value)
-    if err == -errno.ENOENT:
-        return None
-    if err:
-        raise _failed("reading an eBPF map", err)
-    return value.raw
 
 
 def map_delete(map_fd: int, key: bytes) -> None:

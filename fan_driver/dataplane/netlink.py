@@ -137,7 +137,6 @@ class Rtnl:
         except OSError:   # without CAP_NET_ADMIN: as large as rmem_max allows
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         self.seq = 0
-        self.interrupted = 0   # dumps read again
 
     def close(self) -> None:
         self.sock.close()
@@ -192,7 +191,6 @@ class Rtnl:
             messages, interrupted = self._dump_once(kind, body)
             if not interrupted:
                 return messages
-            self.interrupted += 1
         raise OSError(errno.EINTR, f"dump interrupted {DUMP_ATTEMPTS} times in a row")
 
     def _dump_once(self, kind: int, body: bytes) -> Tuple[List[bytes], bool]:

@@ -33,6 +33,7 @@ VXLAN_PORT = 4789
 # external-mode device, whose socket a plain VXLAN device cannot share.
 VXLAN_ROUTES_PORT = 8472
 TUNNEL_UDP_PORTS = (VXLAN_PORT, VXLAN_ROUTES_PORT)
+OUTER_TTL = 64   # of the outer IPv4 header, whichever device or program adds it
 
 
 @dataclass(frozen=True)

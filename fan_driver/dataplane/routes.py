@@ -34,7 +34,7 @@ from .base import PeerMapping
 from .netlink import (GONE, MAIN_TABLE, Links, Route, Rtnl, del_nexthop_request,
                       del_route_request, fdb_request, ipv4_nexthops, ipv4_routes, kernel,
                       neighbour_request, nexthop_request, route_request)
-from .plan import MARK, VXLAN_ROUTES_PORT, NetworkPlan
+from .plan import MARK, OUTER_TTL, VXLAN_ROUTES_PORT, NetworkPlan
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class RoutesMapping(PeerMapping):
         local = str(plan.underlay_address)
         if plan.encap.name == "ipip":
             index = await links.claim(IPIP_DEVICE, "ipip", MARK, ipip_local=local,
-                                      ipip_link=underlay, ipip_ttl=64, mtu=plan.mtu)
+                                      ipip_link=underlay, ipip_ttl=OUTER_TTL, mtu=plan.mtu)
         else:
             index = await links.claim(
                 self.tunnel_device(plan), "vxlan", plan.mark, vxlan_id=plan.vni,

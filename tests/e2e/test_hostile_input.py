@@ -30,6 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fan_driver.config import ENCAPS, MAPPINGS
 from fan_driver.server import MAX_BODY
 from tests.harness import consistency, unixhttp
 from tests.harness.plugin import REPO_ROOT
@@ -232,8 +233,8 @@ hostile_options = st.one_of(
 hostile_generic = st.one_of(
     hostile_options,
     st.fixed_dictionaries({}, optional={
-        "encap": st.one_of(hostile_text, st.just("gre")).filter(lambda v: v not in ("auto", "ipip", "vxlan")),
-        "mapping": hostile_text.filter(lambda v: v not in ("auto", "kernel", "ebpf", "routes")),
+        "encap": st.one_of(hostile_text, st.just("gre")).filter(lambda v: v not in ENCAPS),
+        "mapping": hostile_text.filter(lambda v: v not in MAPPINGS),
         "host_reserve": st.one_of(st.just("-1"), st.just("0"), st.just("²"), st.just("1e9"),
                                   hostile_text, st.just("9999999999")),
         "com.docker.network.driver.mtu": st.one_of(st.just("100"), st.just("65536"), hostile_text),

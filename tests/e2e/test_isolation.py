@@ -20,6 +20,7 @@ import sys
 
 import pytest
 
+from fan_driver.dataplane.plan import TUNNEL_UDP_PORTS, VXLAN_PORT
 from tests.harness import consistency
 from tests.harness.nsclient import container_pid, ns_python
 
@@ -283,11 +284,11 @@ def test_containers_cannot_send_tunnel_traffic(bed, lab, sender):
     datagram = vxlan_datagram(0xFA0000, target.rsplit(".", 1)[0] + ".200", target, 9999)
     pid = str(container_pid(bed.dockerd, container))
     outside = [counting(["ip", "netns", "exec", lab.outside.name], port, 4)
-               for port in (4789, 8472)]
+               for port in TUNNEL_UDP_PORTS]
     inside = counting(["nsenter", "-t", str(container_pid(bed.dockerd, "iso-fan-a")), "-n"],
                       9999, 4)
     for where in (OUTSIDE, HOST, "250.0.28.1"):
-        for port in (4789, 8472):
+        for port in TUNNEL_UDP_PORTS:
             subprocess.run(["nsenter", "-t", pid, "-n", sys.executable, "-c", SEND,
                             datagram.hex(), where, str(port), "5"], check=True, timeout=30)
     assert [received(p) for p in outside] == [0, 0], "tunnel traffic left a container"
@@ -302,5 +303,5 @@ def test_the_outside_reaches_the_same_container_through_the_tunnel_only_as_a_fan
     inside = counting(["nsenter", "-t", str(container_pid(bed.dockerd, "iso-fan-a")), "-n"],
                       9999, 3)
     spoofed = vxlan_datagram(0xFA0000, "250.0.28.200", target, 9999)
-    lab.outside.run([sys.executable, "-c", SEND, spoofed.hex(), HOST, "4789", "5"])
+    lab.outside.run([sys.executable, "-c", SEND, spoofed.hex(), HOST, str(VXLAN_PORT), "5"])
     assert received(inside) == 0, "an underlay host spoke for another host's slice"

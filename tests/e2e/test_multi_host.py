@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from fan_driver.dataplane.plan import VXLAN_PORT
 from tests.harness.fanhosts import CREATE, FanHost, start_host
 
 pytestmark = pytest.mark.e2e
@@ -149,7 +150,7 @@ def test_a_host_firewall_rule_keeps_a_sender_from_every_container(fan_hosts, con
     the rule goes."""
     hosts = {h.name: h for h in fan_hosts[0]}
     receiver, sender, other = hosts["h59"], hosts["h27"], hosts["h28"]
-    rule = ["INPUT", "-s", EXTRA_HOSTS["h27"].split("/")[0], "-p", "udp", "--dport", "4789",
+    rule = ["INPUT", "-s", EXTRA_HOSTS["h27"].split("/")[0], "-p", "udp", "--dport", str(VXLAN_PORT),
             "-j", "DROP"]
     timeout = receiver.host.run(["sysctl", "-n", UDP_TIMEOUT]).stdout.strip()
     receiver.host.run(["sysctl", "-qw", f"{UDP_TIMEOUT}=3"])

@@ -25,7 +25,7 @@ later are seen, because dockerd looks plugins up on demand.
 Flavours (FLAVOURS): `host` runs the machine's own dockerd (Debian's docker.io,
 whatever its version); `sid` runs Debian unstable's from the root that
 harness.sidroot caches, pivoted into as the root of the same mount namespace
-after (REFERENCE.md §8): the root bound onto itself (containerd finds its data
+after: the root bound onto itself (containerd finds its data
 in mountinfo only under a mount point); /sys (with the cgroups rebuilt), a
 fresh proc, /dev and the fresh /run bound in; the temporary directory bound at
 the same path (data-root, sockets, the plugin's socket and state all live

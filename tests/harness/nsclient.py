@@ -1,6 +1,6 @@
 """Test clients in a container's network namespace: this machine's python3
-run with `nsenter -t PID -n` (busybox wget crashes here and its nc has no UDP,
-REFERENCE.md §8), so clients behave the same whatever the image holds."""
+run with `nsenter -t PID -n` (busybox wget crashes here and its nc has no UDP),
+so clients behave the same whatever the image holds."""
 from __future__ import annotations
 
 import subprocess

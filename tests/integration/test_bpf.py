@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ import pytest
 
 from fan_driver.dataplane import bpf, libbpf
 from fan_driver.dataplane.ebpf import SHARED_VXLAN_MAC, conntrack_supported, probe_error
+from fan_driver.dataplane.plan import OUTER_TTL, VXLAN_PORT
 from fan_driver.errors import FanError
 from fan_driver.fanmap import FanMap, HostSlice
 
@@ -53,6 +55,32 @@ CONTAINER_MAC, GATEWAY_MAC = "0efafa001c02", "0efafa001c01"
 OBJECTS = (bpf.OBJECT, bpf.CONNTRACK_OBJECT)
 
 
+SOURCE_SECTION = ".fan.source"   # where build.sh records the SHA-256 of the source
+
+
+def source_digest() -> str:
+    """SHA-256 of the source as build.sh hashes it: fan.bpf.c then fan.h."""
+    return hashlib.sha256(b"".join(open(os.path.join(BPF_DIR, name), "rb").read()
+                                   for name in ("fan.bpf.c", "fan.h"))).hexdigest()
+
+
+def elf_section(elf: bytes, wanted: str) -> bytes | None:
+    """One section's bytes of a little-endian ELF64 file (as BPF objects are)."""
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    entsize, count, names_index = struct.unpack_from("<HHH", elf, 0x3A)
+
+    def header(i: int) -> tuple[int, int, int]:
+        name, _, _, _, offset, size = struct.unpack_from("<IIQQQQ", elf, shoff + i * entsize)
+        return name, offset, size
+
+    _, names_at, _ = header(names_index)
+    for i in range(count):
+        name, offset, size = header(i)
+        if elf[names_at + name:elf.index(b"\0", names_at + name)].decode() == wanted:
+            return elf[offset:offset + size]
+    return None
+
+
 def committed_object(name: str = bpf.OBJECT) -> bytes:
     with open(os.path.join(BPF_DIR, name), "rb") as f:
         return f.read()
@@ -60,16 +88,16 @@ def committed_object(name: str = bpf.OBJECT) -> bytes:
 
 @pytest.mark.parametrize("name", OBJECTS)
 def test_committed_object_was_built_from_the_committed_source(name):
-    embedded = bpf.elf_section(committed_object(name), bpf.SOURCE_SECTION)
-    assert embedded is not None, f"{name} has no {bpf.SOURCE_SECTION} section"
-    assert embedded.decode() == bpf.source_digest(), (
+    embedded = elf_section(committed_object(name), SOURCE_SECTION)
+    assert embedded is not None, f"{name} has no {SOURCE_SECTION} section"
+    assert embedded.decode() == source_digest(), (
         f"{name} is stale: run fan_driver/dataplane/bpf/build.sh and commit it")
 
 
 @pytest.mark.parametrize("name", OBJECTS)
 def test_loader_packs_what_the_object_reads(name):
     # struct fan_config is the whole .rodata: its size is in the object's BTF too
-    assert len(bpf.elf_section(committed_object(name), ".rodata")) == bpf.Config.LAYOUT.size
+    assert len(elf_section(committed_object(name), ".rodata")) == bpf.Config.LAYOUT.size
 
 
 def test_only_the_conntrack_object_calls_kfuncs():
@@ -96,7 +124,7 @@ def elf(request, tmp_path_factory) -> dict:
     assert res.returncode == 0, res.stderr
     rebuilt = {name: (out / name).read_bytes() for name in OBJECTS}
     for data in rebuilt.values():
-        assert bpf.elf_section(data, bpf.SOURCE_SECTION).decode() == bpf.source_digest()
+        assert elf_section(data, SOURCE_SECTION).decode() == source_digest()
     return rebuilt
 
 
@@ -156,9 +184,18 @@ def run_in_kernel(obj: libbpf.BpfObject, program: str, packet: bytes) -> tuple[i
     return opts.retval, data_out.raw[:opts.data_size_out]
 
 
+def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes:
+    lib = libbpf.library()
+    lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    value = ctypes.create_string_buffer(value_size)
+    err = lib.bpf_map_lookup_elem(map_fd, key, value)
+    assert err == 0, os.strerror(-err)
+    return value.raw
+
+
 def recorded_key(obj: libbpf.BpfObject) -> tuple[int, A, int]:
     """tunnel_id, remote_ipv4 and tunnel_ttl of the key the program set last."""
-    key = libbpf.map_lookup(obj.map_fd(".bss"), struct.pack("=I", 0), 44)
+    key = map_lookup(obj.map_fd(".bss"), struct.pack("=I", 0), 44)
     tunnel_id, remote = struct.unpack_from("=II", key)
     return tunnel_id, A(remote), key[21]
 
@@ -210,7 +247,7 @@ def inside(netns: str):
             assert libc.setns(home.fileno(), CLONE_NEWNET) == 0
 
 
-# REFERENCE §1's worked examples: overlay, underlay, host, the host's slice
+# Worked examples of the fan rule: overlay, underlay, host, the host's slice
 EXAMPLES = [
     ("250.0.0.0/8", "172.30.0.0/16", "172.30.0.28", "250.0.28.0/24"),
     ("250.0.0.0/8", "172.30.0.0/24", "172.30.0.28", "250.28.0.0/16"),
@@ -312,10 +349,10 @@ def check_vxlan(out: bytes, packet: bytes, local: str, remote: str, dst_mac: byt
     ip = out[14:34]
     assert checksum(ip) == 0
     version, _, length, _, frag, ttl, proto, _, src, dst = struct.unpack("!BBHHHBBH4s4s", ip)
-    assert (version, length, frag, ttl, proto) == (0x45, len(out) - 14, 0x4000, 64, 17)
+    assert (version, length, frag, ttl, proto) == (0x45, len(out) - 14, 0x4000, OUTER_TTL, 17)
     assert (A(src), A(dst)) == (A(local), A(remote))
     sport, dport, udp_len, udp_check = struct.unpack_from("!HHHH", out, 34)
-    assert 32768 <= sport < 61000 and (dport, udp_len, udp_check) == (4789, len(out) - 34, 0)
+    assert 32768 <= sport < 61000 and (dport, udp_len, udp_check) == (VXLAN_PORT, len(out) - 34, 0)
     assert out[42:50] == struct.pack("!II", 0x08000000, 4242 << 8)
     assert out[50:64] == bytes.fromhex(SHARED_VXLAN_MAC.replace(":", "")) + packet[6:14]
     routed(packet[14:], out[64:], 0)
@@ -354,7 +391,7 @@ def test_send_encapsulates_ipip_to_the_fan_rule_address(elf, underlay_ns, df):
         assert checksum(ip) == 0
         version, _, length, _, frag, ttl, proto, _, src, dst = struct.unpack("!BBHHHBBH4s4s", ip)
         # RFC 2003: the outer DF is the inner one
-        assert (version, length, frag, ttl, proto) == (0x45, len(out) - 14, 0x4000 * df, 64, 4)
+        assert (version, length, frag, ttl, proto) == (0x45, len(out) - 14, 0x4000 * df, OUTER_TTL, 4)
         assert (A(src), A(dst)) == (A(local), A(host))
         routed(packet[14:], out[34:], 0)
 
@@ -462,7 +499,7 @@ def vxlan_header(inner: bytes, vni: int = 4242, flags: int = 0x08000000) -> byte
     return struct.pack("!II", flags, vni << 8) + inner
 
 
-def vxlan(inner: bytes, local: str = "172.30.0.28", vni: int = 4242, dport: int = 4789,
+def vxlan(inner: bytes, local: str = "172.30.0.28", vni: int = 4242, dport: int = VXLAN_PORT,
           proto: int = 17, frag: int = 0x4000, ethertype: int = ETH_P_IP,
           dst_mac: str = "000000000000", flags: int = 0x08000000, remote: str = REMOTE_HOST,
           sport: int = REMOTE_SPORT) -> bytes:
@@ -584,14 +621,14 @@ def test_decap_with_conntrack_takes_only_flows_the_firewall_let_in(elf):
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
         # a stateful firewall: conntrack runs in a namespace only for rules that use it
         sh("ip", "netns", "exec", host, "iptables", "-A", "INPUT", "-p", "udp", "--dport",
-           "4789", "-m", "conntrack", "--ctstate", "NEW,ESTABLISHED", "-j", "ACCEPT")
+           str(VXLAN_PORT), "-m", "conntrack", "--ctstate", "NEW,ESTABLISHED", "-j", "ACCEPT")
         packet = vxlan(sent_frame("250.0.28.9"))
         with with_container(elf, decap_conntrack=True) as checked, \
                 with_container(elf) as direct, inside(host):
             assert run_in_kernel(checked, bpf.DECAP, packet) == (TC_ACT_UNSPEC, packet)
             assert run_in_kernel(direct, bpf.DECAP, packet)[0] == TC_ACT_REDIRECT
             with contextlib.closing(udp_from(peer, REMOTE_HOST)) as sock:
-                sock.sendto(b"first packet of the flow", ("172.30.0.28", 4789))
+                sock.sendto(b"first packet of the flow", ("172.30.0.28", VXLAN_PORT))
             deadline = time.monotonic() + 2
             while (run_in_kernel(checked, bpf.DECAP, packet)[0] != TC_ACT_REDIRECT
                    and time.monotonic() < deadline):
@@ -665,7 +702,7 @@ def test_receive_filter_on_a_device_the_fan_does_not_own(elf):
 @needs_root
 def test_verifier_rejection_carries_its_log():
     elf = committed_object()
-    code = bpf.elf_section(elf, "tc")
+    code = elf_section(elf, "tc")
     at = elf.index(code)
     assert code[:8] == bytes.fromhex("bf16000000000000")   # r6 = r1: keep the context
     bad = elf[:at] + bytes.fromhex("bf96000000000000") + elf[at + 8:]   # r6 = r9, unset
@@ -835,7 +872,7 @@ def hosts():
             # same MAC everywhere + NOARP: the next-hop MAC is the device's own,
             # which every peer's device accepts as its own, so no neigh/FDB entries
             sh("ip", "-n", h, "link", "add", "fan-vxlan", "address", "0e:fa:00:00:00:01",
-               "type", "vxlan", "external", "dstport", "4789")
+               "type", "vxlan", "external", "dstport", str(VXLAN_PORT))
             sh("ip", "-n", h, "link", "set", "fan-vxlan", "arp", "off", "mtu", "1450", "up")
             sh("ip", "netns", "exec", h, "sysctl", "-qw", "net.ipv4.ip_forward=1")
             for fan, tag in ((FAN250, "250"), (FAN240, "240")):
@@ -935,7 +972,7 @@ def test_receive_admits_only_peers(elf):
                 sh("ip", "-n", ns, "addr", "add", address, "dev", "eth0")
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", host, "link", "add", "fan-vxlan", "address", SHARED_VXLAN_MAC,
-           "type", "vxlan", "external", "dstport", "4789")
+           "type", "vxlan", "external", "dstport", str(VXLAN_PORT))
         sh("ip", "-n", host, "link", "set", "fan-vxlan", "arp", "off", "mtu", "1450", "up")
         sh("ip", "-n", host, "route", "add", "250.0.0.0/8", "dev", "fan-vxlan")
         sh("ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
@@ -964,7 +1001,7 @@ def test_receive_admits_only_peers(elf):
                         (peer, b"another host's slice", "250.0.77.2", 4242),
                         (peer, b"another network's VNI", REMOTE_CONTAINER, 4243),
                         (peer, b"a peer", REMOTE_CONTAINER, 4242)):
-                    sock.sendto(datagram(what, src, vni), ("172.30.0.27", 4789))
+                    sock.sendto(datagram(what, src, vni), ("172.30.0.27", VXLAN_PORT))
                 got = set()
                 listener.settimeout(1)
                 with contextlib.suppress(socket.timeout):

@@ -37,7 +37,7 @@ PID = "fan:250.0.0.0/8"
 
 def test_faults_are_a_no_op_when_unset():
     faults = Faults.from_env({})
-    assert not faults
+    assert faults.point is None
     for point in POINTS:
         faults.check(point)
 

@@ -6,7 +6,8 @@ import inspect
 import pytest
 
 from fan_driver.cli import peer_mappings
-from fan_driver.dataplane import PREFERENCE, LinuxDataplane
+from fan_driver.config import PEER_MAPPINGS
+from fan_driver.dataplane import LinuxDataplane
 from fan_driver.dataplane.base import Dataplane, PeerMapping
 from fan_driver.dataplane.ebpf import EbpfMapping
 from fan_driver.dataplane.kernel_fanmap import KernelMapping
@@ -50,6 +51,6 @@ def test_a_fake_with_a_renamed_method_cannot_be_built():
 
 def test_the_wiring_builds_one_mechanism_per_mapping_choose_can_pick():
     mappings = peer_mappings()
-    assert set(mappings) == set(PREFERENCE)
+    assert set(mappings) == set(PEER_MAPPINGS)
     assert all(name == mapping.name for name, mapping in mappings.items())
     assert peer_mappings()["ebpf"] is not mappings["ebpf"]    # built on each call, not at import

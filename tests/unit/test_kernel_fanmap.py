@@ -4,7 +4,7 @@ import struct
 from ipaddress import IPv4Address, IPv4Network
 
 from fan_driver.dataplane.kernel_fanmap import FAN_MAP, fan_mapping, newlink_message
-from fan_driver.dataplane.plan import IPIP, VXLAN, NetworkPlan
+from fan_driver.dataplane.plan import IPIP, VXLAN, VXLAN_PORT, NetworkPlan
 from fan_driver.fanmap import FanMap, HostSlice
 
 FAN = FanMap(IPv4Network("250.0.0.0/8"), IPv4Network("172.30.0.0/16"))
@@ -48,5 +48,5 @@ def test_ipip_message_carries_name_local_and_the_fan_map():
 def test_vxlan_message_carries_vni_and_port():
     data = attrs(attrs(attrs(newlink_message("fanm-fa0000", plan(VXLAN), 2)[32:])[18])[2])
     assert struct.unpack("=I", data[1])[0] == 0xFA0000
-    assert struct.unpack("!H", data[15])[0] == 4789
+    assert struct.unpack("!H", data[15])[0] == VXLAN_PORT
     assert attrs(data[FAN_MAP])[1] == fan_mapping(FAN)

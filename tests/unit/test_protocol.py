@@ -1,6 +1,6 @@
 """Docker's plugin protocol as typed values (fan_driver/protocol.py): every
 request shape decoded, every malformed field refused with its message, every
-reply encoded in Docker's shape. Bodies as dockerd sends them (REFERENCE §2, §6)."""
+reply encoded in Docker's shape. Bodies as dockerd 20.10 sends them."""
 import json
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 

@@ -1,4 +1,4 @@
-"""Docker's plugin protocol over HTTP (REFERENCE §2, §6), with real drivers.
+"""Docker's plugin protocol over HTTP, with real drivers.
 
 The network driver has no dataplane (None): every call made here must succeed or
 fail before reaching it, and a call that did reach it would show up as an
@@ -87,7 +87,7 @@ async def test_default_address_spaces(client):
         200, {"LocalDefaultAddressSpace": "fan", "GlobalDefaultAddressSpace": "fan"})
 
 
-# --- IPAM round trip, shaped like dockerd 20.10's calls (REFERENCE §6) -----------------
+# --- IPAM round trip, shaped like dockerd 20.10's calls ---------------------------------
 
 async def test_pool_and_address_round_trip(client, ledger):
     status, pool = await call(client, "IpamDriver.RequestPool", {

@@ -1,9 +1,14 @@
-"""The state file: atomic saves, loud failures on corruption, one process per directory."""
+"""The state file: atomic saves, loud failures on corruption, one serving process per
+directory, changes from several processes each seen and none lost."""
+import asyncio
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from fan_driver.errors import FanError
+from fan_driver.ledger import Ledger
 from fan_driver.model import Endpoint, Network, Owner, Pool, State
 from fan_driver.store import STATE_FILE, Store
 
@@ -175,3 +180,100 @@ def test_a_file_in_an_older_form_is_rewritten_at_the_first_save(store):
 
     assert file_identity(store)[0] != before[0]
     assert store.load() == State()
+
+
+def test_a_file_without_a_version_is_version_1(store):
+    data = {k: v for k, v in sample_state().to_json().items() if k != "version"}
+    store.directory.mkdir(parents=True)
+    (store.directory / STATE_FILE).write_text(json.dumps(data))
+
+    assert store.load() == sample_state()
+
+
+def test_a_file_of_a_newer_version_is_refused_naming_file_version_and_fix(store):
+    store.directory.mkdir(parents=True)
+    path = store.directory / STATE_FILE
+    path.write_text(json.dumps(dict(State().to_json(), version=2)))
+
+    with pytest.raises(FanError) as err:
+        store.open()
+
+    message = str(err.value)
+    assert str(path) in message and "version 2" in message
+    assert "a newer fan-driver wrote it" in message and "corrupt" not in message
+    assert json.loads(path.read_text())["version"] == 2   # left as it was
+
+
+@pytest.mark.parametrize("version", [0, "1", None, 1.5, True])
+def test_a_version_that_no_fan_driver_writes_is_corrupt(store, version):
+    store.directory.mkdir(parents=True)
+    (store.directory / STATE_FILE).write_text(json.dumps(dict(State().to_json(), version=version)))
+
+    with pytest.raises(FanError, match="corrupt"):
+        store.load()
+
+
+# --- two processes changing the state -------------------------------------------------
+
+def take(state: State, address: str, owner: str) -> None:
+    """Hand out one address of sample_state's pool."""
+    state.pools["fan:250.0.0.0/8"].addresses[address] = owner
+
+
+async def test_two_stores_changing_in_turn_see_each_others_changes(store):
+    first = Ledger(store, store.open())
+    async with first.change() as state:
+        state.pools.update(sample_state().pools)
+    other = Store(store.directory)
+    second = Ledger(other, other.load())
+
+    async with second.change() as state:
+        take(state, "250.0.28.10", "second")
+    async with first.change() as state:
+        assert state.pools["fan:250.0.0.0/8"].addresses["250.0.28.10"] == "second"
+        take(state, "250.0.28.11", "first")
+    async with second.read() as state:
+        assert state.pools["fan:250.0.0.0/8"].addresses["250.0.28.11"] == "first"
+
+    addresses = store.load().pools["fan:250.0.0.0/8"].addresses
+    assert (addresses["250.0.28.10"], addresses["250.0.28.11"]) == ("second", "first")
+
+
+CHANGER = """
+import asyncio, sys
+from pathlib import Path
+from fan_driver.ledger import Ledger
+from fan_driver.store import Store
+
+async def main(directory, count):
+    store = Store(Path(directory))
+    ledger = Ledger(store, store.load())
+    for n in range(count):
+        async with ledger.change() as state:
+            state.pools["fan:250.0.0.0/8"].addresses[f"250.0.29.{n}"] = "subprocess"
+            await asyncio.sleep(0.001)   # hold the lock across an await, as drivers do
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+async def test_a_process_changing_at_the_same_time_loses_no_change(store):
+    ledger = Ledger(store, store.open())
+    async with ledger.change() as state:
+        state.pools.update(sample_state().pools)
+    count = 100
+    other = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHANGER, str(store.directory), str(count),
+        cwd=Path(__file__).resolve().parents[2])
+
+    for n in range(count):
+        async with ledger.change() as state:
+            take(state, f"250.0.30.{n}", "here")
+            await asyncio.sleep(0.001)
+    assert await other.wait() == 0
+
+    addresses = store.load().pools["fan:250.0.0.0/8"].addresses
+    assert sum(owner == "subprocess" for owner in addresses.values()) == count
+    assert sum(owner == "here" for owner in addresses.values()) == count
+    async with ledger.read() as state:
+        assert state.pools["fan:250.0.0.0/8"].addresses == addresses

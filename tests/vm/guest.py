@@ -12,8 +12,8 @@ works inside (the real path, not a pyenv shim). Everything else the kernel
 needs (ipip, veth, vxlan, ...) loads with modprobe from the host's
 /lib/modules, where linux-image-amd64 put it.
 
-Software emulation only: this machine's /dev/kvm cannot run Debian's kernel
-(REFERENCE.md §5), so code in the guest runs 20-30 times slower than on the
+Software emulation only: this machine's /dev/kvm cannot run Debian's kernel,
+so code in the guest runs 20-30 times slower than on the
 host. Keep what runs inside small.
 """
 from __future__ import annotations

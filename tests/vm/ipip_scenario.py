@@ -13,7 +13,7 @@ Lab, all inside the guest:
              plugin's default underlay `default/16` resolves to eth0)
 
 No dockerd: each plugin is driven over its unix socket with the calls and
-bodies dockerd 20.10 sends (REFERENCE.md §2, §6), and what dockerd does with
+bodies dockerd 20.10 sends, and what dockerd does with
 the answers (moving SrcName into the container's namespace as eth0, address,
 MAC, default route) is done here with `ip`.
 

@@ -16,7 +16,6 @@ readable by the loader), so the plain object carries no kfunc at all.
 from __future__ import annotations
 
 import errno
-import hashlib
 import struct
 from dataclasses import dataclass
 from importlib import resources
@@ -28,8 +27,7 @@ from ...fanmap import FanMap
 from .. import libbpf
 from ..netlink import GONE, dumped, kernel
 
-OBJECT, CONNTRACK_OBJECT, SOURCES = "fan.bpf.o", "fan_conntrack.bpf.o", ("fan.bpf.c", "fan.h")
-SOURCE_SECTION = ".fan.source"
+OBJECT, CONNTRACK_OBJECT = "fan.bpf.o", "fan_conntrack.bpf.o"
 TUNNEL_KEY, SEND, RECEIVE, DECAP = "fan_tunnel_key", "fan_send", "fan_receive", "fan_decap"
 ENDPOINTS = "endpoints"
 VNI_LIMIT = 1 << 24
@@ -37,28 +35,6 @@ VNI_LIMIT = 1 << 24
 
 def _read(name: str) -> bytes:
     return resources.files(__package__).joinpath(name).read_bytes()
-
-
-def source_digest() -> str:
-    """SHA-256 of the source as build.sh hashes it: fan.bpf.c then fan.h."""
-    return hashlib.sha256(b"".join(_read(name) for name in SOURCES)).hexdigest()
-
-
-def elf_section(elf: bytes, wanted: str) -> bytes | None:
-    """One section's bytes of a little-endian ELF64 file (as BPF objects are)."""
-    shoff, = struct.unpack_from("<Q", elf, 0x28)
-    entsize, count, names_index = struct.unpack_from("<HHH", elf, 0x3A)
-
-    def header(i: int) -> Tuple[int, int, int]:
-        name, _, _, _, offset, size = struct.unpack_from("<IIQQQQ", elf, shoff + i * entsize)
-        return name, offset, size
-
-    _, names_at, _ = header(names_index)
-    for i in range(count):
-        name, offset, size = header(i)
-        if elf[names_at + name:elf.index(b"\0", names_at + name)].decode() == wanted:
-            return elf[offset:offset + size]
-    return None
 
 
 @dataclass(frozen=True)

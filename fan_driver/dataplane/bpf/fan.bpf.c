@@ -68,7 +68,8 @@ static __always_inline int in_net(__u32 addr, __u32 net, __u32 mask)
 	return (addr & mask) == net;
 }
 
-/* REFERENCE §1: underlay_net | ((d & ~overlay_mask) >> (32 - O - H)). */
+/* The fan rule: the overlay bits below the overlay prefix (O bits long), shifted
+ * right by 32 - O - H (H: the underlay's host bits), give the peer's host part. */
 static __always_inline __u32 fan_outer(__u32 inner)
 {
 	return cfg.underlay_net | ((inner & ~cfg.overlay_mask) >> cfg.shift);
