@@ -1,0 +1,275 @@
+"""Swarm services on a fan network.
+
+Three lab hosts (prefix fanlab-sw-), each with its own dockerd of the session's
+flavour and the managed plugin: built once by plugin/build.sh on the manager
+and created from the same image on the workers (tests/harness/managed.py);
+swarm only uses managed plugins, installed on every node.
+
+    every node   docker network create --config-only --ipam-driver fan:latest
+                   --subnet 250.0.0.0/8 --ipam-opt underlay=172.30.0.0/16 fan-config
+    the manager  docker network create -d fan:latest --scope swarm
+                   --config-from fan-config --attachable fan
+
+The fan says Scope "local" (the manager allocates nothing: each node creates
+the network when a task needs it and gives its tasks addresses from its own
+slice) and ConnectivityScope "global" (swarm gossips service names and task
+addresses to every node's embedded DNS). The swarm is initialised with
+--data-path-port 4790: its own VXLAN (the ingress network's, on every node)
+would otherwise hold UDP 4789, the port of the fan's VXLAN device. This kernel
+has no IPVS, so services use --endpoint-mode dnsrr (no VIP).
+
+The tests run in order on one swarm per flavour: services and their slices ->
+reach by address and by name -> an attachable container -> scale -> rolling
+update -> publish mode=host -> stack deploy -> drain and back -> a worker
+leaves -> everything removed leaves nothing on any host.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tests.harness import Dockerd, Lab, ensure_busybox, managed
+from tests.harness.consistency import kernel_snapshot, settled
+from tests.harness.managed import PLUGIN
+from tests.harness.nsclient import container_pid, dns_query, tcp_fetch, tcp_server
+
+pytestmark = pytest.mark.e2e
+
+MANAGER = "h28"
+NODES = {"h28": "172.30.0.28/16", "h27": "172.30.0.27/16", "h59": "172.30.5.9/16"}
+SLICES = {"h28": IPv4Network("250.0.28.0/24"), "h27": IPv4Network("250.0.27.0/24"),
+          "h59": IPv4Network("250.5.9.0/24")}
+OUTSIDE = "172.30.255.254"
+SUBNET, UNDERLAY = "250.0.0.0/8", "172.30.0.0/16"
+# Swarm's VXLAN (UDP 4789 by default) must leave 4789 to the fan's VXLAN device.
+DATA_PATH_PORT = 4790
+NET = "fan"
+SERVICE = "label=com.docker.swarm.service.name="
+
+
+@dataclass
+class Node:
+    name: str
+    host: object
+    dockerd: Dockerd
+    state_dir: Path
+
+    def cli(self, *args, check=True, timeout=120):
+        return self.dockerd.cli(*args, check=check, timeout=timeout)
+
+    @property
+    def slice(self) -> IPv4Network:
+        return SLICES[self.name]
+
+    def check(self) -> dict:
+        """The plugin's state file, Docker and the kernel agree on this node."""
+        return settled(SimpleNamespace(state_dir=self.state_dir), self.dockerd, self.host,
+                       driver=PLUGIN, timeout=30)
+
+    def tasks(self, service: str) -> dict:
+        """{container id: fan address} of the service's running tasks here."""
+        ids = self.cli("ps", "-q", "--no-trunc", "--filter", SERVICE + service).stdout.split()
+        found = {}
+        for info in json.loads(self.cli("inspect", *ids).stdout) if ids else ():
+            net = info["NetworkSettings"]["Networks"].get(NET)
+            found[info["Id"]] = net["IPAddress"] if net else None
+        return found
+
+
+@dataclass
+class Swarm:
+    lab: Lab
+    nodes: dict
+    workdir: Path
+    image: str                 # busybox by ID, the same on every node
+    timings: dict
+    before: dict = field(default_factory=dict)     # node -> kernel snapshot without the fan
+
+    @property
+    def manager(self) -> Node:
+        return self.nodes[MANAGER]
+
+    def record(self, what: str, seconds: float) -> None:
+        self.timings[f"swarm [{self.manager.dockerd.label}]: {what}"] = seconds
+
+    def members(self) -> list[Node]:
+        """The nodes still in the swarm (a test makes one leave)."""
+        return [n for n in self.nodes.values() if n.cli(
+            "info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip() == "active"]
+
+    def tasks(self, service: str) -> dict:
+        """{node name: {container id: address}} of the service's running tasks."""
+        return {n.name: n.tasks(service) for n in self.members()}
+
+    def converged(self, service: str, count: int, timeout: float = 120) -> dict:
+        """Wait until `count` tasks of the service run, each with an address,
+        and no others; returns tasks()."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.tasks(service)
+            flat = [a for t in found.values() for a in t.values()]
+            if len(flat) == count and all(flat):
+                return found
+            if time.monotonic() > deadline:
+                ps = self.manager.cli("service", "ps", "--no-trunc", service, check=False)
+                raise AssertionError(f"{service}: {len(flat)} tasks of {count} after {timeout}s:"
+                                     f" {found}\n{ps.stdout}{ps.stderr}")
+            time.sleep(0.5)
+
+    def plugin_logs(self) -> str:
+        return "\n".join(f"--- {n.name} ---\n{managed.plugin_log(n.dockerd)}"
+                         for n in self.nodes.values())
+
+
+def start_swarm(lab: Lab, flavour: str, workdir: Path, record) -> dict:
+    nodes = {}
+    for name, address in NODES.items():
+        started = time.monotonic()
+        host = lab.add_host(name, address)
+        nodes[name] = Node(name, host, Dockerd(host, flavour=flavour).start(),
+                           workdir / f"state-{name}")
+        record(f"{name}: dockerd start", time.monotonic() - started)
+    return nodes
+
+
+@pytest.fixture(scope="module")
+def swarm(docker_flavour, harness_timings, dockerd_versions, lab_lock_waits):
+    why = managed.unavailable()
+    if why:
+        pytest.skip(why)
+    started = time.monotonic()
+    lab = Lab(prefix="fanlab-sw-")
+    lab_lock_waits.append(lab.lock_wait_seconds)
+    workdir = Path(tempfile.mkdtemp(prefix="fanlab-sw-"))
+    nodes = {}
+    try:
+        lab.add_outside(f"{OUTSIDE}/16")
+        timings = {}
+        nodes = start_swarm(lab, docker_flavour, workdir, timings.__setitem__)
+        manager = nodes[MANAGER]
+        dockerd_versions[docker_flavour] = manager.dockerd.version
+        # busybox saved and loaded, not imported on each node: the same image
+        # ID everywhere, by which services name it (a tag would make each node
+        # try the registry first, which is out of reach here).
+        ensure_busybox(manager.dockerd)
+        saved = workdir / "busybox.tar"
+        manager.cli("save", "-o", str(saved), "busybox")
+        for node in nodes.values():
+            if node is not manager:
+                node.cli("load", "-i", str(saved))
+        image = manager.cli("image", "inspect", "-f", "{{.Id}}", "busybox").stdout.strip()
+
+        built, imported = managed.import_base(manager.dockerd)
+        timings["base tarball (mmdebstrap; 0 = cached)"] = built
+        timings["base image import"] = imported
+        t = time.monotonic()
+        managed.build(manager.dockerd, workdir, "--state-dir", str(manager.state_dir))
+        timings["build.sh on the manager"] = time.monotonic() - t
+        t = time.monotonic()
+        plugin = managed.plugin_dir(manager.dockerd, workdir / "plugin")
+        for node in nodes.values():
+            if node is not manager:
+                managed.install_plugin_dir(node.dockerd, plugin, node.state_dir)
+        shutil.rmtree(plugin)
+        timings["plugin on the workers"] = time.monotonic() - t
+
+        t = time.monotonic()
+        ip = str(manager.host.ip)
+        manager.cli("swarm", "init", "--advertise-addr", ip, "--listen-addr", f"{ip}:2377",
+                    "--data-path-port", str(DATA_PATH_PORT))
+        token = manager.cli("swarm", "join-token", "-q", "worker").stdout.strip()
+        for node in nodes.values():
+            if node is not manager:
+                node.cli("swarm", "join", "--token", token, "--advertise-addr",
+                         str(node.host.ip), f"{ip}:2377")
+        timings["swarm init + join"] = time.monotonic() - t
+
+        sw = Swarm(lab, nodes, workdir, image, harness_timings)
+        for what, seconds in timings.items():
+            sw.record(what, seconds)
+        sw.record("lab lock wait (another run)", lab.lock_wait_seconds)
+        sw.record("set-up in all", time.monotonic() - started - lab.lock_wait_seconds)
+        sw.before = {n.name: kernel_snapshot(n.host, only_fan_rules=True)
+                     for n in nodes.values()}
+        yield sw
+    finally:
+        try:
+            # workers first: a manager leaving first would strand them
+            for node in sorted(nodes.values(), key=lambda n: n.name == MANAGER):
+                if node.dockerd.running:
+                    node.cli("swarm", "leave", "--force", check=False)
+            for node in nodes.values():
+                if node.dockerd.running:
+                    node.dockerd.reset()
+                    managed.remove_plugins(node.dockerd)
+        finally:
+            lab.close()     # stops the dockerds (their data-roots with the plugins go too)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _plugin_logs_on_failure(request, swarm):
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed:
+        sys.__stderr__.write(f"\n--- plugin lines of the dockerd logs ---\n{swarm.plugin_logs()}\n")
+
+
+def fan_network(sw: Swarm, *extra: str) -> None:
+    for node in sw.nodes.values():
+        node.cli("network", "create", "--config-only", "--ipam-driver", PLUGIN,
+                 "--subnet", SUBNET, "--ipam-opt", f"underlay={UNDERLAY}", "fan-config")
+    sw.manager.cli("network", "create", "-d", PLUGIN, "--scope", "swarm",
+                   "--config-from", "fan-config", "--attachable", *extra, NET)
+
+
+def service(sw: Swarm, name: str, *args: str) -> None:
+    sw.manager.cli("service", "create", "--detach", "--no-resolve-image", "--name", name,
+                   "--network", NET, "--endpoint-mode", "dnsrr", *args,
+                   sw.image, "sleep", "36000")
+
+
+def assert_in_own_slices(found: dict) -> None:
+    for node, tasks in found.items():
+        for address in tasks.values():
+            assert IPv4Address(address) in SLICES[node], (node, address, found)
+
+
+def addresses(found: dict) -> list[str]:
+    return sorted(a for tasks in found.values() for a in tasks.values())
+
+
+def one_task(sw: Swarm, service_name: str, node: str) -> tuple[Node, str]:
+    n = sw.nodes[node]
+    return n, next(iter(n.tasks(service_name)))
+
+
+# --- the tests, in order -----------------------------------------------------------------
+
+def test_services_take_addresses_from_each_nodes_own_slice(swarm):
+    started = time.monotonic()
+    fan_network(swarm)
+    service(swarm, "web", "--replicas", "6")
+    service(swarm, "everywhere", "--mode", "global")
+    web = swarm.converged("web", 6)
+    everywhere = swarm.converged("everywhere", 3)
+    swarm.record("fan network + 2 services converged", time.monotonic() - started)
+    assert all(everywhere[n] for n in NODES), everywhere
+    assert_in_own_slices(web)
+    assert_in_own_slices(everywhere)
+    for node in swarm.nodes.values():
+        counts = node.check()
+        assert counts["networks"] == 1
+        assert counts["endpoints"] == len(web[node.name]) + 1
+    # the manager allocated nothing: the swarm network has no pool of its own
+    ipam = json.loads(swarm.manager.cli("network", "inspect", NET).stdout)[0]["IPAM"]
+    assert ipam["Driver"] == PLUGIN and ipam["Config"][0]["Subnet"] == SUBNET, ipam
