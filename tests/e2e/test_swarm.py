@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -176,11 +177,13 @@ def swarm(docker_flavour, harness_timings, dockerd_versions, lab_lock_waits):
         timings["build.sh on the manager"] = time.monotonic() - t
         t = time.monotonic()
         plugin = managed.plugin_dir(manager.dockerd, workdir / "plugin")
-        for node in nodes.values():
-            if node is not manager:
-                managed.install_plugin_dir(node.dockerd, plugin, node.state_dir)
+        timings["plugin directory from the image"] = time.monotonic() - t
+        t = time.monotonic()
+        with ThreadPoolExecutor() as pool:
+            list(pool.map(lambda n: managed.install_plugin_dir(n.dockerd, plugin, n.state_dir),
+                          [n for n in nodes.values() if n is not manager]))
         shutil.rmtree(plugin)
-        timings["plugin on the workers"] = time.monotonic() - t
+        timings["plugin created on the workers"] = time.monotonic() - t
 
         t = time.monotonic()
         ip = str(manager.host.ip)
@@ -273,3 +276,232 @@ def test_services_take_addresses_from_each_nodes_own_slice(swarm):
     # the manager allocated nothing: the swarm network has no pool of its own
     ipam = json.loads(swarm.manager.cli("network", "inspect", NET).stdout)[0]["IPAM"]
     assert ipam["Driver"] == PLUGIN and ipam["Config"][0]["Subnet"] == SUBNET, ipam
+
+
+def wait_for(what: str, probe, timeout: float = 60):
+    """probe() until it returns something true; returns that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not after {timeout}s")
+        time.sleep(0.5)
+
+
+def resolves(node: Node, container: str, name: str, expected: list[str],
+             timeout: float = 30) -> None:
+    """`name` at the container's embedded DNS gives exactly `expected` (the
+    gossip reaches every node within moments, hence the wait)."""
+    pid = container_pid(node.dockerd, container)
+    deadline = time.monotonic() + timeout
+    while True:
+        got = sorted(dns_query(pid, name))
+        if got == sorted(expected):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} from {node.name}: {got}, expected {sorted(expected)}")
+        time.sleep(0.5)
+
+
+def ping(node: Node, container: str, address: str) -> None:
+    node.cli("exec", container, "ping", "-c", "1", "-W", "2", address)
+
+
+def test_tasks_reach_each_other_by_address_and_by_name(swarm):
+    web = addresses(swarm.tasks("web"))
+    everywhere = addresses(swarm.tasks("everywhere"))
+    for name in NODES:
+        node, task = one_task(swarm, "everywhere", name)
+        for address in web + everywhere:
+            ping(node, task, address)
+        # dnsrr: the service name gives every task's address, as tasks.<name> does
+        resolves(node, task, "web", web)
+        resolves(node, task, "tasks.web", web)
+        resolves(node, task, "everywhere", everywhere)
+    # and a connection across nodes, to an address the name gave
+    server_node, server_task = one_task(swarm, "web", "h59")
+    server_address = server_node.tasks("web")[server_task]
+    server = tcp_server(container_pid(server_node.dockerd, server_task), 7000, "fan", 2)
+    try:
+        for name in ("h27", "h28"):
+            node, task = one_task(swarm, "everywhere", name)
+            pid = container_pid(node.dockerd, task)
+            assert server_address in dns_query(pid, "web")
+            assert tcp_fetch(pid, server_address, 7000) == "fan"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_an_attached_container_is_found_and_finds_the_tasks(swarm):
+    worker = swarm.nodes["h27"]
+    worker.cli("run", "-d", "--name", "plain", "--network", NET, swarm.image, "sleep", "36000")
+    plain = json.loads(worker.cli("inspect", "plain").stdout)[0][
+        "NetworkSettings"]["Networks"][NET]["IPAddress"]
+    assert IPv4Address(plain) in worker.slice
+    web = addresses(swarm.tasks("web"))
+    resolves(worker, "plain", "web", web)
+    resolves(worker, "plain", "tasks.everywhere", addresses(swarm.tasks("everywhere")))
+    node, task = one_task(swarm, "everywhere", "h59")
+    resolves(node, task, "plain", [plain])
+    ping(node, task, plain)
+    for address in web:
+        ping(worker, "plain", address)
+    worker.check()
+
+
+def test_scale_up_and_down(swarm):
+    swarm.manager.cli("service", "scale", "--detach", "web=9")
+    web = swarm.converged("web", 9)
+    assert_in_own_slices(web)
+    for node in swarm.nodes.values():
+        node.check()
+    swarm.manager.cli("service", "scale", "--detach", "web=2")
+    web = swarm.converged("web", 2)
+    assert_in_own_slices(web)
+    for node in swarm.nodes.values():
+        node.check()
+    node, task = one_task(swarm, "everywhere", "h28")
+    resolves(node, task, "web", addresses(web))
+
+
+def test_rolling_update_replaces_tasks_and_their_addresses(swarm):
+    old = swarm.tasks("web")
+    swarm.manager.cli("service", "update", "--detach", "--env-add", "ROUND=2",
+                      "--update-parallelism", "1", "--update-delay", "0s", "web")
+    old_ids = {c for tasks in old.values() for c in tasks}
+
+    def replaced():
+        found = swarm.converged("web", 2)
+        return found if not old_ids & {c for tasks in found.values() for c in tasks} else None
+    web = wait_for("web's tasks replaced", replaced, timeout=120)
+    assert_in_own_slices(web)
+    for node in swarm.nodes.values():
+        node.check()
+    node, task = one_task(swarm, "everywhere", "h59")
+    resolves(node, task, "web", addresses(web))
+
+
+def node_id(node: Node) -> str:
+    return node.cli("info", "--format", "{{.Swarm.NodeID}}").stdout.strip()
+
+
+FETCH = ("import socket, sys\n"
+         "c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n"
+         "print(c.recv(100).decode(), end='')\n")
+
+
+def test_publish_mode_host_reaches_the_task_from_the_underlay(swarm):
+    """mode=host is the publishing a dnsrr service can have (ingress's needs
+    a VIP): the fan plugin maps the port on the task's node."""
+    node = swarm.nodes["h59"]
+    service(swarm, "pub", "--replicas", "1", "--constraint", f"node.id=={node_id(node)}",
+            "--publish", "mode=host,target=8080,published=8080")
+    try:
+        found = swarm.converged("pub", 1)
+        (task, address), = found["h59"].items()
+        assert IPv4Address(address) in node.slice
+        server = tcp_server(container_pid(node.dockerd, task), 8080, "published", 1)
+        try:
+            said = swarm.lab.outside.run([sys.executable, "-c", FETCH, str(node.host.ip),
+                                          "8080"]).stdout
+        finally:
+            server.kill()
+            server.wait()
+        assert said == "published"
+        node.check()
+    finally:
+        swarm.manager.cli("service", "rm", "pub")
+    swarm.converged("pub", 0)
+    node.check()
+
+
+STACK = """\
+version: "3.8"
+services:
+  api:
+    image: {image}
+    command: ["sleep", "36000"]
+    networks: [fan]
+    deploy:
+      endpoint_mode: dnsrr
+      replicas: 3
+networks:
+  fan:
+    external: true
+"""
+
+
+def test_stack_deploy_on_the_external_fan_network(swarm):
+    compose = swarm.workdir / "stack.yml"
+    compose.write_text(STACK.format(image=swarm.image))
+    swarm.manager.cli("stack", "deploy", "--resolve-image", "never", "-c", str(compose), "st")
+    try:
+        api = swarm.converged("st_api", 3)
+        assert_in_own_slices(api)
+        node, task = one_task(swarm, "everywhere", "h27")
+        # the stack's name for it, and the service's own
+        resolves(node, task, "api", addresses(api))
+        resolves(node, task, "st_api", addresses(api))
+    finally:
+        swarm.manager.cli("stack", "rm", "st")
+    swarm.converged("st_api", 0)
+    for n in swarm.nodes.values():
+        n.check()
+
+
+def test_a_drained_node_gives_up_its_tasks_and_takes_them_back(swarm):
+    node = swarm.nodes["h59"]
+    nid = node_id(node)
+    swarm.manager.cli("node", "update", "--availability", "drain", nid)
+    try:
+        swarm.converged("everywhere", 2)
+        web = swarm.converged("web", 2)
+        assert not web["h59"]
+        assert_in_own_slices(web)
+        # with no task left, the node removes its instance of the network
+        wait_for("h59 without the fan network", lambda: kernel_snapshot(
+            node.host, only_fan_rules=True) == swarm.before["h59"])
+        assert node.check()["networks"] == 0
+    finally:
+        swarm.manager.cli("node", "update", "--availability", "active", nid)
+    everywhere = swarm.converged("everywhere", 3)
+    assert_in_own_slices(everywhere)
+    assert node.check()["networks"] == 1
+    other, task = one_task(swarm, "everywhere", "h28")
+    ping(other, task, next(iter(everywhere["h59"].values())))
+    resolves(other, task, "everywhere", addresses(everywhere))
+
+
+def test_a_worker_leaving_takes_its_tasks_and_network_down(swarm):
+    node = swarm.nodes["h27"]
+    swarm.nodes["h27"].cli("rm", "-f", "plain")
+    nid = node_id(node)
+    node.cli("swarm", "leave")
+    wait_for("h27 without the fan network", lambda: kernel_snapshot(
+        node.host, only_fan_rules=True) == swarm.before["h27"])
+    assert node.check()["networks"] == 0
+    swarm.manager.cli("node", "rm", "--force", nid)
+    swarm.converged("everywhere", 2)
+    web = swarm.converged("web", 2)
+    assert_in_own_slices(web)
+    other, task = one_task(swarm, "everywhere", "h28")
+    resolves(other, task, "web", addresses(web))
+
+
+def test_removing_services_and_network_leaves_nothing(swarm):
+    swarm.manager.cli("service", "rm", "web", "everywhere")
+    members = swarm.members()
+    for service_name in ("web", "everywhere"):
+        swarm.converged(service_name, 0)
+    swarm.manager.cli("network", "rm", NET)
+    for node in swarm.nodes.values():
+        wait_for(f"{node.name} without the fan network", lambda node=node: kernel_snapshot(
+            node.host, only_fan_rules=True) == swarm.before[node.name])
+        node.cli("network", "rm", "fan-config")
+        counts = node.check()
+        assert (counts["networks"], counts["endpoints"], counts["addresses"],
+                counts["interfaces"], counts["rules"]) == (0, 0, 0, 0, 0), (node.name, counts)
+    assert {n.name for n in members} == {"h28", "h59"}
