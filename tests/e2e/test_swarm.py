@@ -15,17 +15,22 @@ the network when a task needs it and gives its tasks addresses from its own
 slice) and ConnectivityScope "global" (swarm gossips service names and task
 addresses to every node's embedded DNS). The swarm is initialised with
 --data-path-port 4790: its own VXLAN (the ingress network's, on every node)
-would otherwise hold UDP 4789, the port of the fan's VXLAN device. This kernel
-has no IPVS, so services use --endpoint-mode dnsrr (no VIP).
+would otherwise hold UDP 4789, the port of the fan's VXLAN device. Services
+use --endpoint-mode dnsrr; the default (vip) comes to the same on the fan:
+swarm allocates no VIP on a node-local network and the name resolves to the
+tasks. Ingress publishing is swarm's routing mesh (its overlay and IPVS, which
+this kernel lacks: that test skips), not the fan's.
 
 The tests run in order on one swarm per flavour: services and their slices ->
 reach by address and by name -> an attachable container -> scale -> rolling
-update -> publish mode=host -> stack deploy -> drain and back -> a worker
-leaves -> everything removed leaves nothing on any host.
+update -> publish mode=host -> (ingress publishing) -> stack deploy -> drain and
+back -> vip mode -> a worker leaves -> everything removed leaves nothing on any
+host.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -39,7 +44,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.harness import Dockerd, Lab, ensure_busybox, managed
-from tests.harness.consistency import kernel_snapshot, settled
+from tests.harness.consistency import kernel_snapshot, read_state, settled
 from tests.harness.managed import PLUGIN
 from tests.harness.nsclient import container_pid, dns_query, tcp_fetch, tcp_server
 
@@ -201,8 +206,13 @@ def swarm(docker_flavour, harness_timings, dockerd_versions, lab_lock_waits):
             sw.record(what, seconds)
         sw.record("lab lock wait (another run)", lab.lock_wait_seconds)
         sw.record("set-up in all", time.monotonic() - started - lab.lock_wait_seconds)
-        sw.before = {n.name: kernel_snapshot(n.host, only_fan_rules=True)
-                     for n in nodes.values()}
+        # what swarm itself makes on each node (docker_gwbridge and the
+        # ingress sandbox's port on it) comes moments after the join
+        for node in nodes.values():
+            wait_for(f"{node.name}: swarm's ingress sandbox", lambda node=node: node.host.run(
+                ["ip", "-o", "link", "show", "master", "docker_gwbridge"],
+                check=False).stdout.strip())
+        sw.before = {n.name: fan_snapshot(n.host) for n in nodes.values()}
         yield sw
     finally:
         try:
@@ -237,8 +247,8 @@ def fan_network(sw: Swarm, *extra: str) -> None:
 
 def service(sw: Swarm, name: str, *args: str) -> None:
     sw.manager.cli("service", "create", "--detach", "--no-resolve-image", "--name", name,
-                   "--network", NET, "--endpoint-mode", "dnsrr", *args,
-                   sw.image, "sleep", "36000")
+                   "--network", NET, "--endpoint-mode", "dnsrr", "--stop-grace-period", "1s",
+                   *args, sw.image, "sleep", "36000")
 
 
 def assert_in_own_slices(found: dict) -> None:
@@ -256,28 +266,6 @@ def one_task(sw: Swarm, service_name: str, node: str) -> tuple[Node, str]:
     return n, next(iter(n.tasks(service_name)))
 
 
-# --- the tests, in order -----------------------------------------------------------------
-
-def test_services_take_addresses_from_each_nodes_own_slice(swarm):
-    started = time.monotonic()
-    fan_network(swarm)
-    service(swarm, "web", "--replicas", "6")
-    service(swarm, "everywhere", "--mode", "global")
-    web = swarm.converged("web", 6)
-    everywhere = swarm.converged("everywhere", 3)
-    swarm.record("fan network + 2 services converged", time.monotonic() - started)
-    assert all(everywhere[n] for n in NODES), everywhere
-    assert_in_own_slices(web)
-    assert_in_own_slices(everywhere)
-    for node in swarm.nodes.values():
-        counts = node.check()
-        assert counts["networks"] == 1
-        assert counts["endpoints"] == len(web[node.name]) + 1
-    # the manager allocated nothing: the swarm network has no pool of its own
-    ipam = json.loads(swarm.manager.cli("network", "inspect", NET).stdout)[0]["IPAM"]
-    assert ipam["Driver"] == PLUGIN and ipam["Config"][0]["Subnet"] == SUBNET, ipam
-
-
 def wait_for(what: str, probe, timeout: float = 60):
     """probe() until it returns something true; returns that."""
     deadline = time.monotonic() + timeout
@@ -288,6 +276,35 @@ def wait_for(what: str, probe, timeout: float = 60):
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not after {timeout}s")
         time.sleep(0.5)
+
+
+def fan_snapshot(host) -> dict:
+    """kernel_snapshot less what swarm itself makes and takes down on a node
+    (docker_gwbridge's routes, its veths to the ingress sandbox, gone when the
+    node leaves): the fan's own devices are fan-*, fve* and fvc*."""
+    snap = kernel_snapshot(host, only_fan_rules=True)
+    snap["links"] = [link for link in snap["links"] if not link.startswith("veth")]
+    snap["routes"] = [route for route in snap["routes"] if "docker_gwbridge" not in route]
+    return snap
+
+
+def assert_clean(sw: Swarm, node: Node, timeout: float = 60) -> None:
+    """Nothing of the fan left on the node: the kernel as before the fan
+    network, and state, Docker and kernel agreeing on no network at all."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = fan_snapshot(node.host)
+        if now == sw.before[node.name]:
+            break
+        if time.monotonic() > deadline:
+            diff = {key: {"left": sorted(set(now[key]) - set(sw.before[node.name][key])),
+                          "gone": sorted(set(sw.before[node.name][key]) - set(now[key]))}
+                    for key in now if now[key] != sw.before[node.name][key]}
+            raise AssertionError(f"{node.name} after {timeout}s: {diff}")
+        time.sleep(0.5)
+    counts = node.check()
+    assert (counts["networks"], counts["endpoints"], counts["addresses"],
+            counts["interfaces"], counts["rules"]) == (0, 0, 0, 0, 0), (node.name, counts)
 
 
 def resolves(node: Node, container: str, name: str, expected: list[str],
@@ -307,6 +324,39 @@ def resolves(node: Node, container: str, name: str, expected: list[str],
 
 def ping(node: Node, container: str, address: str) -> None:
     node.cli("exec", container, "ping", "-c", "1", "-W", "2", address)
+
+
+def node_id(node: Node) -> str:
+    return node.cli("info", "--format", "{{.Swarm.NodeID}}").stdout.strip()
+
+
+FETCH = ("import socket, sys\n"
+         "c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n"
+         "print(c.recv(100).decode(), end='')\n")
+
+
+# --- the tests, in order -----------------------------------------------------------------
+
+def test_services_take_addresses_from_each_nodes_own_slice(swarm):
+    started = time.monotonic()
+    fan_network(swarm)
+    service(swarm, "web", "--replicas", "6")
+    service(swarm, "everywhere", "--mode", "global")
+    web = swarm.converged("web", 6)
+    everywhere = swarm.converged("everywhere", 3)
+    swarm.record("fan network + 2 services converged", time.monotonic() - started)
+    assert all(everywhere[n] for n in NODES), everywhere
+    assert_in_own_slices(web)
+    assert_in_own_slices(everywhere)
+    for node in swarm.nodes.values():
+        counts = node.check()
+        assert counts["networks"] == 1
+        assert counts["endpoints"] == len(web[node.name]) + 1
+    # Docker shows the config's IPAM; the plugin holds one pool per node (its slice)
+    for node in swarm.nodes.values():
+        assert len(read_state(node.state_dir)["pools"]) == 1
+    ipam = json.loads(swarm.manager.cli("network", "inspect", NET).stdout)[0]["IPAM"]
+    assert ipam["Driver"] == PLUGIN and ipam["Config"][0]["Subnet"] == SUBNET, ipam
 
 
 def test_tasks_reach_each_other_by_address_and_by_name(swarm):
@@ -384,15 +434,6 @@ def test_rolling_update_replaces_tasks_and_their_addresses(swarm):
     resolves(node, task, "web", addresses(web))
 
 
-def node_id(node: Node) -> str:
-    return node.cli("info", "--format", "{{.Swarm.NodeID}}").stdout.strip()
-
-
-FETCH = ("import socket, sys\n"
-         "c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n"
-         "print(c.recv(100).decode(), end='')\n")
-
-
 def test_publish_mode_host_reaches_the_task_from_the_underlay(swarm):
     """mode=host is the publishing a dnsrr service can have (ingress's needs
     a VIP): the fan plugin maps the port on the task's node."""
@@ -418,6 +459,45 @@ def test_publish_mode_host_reaches_the_task_from_the_underlay(swarm):
     node.check()
 
 
+def ipvs_missing(node: Node) -> str | None:
+    """Why swarm's routing mesh cannot work here, or None."""
+    if node.host.run(["test", "-e", "/proc/net/ip_vs"], check=False).returncode == 0:
+        return None
+    release = os.uname().release
+    if list(Path("/lib/modules", release).glob("**/ip_vs.ko*")):
+        return None       # loaded when Docker first asks for it
+    return (f"swarm's routing mesh (ingress publishing, VIPs) needs IPVS: kernel {release} "
+            "has neither /proc/net/ip_vs nor an ip_vs module")
+
+
+def test_publish_ingress_mode_goes_through_swarms_routing_mesh(swarm):
+    """Ingress publishing is swarm's: it puts the task on its ingress overlay
+    network as well (VXLAN on the data path port) and balances with IPVS on
+    every node; the fan carries none of it."""
+    why = ipvs_missing(swarm.manager)
+    if why:
+        pytest.skip(why)
+    node = swarm.nodes["h59"]
+    swarm.manager.cli("service", "create", "--detach", "--no-resolve-image", "--name", "mesh",
+                      "--network", NET, "--replicas", "1", "--constraint",
+                      f"node.id=={node_id(node)}", "--publish", "published=8082,target=8080",
+                      "--stop-grace-period", "1s",
+                      swarm.image, "sleep", "36000")
+    try:
+        (task, _), = swarm.converged("mesh", 1)["h59"].items()
+        server = tcp_server(container_pid(node.dockerd, task), 8080, "mesh", 1)
+        try:
+            said = swarm.lab.outside.run([sys.executable, "-c", FETCH,
+                                          str(swarm.manager.host.ip), "8082"]).stdout
+        finally:
+            server.kill()
+            server.wait()
+        assert said == "mesh"
+    finally:
+        swarm.manager.cli("service", "rm", "mesh")
+    swarm.converged("mesh", 0)
+
+
 STACK = """\
 version: "3.8"
 services:
@@ -425,6 +505,7 @@ services:
     image: {image}
     command: ["sleep", "36000"]
     networks: [fan]
+    stop_grace_period: 1s
     deploy:
       endpoint_mode: dnsrr
       replicas: 3
@@ -461,28 +542,51 @@ def test_a_drained_node_gives_up_its_tasks_and_takes_them_back(swarm):
         web = swarm.converged("web", 2)
         assert not web["h59"]
         assert_in_own_slices(web)
-        # with no task left, the node removes its instance of the network
-        wait_for("h59 without the fan network", lambda: kernel_snapshot(
-            node.host, only_fan_rules=True) == swarm.before["h59"])
-        assert node.check()["networks"] == 0
+        # with its last task gone the node removes its instance of the network
+        assert_clean(swarm, node)
     finally:
         swarm.manager.cli("node", "update", "--availability", "active", nid)
     everywhere = swarm.converged("everywhere", 3)
     assert_in_own_slices(everywhere)
-    assert node.check()["networks"] == 1
+    assert node.check()["endpoints"] == 1
     other, task = one_task(swarm, "everywhere", "h28")
     ping(other, task, next(iter(everywhere["h59"].values())))
     resolves(other, task, "everywhere", addresses(everywhere))
 
 
+def test_vip_mode_falls_back_to_dns_round_robin(swarm):
+    """The default endpoint mode: swarm allocates no VIP on a node-local
+    network, so the service name resolves to the tasks as with dnsrr and no
+    IPVS is needed."""
+    swarm.manager.cli("service", "create", "--detach", "--no-resolve-image", "--name", "vip",
+                      "--network", NET, "--replicas", "2", "--stop-grace-period", "1s",
+                      swarm.image, "sleep", "36000")
+    try:
+        vip = swarm.converged("vip", 2)
+        assert_in_own_slices(vip)
+        endpoint = json.loads(swarm.manager.cli("service", "inspect", "vip").stdout)[0]["Endpoint"]
+        assert endpoint["Spec"]["Mode"] == "vip"
+        assert [v.get("Addr", "") for v in endpoint.get("VirtualIPs", [])] in ([], [""]), endpoint
+        node, task = one_task(swarm, "everywhere", "h27")
+        resolves(node, task, "vip", addresses(vip))
+        for address in addresses(vip):
+            ping(node, task, address)
+    finally:
+        swarm.manager.cli("service", "rm", "vip")
+    swarm.converged("vip", 0)
+    for n in swarm.nodes.values():
+        n.check()
+
+
 def test_a_worker_leaving_takes_its_tasks_and_network_down(swarm):
     node = swarm.nodes["h27"]
-    swarm.nodes["h27"].cli("rm", "-f", "plain")
+    node.cli("rm", "-f", "plain")
     nid = node_id(node)
+    assert node.check()["endpoints"] == len(node.tasks("web")) + len(node.tasks("everywhere"))
     node.cli("swarm", "leave")
-    wait_for("h27 without the fan network", lambda: kernel_snapshot(
-        node.host, only_fan_rules=True) == swarm.before["h27"])
-    assert node.check()["networks"] == 0
+    # leaving removes the node's task containers, and with them its instance
+    # of the network
+    assert_clean(swarm, node, timeout=20)
     swarm.manager.cli("node", "rm", "--force", nid)
     swarm.converged("everywhere", 2)
     web = swarm.converged("web", 2)
@@ -498,10 +602,6 @@ def test_removing_services_and_network_leaves_nothing(swarm):
         swarm.converged(service_name, 0)
     swarm.manager.cli("network", "rm", NET)
     for node in swarm.nodes.values():
-        wait_for(f"{node.name} without the fan network", lambda node=node: kernel_snapshot(
-            node.host, only_fan_rules=True) == swarm.before[node.name])
         node.cli("network", "rm", "fan-config")
-        counts = node.check()
-        assert (counts["networks"], counts["endpoints"], counts["addresses"],
-                counts["interfaces"], counts["rules"]) == (0, 0, 0, 0, 0), (node.name, counts)
+        assert_clean(swarm, node)
     assert {n.name for n in members} == {"h28", "h59"}
