@@ -25,7 +25,7 @@ The tests run in order on one swarm per flavour: services and their slices ->
 reach by address and by name -> an attachable container -> scale -> rolling
 update -> publish mode=host -> (ingress publishing) -> stack deploy -> drain and
 back -> vip mode -> a worker leaves -> everything removed leaves nothing on any
-host.
+host -> the swarm made again on the default data path port keeps the fan off.
 """
 from __future__ import annotations
 
@@ -605,3 +605,24 @@ def test_removing_services_and_network_leaves_nothing(swarm):
         node.cli("network", "rm", "fan-config")
         assert_clean(swarm, node)
     assert {n.name for n in members} == {"h28", "h59"}
+
+
+def test_a_swarm_on_the_default_data_path_port_keeps_the_fan_off_udp_4789(swarm):
+    """Why the swarm above uses --data-path-port: made again with the
+    default, its ingress network's VXLAN holds UDP 4789 on every node, and the
+    fan's VXLAN device cannot come up there. The plugin says what to do."""
+    for node in sorted(swarm.members(), key=lambda n: n.name == MANAGER):
+        node.cli("swarm", "leave", "--force")
+    manager = swarm.manager
+    ip = str(manager.host.ip)
+    manager.cli("swarm", "init", "--advertise-addr", ip, "--listen-addr", f"{ip}:2377")
+    wait_for("the ingress network's VXLAN socket", lambda: ":4789 " in manager.host.run(
+        ["ss", "-Huln"]).stdout, timeout=30)
+    made = manager.cli("network", "create", "-d", PLUGIN, "--ipam-driver", PLUGIN,
+                       "--subnet", SUBNET, "--ipam-opt", f"underlay={UNDERLAY}", "late",
+                       check=False)
+    manager.cli("network", "rm", "late", check=False)
+    assert made.returncode != 0
+    assert "Address already in use" in made.stderr, made.stderr
+    assert "docker swarm init --data-path-port 4790" in made.stderr, made.stderr
+    assert_clean(swarm, manager)
