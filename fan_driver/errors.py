@@ -35,6 +35,12 @@ KERNEL_FIXES = {
     errno.ERANGE: "a value is out of the kernel's range; check the network's options",
     errno.EINVAL: "the kernel rejected the request's values; check the network's options "
                   "and run `fan-driver check`",
+    # Bringing up a tunnel device binds its UDP port: Docker swarm's overlay
+    # networks hold 4789 unless the swarm was made with another data path port.
+    errno.EADDRINUSE: "the tunnel's UDP port (VXLAN 4789, or 8472 with -o mapping=routes) is "
+                      "held by another socket here, such as Docker swarm's overlay VXLAN: "
+                      "make the swarm use another port (`docker swarm init --data-path-port "
+                      "4790`) or free the port",
 }
 OTHER_FIX = "run `fan-driver check`, and report it with the plugin's log if it persists"
 

@@ -1,11 +1,7 @@
 """fan-driver as a Docker managed plugin, built from the Dockerfile by
 plugin/build.sh and driven by a real dockerd through the docker CLI.
 
-No image registry is reachable here, so the base image is made locally: a
-Debian bookworm root filesystem with Python by mmdebstrap (cached under
-/var/tmp/fanlab-base), imported with `docker import` and passed as the
-Dockerfile's BASE_IMAGE; the package and its dependencies come as wheels built
-on this host (build.sh --wheels), so the image build needs no network.
+The base image and the build: tests/harness/managed.py.
 
 The tests run in order and share one lab (prefix fanlab-mp-: one host and the
 outside), one dockerd and one plugin:
@@ -17,10 +13,7 @@ outside), one dockerd and one plugin:
 """
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -33,17 +26,13 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_ports import ask, start_server
-from tests.harness import Dockerd, Lab, ensure_busybox, import_tarball
+from tests.harness import Dockerd, Lab, ensure_busybox, managed
 from tests.harness.consistency import kernel_snapshot
+from tests.harness.managed import IMAGE, PLUGIN
 from tests.harness.procs import env_with_sbin, run_cmd
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-BUILD = REPO / "plugin" / "build.sh"
-PLUGIN = "fan:latest"
-IMAGE = "fanlab-fan-driver:latest"
-BASE_IMAGE = "fanlab-debian-python:bookworm"
 SUBNET = "250.0.0.0/8"
 SLICE = IPv4Network("250.0.28.0/24")
 GATEWAY = "250.0.28.1"
@@ -58,33 +47,7 @@ TRIO = tuple(PINNED)
 CAPABILITIES = ["CAP_NET_ADMIN", "CAP_BPF", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"]
 SETTABLE_ENV = {"FAN_LOG_LEVEL", "FAN_UNDERLAY", "FAN_ENCAP", "FAN_IPTABLES"}
 
-BASE_CACHE = Path("/var/tmp/fanlab-base")
-MMDEBSTRAP = ["--variant=apt", "--include=python3,python3-venv,iptables,iproute2,ca-certificates,libbpf1",
-              "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
-              "--dpkgopt=path-exclude=/usr/share/locale/*",
-              "--dpkgopt=path-exclude=/usr/share/info/*", "bookworm"]
-
-
-# --- the lab, the base image and the plugin build ------------------------------------------
-
-def base_tarball() -> tuple[Path, float]:
-    """The Debian base root filesystem, built once per recipe and machine and
-    kept in /var/tmp (a lock keeps two test runs from building it together).
-    Returns (tarball, seconds spent building it: 0 when cached)."""
-    digest = hashlib.sha256(json.dumps(MMDEBSTRAP).encode()).hexdigest()[:12]
-    BASE_CACHE.mkdir(parents=True, exist_ok=True)
-    tarball = BASE_CACHE / f"bookworm-python-{digest}.tar"
-    with open(BASE_CACHE / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if tarball.exists():
-            return tarball, 0.0
-        for old in BASE_CACHE.glob("bookworm-python-*"):
-            old.unlink()
-        partial = BASE_CACHE / f"bookworm-python-{digest}.partial.tar"
-        started = time.monotonic()
-        run_cmd(["mmdebstrap", *MMDEBSTRAP, str(partial)], timeout=900)
-        partial.rename(tarball)
-        return tarball, time.monotonic() - started
+# --- the lab and the plugin build ----------------------------------------------------------
 
 
 @dataclass
@@ -115,26 +78,18 @@ class ManagedLab:
 
     def build(self, *args: str) -> dict:
         """plugin/build.sh against our dockerd; returns its step timings."""
-        env = env_with_sbin({"DOCKER": self.dockerd.cli_path, "DOCKER_HOST": self.dockerd.base_url,
-                             "DOCKER_CONFIG": str(self.dockerd.cli_config),
-                             "TMPDIR": str(self.workdir)})
-        result = run_cmd(["bash", str(BUILD), "--base", BASE_IMAGE, "--image", IMAGE, "--wheels",
-                          *args], env=env, timeout=900, cwd=REPO)
-        return {m.group(1): float(m.group(2))
-                for m in re.finditer(r"^build\.sh: ([a-z ]+): ([0-9.]+) s", result.stderr, re.M)}
+        return managed.build(self.dockerd, self.workdir, *args)
 
     def plugin_log(self, lines: int = 30) -> str:
         """The plugin's own lines of the dockerd log (its stderr), without debug."""
-        log = self.dockerd.log_path.read_text(errors="replace").splitlines()
-        return "\n".join([line[:300] for line in log if "plugin=" in line and "msg=" in line
-                          and "DEBUG" not in line][-lines:])
+        return managed.plugin_log(self.dockerd, lines)
 
 
 @pytest.fixture(scope="module")
 def mp(docker_flavour, harness_timings, dockerd_versions, lab_lock_waits):
-    if not shutil.which("mmdebstrap", path=env_with_sbin()["PATH"]):
-        pytest.skip("the managed plugin test builds its base image with mmdebstrap: "
-                    "apt-get install mmdebstrap")
+    why = managed.unavailable()
+    if why:
+        pytest.skip(why)
     started = time.monotonic()
     lab = Lab(prefix="fanlab-mp-")
     lab_lock_waits.append(lab.lock_wait_seconds)
@@ -146,23 +101,19 @@ def mp(docker_flavour, harness_timings, dockerd_versions, lab_lock_waits):
         dockerd = Dockerd(host, flavour=docker_flavour).start()
         dockerd_versions[docker_flavour] = dockerd.version
         ensure_busybox(dockerd)
-        managed = ManagedLab(lab=lab, dockerd=dockerd, workdir=workdir, timings=harness_timings)
-        managed.record("lab + dockerd", time.monotonic() - started - lab.lock_wait_seconds)
-        managed.record("lab lock wait (another run)", lab.lock_wait_seconds)
-        tarball, built = base_tarball()
-        managed.record("base tarball (mmdebstrap; 0 = cached)", built)
-        started = time.monotonic()
-        import_tarball(dockerd, tarball, BASE_IMAGE, ['CMD ["python3"]'])
-        managed.record("base image import", time.monotonic() - started)
+        ml = ManagedLab(lab=lab, dockerd=dockerd, workdir=workdir, timings=harness_timings)
+        ml.record("lab + dockerd", time.monotonic() - started - lab.lock_wait_seconds)
+        ml.record("lab lock wait (another run)", lab.lock_wait_seconds)
+        built, imported = managed.import_base(dockerd)
+        ml.record("base tarball (mmdebstrap; 0 = cached)", built)
+        ml.record("base image import", imported)
         (workdir / "state").mkdir()
-        yield managed
+        yield ml
     finally:
         try:
             if dockerd is not None and dockerd.running:
                 dockerd.reset()
-                for plugin in dockerd.cli("plugin", "ls", "-q", check=False).stdout.split():
-                    dockerd.cli("plugin", "disable", "-f", plugin, check=False)
-                    dockerd.cli("plugin", "rm", "-f", plugin, check=False)
+                managed.remove_plugins(dockerd)
         finally:
             lab.close()     # stops dockerd (its data-root with the plugins goes too)
             shutil.rmtree(workdir, ignore_errors=True)

@@ -35,9 +35,11 @@ def read_state(state_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def docker_view(dockerd) -> dict:
-    """{network id: {"name", "subnet", "endpoints": {endpoint id: ip}}} for fan networks."""
-    ids = dockerd.cli("network", "ls", "-q", "--no-trunc", "--filter", "driver=fan").stdout.split()
+def docker_view(dockerd, driver: str = "fan") -> dict:
+    """{network id: {"name", "subnet", "endpoints": {endpoint id: ip}}} for fan
+    networks (driver: the managed plugin's is its full name, fan:latest)."""
+    ids = dockerd.cli("network", "ls", "-q", "--no-trunc", "--filter",
+                      f"driver={driver}").stdout.split()
     view = {}
     if not ids:
         return view
@@ -107,11 +109,12 @@ def kernel_view(host) -> dict:
             "decaps": receive_filters(host), "rules": rules, "chains": chains, "fv_links": named}
 
 
-def check(plugin, dockerd, host, allow_unclaimed: bool = False) -> dict:
+def check(plugin, dockerd, host, allow_unclaimed: bool = False, driver: str = "fan") -> dict:
     """Assert that state, Docker and kernel agree; return counts of what is there.
     allow_unclaimed: addresses and pools marked "unclaimed" at a restart may
     still wait for their grace period to end."""
-    state, docker, kernel = read_state(plugin.state_dir), docker_view(dockerd), kernel_view(host)
+    state, docker, kernel = (read_state(plugin.state_dir), docker_view(dockerd, driver),
+                             kernel_view(host))
     problems = []
 
     def expect(cond, what):
@@ -229,13 +232,13 @@ def _short(eps: dict) -> dict:
     return {eid[:12]: ip for eid, ip in sorted(eps.items())}
 
 
-def settled(plugin, dockerd, host, allow_unclaimed=False, timeout=15) -> dict:
+def settled(plugin, dockerd, host, allow_unclaimed=False, timeout=15, driver="fan") -> dict:
     """check(), retried for a moment: dockerd finishes its rollback
     calls (ReleaseAddress...) just after the CLI returns."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return check(plugin, dockerd, host, allow_unclaimed=allow_unclaimed)
+            return check(plugin, dockerd, host, allow_unclaimed=allow_unclaimed, driver=driver)
         except AssertionError:
             if time.monotonic() > deadline:
                 raise

@@ -47,6 +47,21 @@ def test_vni_taken_by_a_stranger_names_the_device(underlay):
     assert underlay.count("link", "show", "fanr-00002a") == 0
 
 
+def test_vxlan_port_held_by_another_device_names_the_swarm_fix(underlay):
+    """What a swarm initialised with the default data path port does to the
+    fan's external-mode device: its overlay VXLAN holds UDP 4789."""
+    underlay.ip("link", "add", "swarmvx", "type", "vxlan", "id", "4097", "dstport", "4789")
+    underlay.ip("link", "set", "swarmvx", "up")
+    message = refusal(underlay.ns, """
+    index = await links.claim("fan-vxlan", "vxlan", "fan-driver", vxlan_collect_metadata=1,
+                              vxlan_learning=0, vxlan_port=4789)
+    await links.set_up(index)""")
+    print(message)
+    assert message.startswith("bringing up interface ")
+    assert "Address already in use (errno 98)" in message
+    assert "docker swarm init --data-path-port 4790" in message
+
+
 def test_without_cap_net_admin_says_so(underlay):
     message = refusal(underlay.ns, """
     await links.claim("fan-250-0-28", "bridge", "fan-driver")""", without_cap="net_admin")
