@@ -10,11 +10,12 @@ import logging
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Awaitable, Callable, Optional
 
-from .config import DEFAULT_OVERLAY, HostFacts, UnderlaySpec, parse_cidr, resolve_underlay
+from .config import DEFAULT_OVERLAY, UnderlaySpec, parse_cidr
 from .drivers import IpamDriverApi, NetworkRemoval
 from .errors import FanError, NotFound
 from .fanmap import FanMap
 from .faults import NO_FAULTS, Faults
+from .hostfacts import HostFacts, resolve_underlay
 from .ledger import Ledger
 from .model import Owner, Pool, pool_id, short_id
 from .protocol import (AddressGranted, AddressRelease, AddressRequest, AddressSpaces,

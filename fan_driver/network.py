@@ -6,12 +6,13 @@ import logging
 from ipaddress import IPv4Interface
 from typing import Awaitable, Callable, Iterator, Optional, Set, Tuple
 
-from .config import HostFacts, KernelFeatures, NetworkOptions, resolve_underlay
+from .config import NetworkOptions
 from .dataplane import Dataplane, choose
 from .dataplane.plan import ENCAPS, NetworkPlan
 from .drivers import NetworkDriverApi, NetworkRemoval
 from .errors import FanError, NotFound
 from .faults import NO_FAULTS, Faults
+from .hostfacts import HostFacts, KernelFeatures, resolve_underlay
 from .ipam import ADDRESS_SPACE
 from .ledger import Ledger
 from .model import Endpoint, Network, Owner, State, mac_for, pool_id, short_id
