@@ -8,10 +8,10 @@ from ipaddress import IPv4Interface, IPv4Network
 
 from pyroute2 import AsyncIPRoute
 
-from .config import HostFacts, Interface, KernelFeatures
 from .dataplane.netlink import GONE, MAIN_TABLE, RTN_UNICAST, dumped, kernel
 from .dataplane.plan import VXLAN_PORT
 from .errors import KernelError
+from .hostfacts import HostFacts, Interface, KernelFeatures
 
 log = logging.getLogger(__name__)
 

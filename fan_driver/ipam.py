@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 from ipaddress import IPv4Address, IPv4Interface
-from typing import Any, Awaitable, Callable, Optional
+from typing import Awaitable, Callable, Optional
 
-from .config import DEFAULT_OVERLAY, HostFacts, UnderlaySpec, parse_cidr, resolve_underlay
+from .config import DEFAULT_OVERLAY, UnderlaySpec, parse_cidr
+from .drivers import IpamDriverApi, NetworkRemoval
 from .errors import FanError, NotFound
 from .fanmap import FanMap
 from .faults import NO_FAULTS, Faults
+from .hostfacts import HostFacts, resolve_underlay
 from .ledger import Ledger
 from .model import Owner, Pool, pool_id, short_id
 from .protocol import (AddressGranted, AddressRelease, AddressRequest, AddressSpaces,
@@ -110,9 +112,9 @@ def kept_name(name: Optional[str]) -> Optional[str]:
     return name
 
 
-class IpamDriver:
+class IpamDriver(IpamDriverApi):
     def __init__(self, ledger: Ledger, read_facts: Callable[[], Awaitable[HostFacts]],
-                 default_underlay: UnderlaySpec, network: Any = None,
+                 default_underlay: UnderlaySpec, network: Optional[NetworkRemoval] = None,
                  faults: Faults = NO_FAULTS):
         self.ledger = ledger
         self.read_facts = read_facts

@@ -6,11 +6,13 @@ import logging
 from ipaddress import IPv4Interface
 from typing import Awaitable, Callable, Iterator, Optional, Set, Tuple
 
-from .config import HostFacts, KernelFeatures, NetworkOptions, resolve_underlay
+from .config import NetworkOptions
 from .dataplane import Dataplane, choose
 from .dataplane.plan import ENCAPS, NetworkPlan
+from .drivers import NetworkDriverApi, NetworkRemoval
 from .errors import FanError, NotFound
 from .faults import NO_FAULTS, Faults
+from .hostfacts import HostFacts, KernelFeatures, resolve_underlay
 from .ipam import ADDRESS_SPACE
 from .ledger import Ledger
 from .model import Endpoint, Network, Owner, State, mac_for, pool_id, short_id
@@ -44,7 +46,7 @@ def published_ports(state: State, but: str = "") -> Iterator[Tuple[str, PortBind
                             for b in endpoint.ports)
 
 
-class NetworkDriver:
+class NetworkDriver(NetworkDriverApi, NetworkRemoval):
     # Docker retries a call for 30 s; after a restart, whatever was in flight at
     # the crash is claimed or released by Docker well within this time.
     UNCLAIMED_GRACE = 30.0

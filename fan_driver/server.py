@@ -17,9 +17,8 @@ from typing import Any, Awaitable, Callable, Dict, NamedTuple, Optional
 from aiohttp import web
 
 from . import protocol as p
+from .drivers import IpamDriverApi, NetworkDriverApi
 from .errors import FanError, NotFound
-from .ipam import IpamDriver
-from .network import NetworkDriver
 from .protocol import BadRequest
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ async def _nothing() -> None:
     """Calls the fan answers with {} whatever they carry."""
 
 
-def routes(network: NetworkDriver, ipam: IpamDriver) -> Dict[str, Route]:
+def routes(network: NetworkDriverApi, ipam: IpamDriverApi) -> Dict[str, Route]:
     return {
         "/Plugin.Activate": Route(_activate),
         "/NetworkDriver.GetCapabilities": Route(network.capabilities),
@@ -89,7 +88,7 @@ def _reply(status: int, body: dict) -> web.Response:
     return web.Response(status=status, text=json.dumps(body), content_type="application/json")
 
 
-def make_app(network: NetworkDriver, ipam: IpamDriver) -> web.Application:
+def make_app(network: NetworkDriverApi, ipam: IpamDriverApi) -> web.Application:
     table = routes(network, ipam)
 
     async def dispatch(request: web.Request) -> web.Response:

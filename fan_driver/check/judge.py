@@ -6,12 +6,11 @@ import errno as errno_mod
 from ipaddress import IPv4Network
 from typing import List, Optional
 
-from ..config import (DEFAULT_OVERLAY, MIN_MTU, RECEIVE_PATHS, UnderlaySpec, parse_cidr,
-                      resolve_underlay)
+from ..config import DEFAULT_OVERLAY, MIN_MTU, RECEIVE_PATHS, UnderlaySpec, parse_cidr
 from ..dataplane import choose, libbpf
 from ..errors import FanError
 from ..fanmap import FanMap, HostSlice
-from ..host import KernelFeatures
+from ..hostfacts import KernelFeatures, resolve_underlay
 from ..settings import Settings
 from .probe import IP_FORWARD, Iptables, Probe, PublishedPort, StateInfo
 from .report import FAIL, INFO, OK, WARN, Item

@@ -11,14 +11,14 @@ from typing import Dict, Optional, Tuple
 from pyroute2 import AsyncIPRoute
 
 from .. import host, iptables
-from ..config import RECEIVE_PATHS, HostFacts
+from ..config import RECEIVE_PATHS
 from ..dataplane import IP_FORWARD, ebpf
 from ..dataplane.dnat import first_taker, foreign_dnat
 from ..dataplane.firewall import CHAINS
 from ..dataplane.plan import MARK
 from ..dataplane.proxy import listener_of
 from ..errors import FanError
-from ..host import KernelFeatures
+from ..hostfacts import HostFacts, KernelFeatures
 from ..model import short_id
 from ..store import STATE_FILE, Store
 

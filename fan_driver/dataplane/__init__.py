@@ -18,7 +18,8 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import FanError
-from ..config import PEER_MAPPINGS, KernelFeatures
+from ..config import PEER_MAPPINGS
+from ..hostfacts import KernelFeatures
 from ..model import Endpoint
 from ..ports import Held, PortBinding, PortRequest
 from .base import Dataplane, Firewall, PeerMapping

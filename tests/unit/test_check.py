@@ -11,8 +11,7 @@ from fan_driver.check.probe import Iptables, Probe, PublishedPort, StateInfo
 from fan_driver.check.refusal import refusal_app
 from fan_driver.check.report import FAIL, INFO, OK, WARN, Item, exit_status, format_report
 from fan_driver.cli import main, parse_args
-from fan_driver.config import HostFacts, Interface
-from fan_driver.host import KernelFeatures
+from fan_driver.hostfacts import HostFacts, Interface, KernelFeatures
 from fan_driver.iptables import choose as choose_backend
 from fan_driver.settings import Settings
 

@@ -3,9 +3,9 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
 
-from fan_driver.config import (MTU_OPTION, HostFacts, Interface, NetworkOptions, Underlay,
-                               UnderlaySpec, parse_ipam_options, resolve_underlay)
+from fan_driver.config import MTU_OPTION, NetworkOptions, UnderlaySpec, parse_ipam_options
 from fan_driver.errors import FanError
+from fan_driver.hostfacts import HostFacts, Interface, Underlay, resolve_underlay
 
 
 def facts(default="eth0", routes=()):

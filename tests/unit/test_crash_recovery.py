@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from fan_driver import faults as faults_mod
-from fan_driver.config import HostFacts, Interface, UnderlaySpec
+from fan_driver.config import UnderlaySpec
 from fan_driver.errors import FanError
 from fan_driver.faults import ENV, POINTS, Faults
-from fan_driver.host import KernelFeatures
+from fan_driver.hostfacts import HostFacts, Interface, KernelFeatures
 from fan_driver.ipam import IpamDriver
 from fan_driver.model import Endpoint, Network, Owner, Pool, State
 from fan_driver.network import NetworkDriver

@@ -8,14 +8,14 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from hypothesis import given
 
 from fan_driver import cli
-from fan_driver.config import HostFacts, Interface, UnderlaySpec
+from fan_driver.config import UnderlaySpec
 from fan_driver.dataplane.ebpf import PROGRAM_PREFIX, EbpfMapping
 from fan_driver.dataplane.firewall import (_mark_of, _restore_line,
                                            network_rules, port_rules)
 from fan_driver.dataplane.netlink import is_ours
 from fan_driver.dataplane.plan import VXLAN, NetworkPlan
 from fan_driver.fanmap import FanMap, HostSlice
-from fan_driver.host import KernelFeatures
+from fan_driver.hostfacts import HostFacts, Interface, KernelFeatures
 from fan_driver.ipam import IpamDriver
 from fan_driver.model import Endpoint, Network, Pool, State
 from fan_driver.network import NetworkDriver

@@ -1,10 +1,12 @@
-"""The declared interfaces (fan_driver/dataplane/base.py) and what implements
-them: the real dataplane, each peer-mapping mechanism and the tests' fakes
-have exactly the protocol's methods, with its signatures."""
+"""The declared interfaces (fan_driver/dataplane/base.py, fan_driver/drivers.py)
+and what implements them: the real dataplane, each peer-mapping mechanism, the
+drivers, their refusing stand-ins and the tests' fakes have exactly the
+protocol's methods, with its signatures."""
 import inspect
 
 import pytest
 
+from fan_driver.check.refusal import _RefusingIpam, _RefusingNetwork
 from fan_driver.cli import peer_mappings
 from fan_driver.config import PEER_MAPPINGS
 from fan_driver.dataplane import LinuxDataplane
@@ -12,12 +14,21 @@ from fan_driver.dataplane.base import Dataplane, PeerMapping
 from fan_driver.dataplane.ebpf import EbpfMapping
 from fan_driver.dataplane.kernel_fanmap import KernelMapping
 from fan_driver.dataplane.routes import RoutesMapping
+from fan_driver.drivers import IpamDriverApi, NetworkDriverApi, NetworkRemoval
+from fan_driver.ipam import IpamDriver
+from fan_driver.network import NetworkDriver
+from fan_driver.server import routes
 
 from tests.unit.fakes import FakeDataplane
 
 IMPLEMENTATIONS = [(Dataplane, LinuxDataplane), (Dataplane, FakeDataplane),
                    (PeerMapping, EbpfMapping), (PeerMapping, KernelMapping),
-                   (PeerMapping, RoutesMapping)]
+                   (PeerMapping, RoutesMapping), (IpamDriverApi, IpamDriver),
+                   (NetworkDriverApi, _RefusingNetwork), (IpamDriverApi, _RefusingIpam)]
+# The network driver implements two protocols, and restore(), which the CLI
+# calls once at start.
+NETWORK_DRIVER_PROTOCOLS = (NetworkDriverApi, NetworkRemoval)
+NETWORK_DRIVER_EXTRA = {"restore"}
 
 
 def public_methods(cls) -> dict:
@@ -39,6 +50,32 @@ def test_an_implementation_takes_the_protocols_arguments(protocol, cls):
         assert list(inspect.signature(method).parameters) == list(
             inspect.signature(declared).parameters), f"{cls.__name__}.{name}"
         assert inspect.iscoroutinefunction(method) == inspect.iscoroutinefunction(declared)
+
+
+def test_the_network_driver_has_exactly_its_protocols_methods_and_restore():
+    assert set(NETWORK_DRIVER_PROTOCOLS) <= set(NetworkDriver.__mro__)
+    assert not inspect.isabstract(NetworkDriver), NetworkDriver.__abstractmethods__
+    declared = set().union(*(public_methods(p) for p in NETWORK_DRIVER_PROTOCOLS))
+    assert set(public_methods(NetworkDriver)) == declared | NETWORK_DRIVER_EXTRA
+    for protocol in NETWORK_DRIVER_PROTOCOLS:
+        test_an_implementation_takes_the_protocols_arguments(protocol, NetworkDriver)
+
+
+def test_the_drivers_protocols_are_exactly_what_the_server_routes_to():
+    network, ipam = _RefusingNetwork("no"), _RefusingIpam("no")
+    called = [route.call for route in routes(network, ipam).values()]
+    assert {c.__name__ for c in called if getattr(c, "__self__", None) is network} == set(
+        public_methods(NetworkDriverApi))
+    assert {c.__name__ for c in called if getattr(c, "__self__", None) is ipam} == set(
+        public_methods(IpamDriverApi))
+
+
+def test_a_refusing_driver_with_a_renamed_method_cannot_be_built():
+    methods = {name: f for name, f in vars(_RefusingNetwork).items() if name != "join"}
+    methods["join_endpoint"] = _RefusingNetwork.join
+    renamed = type("Renamed", (_RefusingNetwork.__bases__), methods)
+    with pytest.raises(TypeError, match="join"):
+        renamed("no")
 
 
 def test_a_fake_with_a_renamed_method_cannot_be_built():

@@ -3,7 +3,8 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
 
-from fan_driver.config import HostFacts, Interface, UnderlaySpec
+from fan_driver.config import UnderlaySpec
+from fan_driver.hostfacts import HostFacts, Interface
 from fan_driver.errors import FanError, NotFound
 from fan_driver.ipam import (MAX_NAME, MAX_REMEMBERED, IpamDriver, allocate, capacity, kept_name,
                              remember, reserved, seen_leaving)

@@ -10,8 +10,8 @@ from ipaddress import IPv4Interface, IPv4Network
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from fan_driver.config import HostFacts, Interface, UnderlaySpec
-from fan_driver.host import KernelFeatures
+from fan_driver.config import UnderlaySpec
+from fan_driver.hostfacts import HostFacts, Interface, KernelFeatures
 from fan_driver.ipam import IpamDriver
 from fan_driver.network import NetworkDriver
 from fan_driver.server import MAX_BODY, make_app
