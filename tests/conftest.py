@@ -39,6 +39,7 @@ import pytest
 from tests.harness import (Dockerd, Lab, PluginError, PluginProcess, ensure_busybox,
                            missing_requirements, plugin_available)
 from tests.harness import images, sidroot
+from tests.harness.consistency import read_state
 from tests.harness.dockerd import FLAVOURS
 from tests.harness.procs import env_with_sbin, run_cmd
 
@@ -213,6 +214,23 @@ def _revive_session_daemons(request):
         proc.start()
     if daemon is not None and not daemon.running:
         daemon.start()
+    if "dockerd" in request.fixturenames and proc is not None and daemon is not None:
+        _no_network_docker_forgot(proc, daemon)
+
+
+def _no_network_docker_forgot(proc, daemon) -> None:
+    """A fan network the plugin keeps after Docker removed it holds its overlay
+    for good: every later test creating that overlay would fail. Name the test
+    that left it."""
+    kept = set(read_state(proc.state_dir)["networks"])
+    if not kept:
+        return
+    known = set(daemon.cli("network", "ls", "-q", "--no-trunc", "--filter",
+                           "driver=fan", timeout=60).stdout.split())
+    forgotten = kept - known
+    if forgotten:
+        pytest.fail(f"the plugin still holds fan networks that {daemon.label} removed: "
+                    f"{sorted(forgotten)}\nplugin log:\n{proc.log_tail(80)}")
 
 
 @pytest.hookimpl(hookwrapper=True)
