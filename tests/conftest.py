@@ -195,7 +195,29 @@ def dockerd(docker_flavour, lab_host, _plugin_state, pytestconfig, harness_timin
         log = daemon.tmpdir / "dockerd.log"
         if os.environ.get("FANLAB_LOGS") and log.exists():
             _keep_log(log, "dockerd.log")    # before close() removes the directory
-        daemon.close()
+        try:
+            daemon.close()
+        finally:
+            _start_over_after(daemon, _plugin_state[0])
+
+
+def _start_over_after(daemon, proc) -> None:
+    """The next flavour's dockerd starts empty, so the plugin must too: what
+    this daemon left in the plugin (a removal that failed) would refuse every
+    later network on the same overlay. Clear it, then fail loudly here."""
+    if proc is None:
+        return
+    state = read_state(proc.state_dir)
+    left = sorted(state["networks"]) + sorted(
+        pid for pid, pool in state["pools"].items() if not pool.get("unclaimed"))
+    if not left:
+        return
+    tail = proc.log_tail(80)
+    proc.stop()
+    (proc.state_dir / "state.json").replace(proc.state_dir / "state.json.left")
+    proc.start()     # its restore removes the kernel objects no state accounts for
+    pytest.fail(f"{daemon.label} went away leaving networks or pools in the plugin: {left}; "
+                f"the plugin starts over empty\nplugin log:\n{tail}")
 
 
 @pytest.fixture(scope="session")
