@@ -17,6 +17,8 @@ from fan_driver.dataplane.routes import RoutesMapping
 from fan_driver.drivers import IpamDriverApi, NetworkDriverApi, NetworkRemoval
 from fan_driver.ipam import IpamDriver
 from fan_driver.network import NetworkDriver
+from fan_driver.publishing import PortPublisher
+from fan_driver.reconcile import Reconciler
 from fan_driver.server import routes
 
 from tests.unit.fakes import FakeDataplane
@@ -25,10 +27,11 @@ IMPLEMENTATIONS = [(Dataplane, LinuxDataplane), (Dataplane, FakeDataplane),
                    (PeerMapping, EbpfMapping), (PeerMapping, KernelMapping),
                    (PeerMapping, RoutesMapping), (IpamDriverApi, IpamDriver),
                    (NetworkDriverApi, _RefusingNetwork), (IpamDriverApi, _RefusingIpam)]
-# The network driver implements two protocols, and restore(), which the CLI
-# calls once at start.
+# The network driver implements two protocols.
 NETWORK_DRIVER_PROTOCOLS = (NetworkDriverApi, NetworkRemoval)
-NETWORK_DRIVER_EXTRA = {"restore"}
+# Parts without a protocol of their own, each with one caller: what it calls.
+PARTS = {Reconciler: {"restore"},                  # the CLI, once at start
+         PortPublisher: {"publish", "revoke"}}     # the network driver
 
 
 def public_methods(cls) -> dict:
@@ -52,13 +55,18 @@ def test_an_implementation_takes_the_protocols_arguments(protocol, cls):
         assert inspect.iscoroutinefunction(method) == inspect.iscoroutinefunction(declared)
 
 
-def test_the_network_driver_has_exactly_its_protocols_methods_and_restore():
+def test_the_network_driver_has_exactly_its_protocols_methods():
     assert set(NETWORK_DRIVER_PROTOCOLS) <= set(NetworkDriver.__mro__)
     assert not inspect.isabstract(NetworkDriver), NetworkDriver.__abstractmethods__
     declared = set().union(*(public_methods(p) for p in NETWORK_DRIVER_PROTOCOLS))
-    assert set(public_methods(NetworkDriver)) == declared | NETWORK_DRIVER_EXTRA
+    assert set(public_methods(NetworkDriver)) == declared
     for protocol in NETWORK_DRIVER_PROTOCOLS:
         test_an_implementation_takes_the_protocols_arguments(protocol, NetworkDriver)
+
+
+@pytest.mark.parametrize("cls", PARTS, ids=lambda c: c.__name__)
+def test_a_part_has_only_the_methods_its_caller_calls(cls):
+    assert set(public_methods(cls)) == PARTS[cls]
 
 
 def test_the_drivers_protocols_are_exactly_what_the_server_routes_to():
