@@ -74,6 +74,7 @@ async def serve(settings: Settings) -> None:
     from .ipam import IpamDriver
     from .ledger import Ledger
     from .network import NetworkDriver
+    from .reconcile import Reconciler
 
     default_underlay = UnderlaySpec.parse(settings.underlay)
     faults = Faults.from_env()   # FAN_CRASH_AT, for crash tests; a no-op when unset
@@ -92,7 +93,9 @@ async def serve(settings: Settings) -> None:
         network = NetworkDriver(ledger, dataplane, features, read_facts, settings.encap,
                                 faults=faults)
         ipam = IpamDriver(ledger, read_facts, default_underlay, network=network, faults=faults)
-        await network.restore()
+        # Kept to the end: it holds the delayed release of what no one claimed.
+        reconciler = Reconciler(ledger, dataplane, faults=faults)
+        await reconciler.restore()
         log.info("serving on %s, state in %s", settings.socket, settings.state_dir)
         await server.serve_until_stopped(server.make_app(network, ipam), Path(settings.socket))
         store.close()

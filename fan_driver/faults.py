@@ -28,7 +28,7 @@ POINTS = (
     # Publishing ports takes them first; revoking forgets them first.
     "program_external_connectivity:after_kernel", "revoke_external_connectivity:after_state",
     # Removals save the state first, then change the kernel: a crash in between
-    # leaves kernel objects that no state accounts for, which restore() removes.
+    # leaves kernel objects that no state accounts for, which the Reconciler removes.
     "delete_network:after_state", "delete_network:after_kernel",
     "delete_endpoint:after_state", "delete_endpoint:after_kernel",
     "leave:before_reply",

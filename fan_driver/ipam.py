@@ -119,8 +119,9 @@ class IpamDriver(IpamDriverApi):
         self.ledger = ledger
         self.read_facts = read_facts
         self.default_underlay = default_underlay
-        # The NetworkDriver: removes the network or endpoint of a pool or address
-        # that Docker releases while they still hold it (see release_*).
+        # The network driver, only as far as NetworkRemoval declares: it removes
+        # the network or endpoint of a pool or address that Docker releases
+        # while they still hold it (see release_*).
         self.network = network
         self.faults = faults
 

@@ -41,7 +41,7 @@ class Ledger:
     def commit(self) -> None:
         """Inside change(): save now. Removals call it before touching the kernel,
         so that a crash or a failure after it leaves only kernel objects that no
-        state accounts for (restore() removes them), never state without them."""
+        state accounts for (the Reconciler removes them), never state without them."""
         assert self._lock.locked(), "commit() outside change()"
         self._saved = self.store.save(self.state)
 

@@ -1,25 +1,31 @@
-"""The NetworkDriver: turns Docker's network and endpoint calls into a fan on this host."""
+"""The NetworkDriver: turns Docker's network and endpoint calls into a fan on this host.
+
+Published ports are the PortPublisher's (publishing.py), and making the kernel
+match the state after a restart the Reconciler's (reconcile.py); the IPAM
+reaches this driver only as drivers.NetworkRemoval.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
 from ipaddress import IPv4Interface
-from typing import Awaitable, Callable, Iterator, Optional, Set, Tuple
+from typing import Awaitable, Callable, Set, Tuple
 
 from .config import NetworkOptions
 from .dataplane import Dataplane, choose
-from .dataplane.plan import ENCAPS, NetworkPlan
+from .dataplane.plan import NetworkPlan
 from .drivers import NetworkDriverApi, NetworkRemoval
-from .errors import FanError, NotFound
+from .errors import FanError
 from .faults import NO_FAULTS, Faults
 from .hostfacts import HostFacts, KernelFeatures, resolve_underlay
 from .ipam import ADDRESS_SPACE
 from .ledger import Ledger
+from .lookup import find_endpoint, find_network, plan_for
 from .model import Endpoint, Network, Owner, State, mac_for, pool_id, short_id
-from .ports import PortBinding, held_index, runs
 from .protocol import (CreateEndpoint, CreateNetwork, EndpointCreated, EndpointInfo, EndpointRef,
                        ExternalConnectivity, GatewayAllocation, GatewayCheck, JoinInfo,
                        NetworkCapabilities, NetworkRef, StaticRoute)
+from .publishing import PortPublisher
 
 log = logging.getLogger(__name__)
 
@@ -28,29 +34,7 @@ CREATE_HINT = ("docker network create -d fan --ipam-driver fan --subnet 250.0.0.
                "Docker 20.10: -d fan:latest --ipam-driver fan:latest)")
 
 
-def plan_for(state: State, network_id: str) -> NetworkPlan:
-    net = state.networks[network_id]
-    pool = state.pools[net.pool_id]
-    return NetworkPlan(network_id=network_id, host=pool.host_slice,
-                       underlay_interface=pool.interface, mtu=net.mtu,
-                       encap=ENCAPS[net.encap], mapping=net.mapping, tc_pref=net.tc_pref,
-                       internal=net.internal, receive=net.receive)
-
-
-def published_ports(state: State, but: str = "") -> Iterator[Tuple[str, PortBinding]]:
-    """(holder, binding) for every port the fan publishes, but endpoint `but`'s."""
-    for nid, net in state.networks.items():
-        for eid, endpoint in net.endpoints.items():
-            if eid != but:
-                yield from ((f"endpoint {short_id(eid)} of fan network {short_id(nid)}", b)
-                            for b in endpoint.ports)
-
-
 class NetworkDriver(NetworkDriverApi, NetworkRemoval):
-    # Docker retries a call for 30 s; after a restart, whatever was in flight at
-    # the crash is claimed or released by Docker well within this time.
-    UNCLAIMED_GRACE = 30.0
-
     def __init__(self, ledger: Ledger, dataplane: Dataplane, features: KernelFeatures,
                  read_facts: Callable[[], Awaitable[HostFacts]], default_encap: str = "auto",
                  faults: Faults = NO_FAULTS):
@@ -60,7 +44,7 @@ class NetworkDriver(NetworkDriverApi, NetworkRemoval):
         self.read_facts = read_facts
         self.default_encap = default_encap
         self.faults = faults
-        self._sweep: Optional[asyncio.Task] = None
+        self.ports = PortPublisher(ledger, dataplane, faults)
         self._deleting: Set[asyncio.Task] = set()   # veths going away after the answer
 
     async def capabilities(self) -> NetworkCapabilities:
@@ -162,7 +146,7 @@ class NetworkDriver(NetworkDriverApi, NetworkRemoval):
     async def create_endpoint(self, request: CreateEndpoint) -> EndpointCreated:
         network_id, endpoint_id = request.network_id, request.endpoint_id
         async with self.ledger.change() as state:
-            net = self._network(state, network_id)
+            net = find_network(state, network_id)
             plan = plan_for(state, network_id)
             address = _endpoint_address(request, plan)
             pool = state.pools[net.pool_id]
@@ -222,14 +206,14 @@ class NetworkDriver(NetworkDriverApi, NetworkRemoval):
 
     async def endpoint_info(self, request: EndpointRef) -> EndpointInfo:
         async with self.ledger.read() as state:
-            endpoint = self._endpoint(state, request.network_id, request.endpoint_id)
+            endpoint = find_endpoint(state, request.network_id, request.endpoint_id)
             return EndpointInfo(address=IPv4Interface(endpoint.address), mac=endpoint.mac,
                                 host_interface=Endpoint.host_ifname(request.endpoint_id),
                                 ports=endpoint.ports)
 
     async def join(self, request: EndpointRef) -> JoinInfo:
         async with self.ledger.read() as state:
-            self._endpoint(state, request.network_id, request.endpoint_id)
+            find_endpoint(state, request.network_id, request.endpoint_id)
             plan = plan_for(state, request.network_id)
         # Rules are cheap to check, and something may have flushed them. Outside
         # the ledger: other requests need not wait for iptables (the firewall
@@ -241,120 +225,13 @@ class NetworkDriver(NetworkDriverApi, NetworkRemoval):
                         gateway=plan.gateway.ip, static_routes=_static_routes(plan))
 
     async def program_external_connectivity(self, request: ExternalConnectivity) -> None:
-        """Publish the endpoint's ports: Docker leaves it to a driver whose Join
-        gives a gateway. Any failure leaves no port taken and no rule."""
-        network_id, endpoint_id = request.network_id, request.endpoint_id
-        publication = request.publication
-        async with self.ledger.change() as state:
-            endpoint = self._endpoint(state, network_id, endpoint_id)
-            plan = plan_for(state, network_id)
-            if plan.internal and publication.requests:
-                raise FanError(f"fan network {short_id(network_id)} is internal: it publishes "
-                               "no ports; drop -p/-P or use a network without --internal")
-            if endpoint.ports:    # programmed again (Docker 29: the gateway moved back)
-                await self.dataplane.unpublish(plan, endpoint_id, endpoint.ports)
-                endpoint.ports = ()
-                self.ledger.commit()
-            if not publication.requests:
-                return
-            endpoint.ports = await self.dataplane.publish(
-                plan, endpoint_id, endpoint.ip, publication.requests,
-                held_index(published_ports(state, but=endpoint_id)))
-            self.faults.check("program_external_connectivity:after_kernel")
-        log.info("endpoint %s publishes %s", short_id(endpoint_id),
-                 ", ".join(b.describe() + (f" (+{n - 1})" if n > 1 else "")
-                           for b, n in runs(endpoint.ports)))
+        await self.ports.publish(request)
 
     async def revoke_external_connectivity(self, request: EndpointRef) -> None:
-        network_id, endpoint_id = request.network_id, request.endpoint_id
-        async with self.ledger.change() as state:
-            net = state.networks.get(network_id)
-            endpoint = net.endpoints.get(endpoint_id) if net is not None else None
-            if endpoint is None or not endpoint.ports:
-                return
-            bindings, endpoint.ports = endpoint.ports, ()
-            self.ledger.commit()    # a crash from here leaves orphan rules, swept at start
-            self.faults.check("revoke_external_connectivity:after_state")
-            await self.dataplane.unpublish(plan_for(state, network_id), endpoint_id, bindings)
-        log.info("endpoint %s publishes no ports any more", short_id(endpoint_id))
+        await self.ports.revoke(request)
 
     async def leave(self, request: EndpointRef) -> None:
         self.faults.check("leave:before_reply")
-
-    async def restore(self) -> None:
-        """After a restart or a reboot: make the kernel match the state, both ways
-        (remove what no state accounts for, make again what the state holds), and
-        release, after a grace period, what was handed out and not yet used when
-        the plugin stopped: a reply lost in a crash is one Docker never saw."""
-        async with self.ledger.change() as state:
-            unclaimed = _mark_unclaimed(state)
-            plans = [plan_for(state, nid) for nid in state.networks]
-            endpoints = {eid for net in state.networks.values() for eid in net.endpoints}
-            published = {eid for net in state.networks.values()
-                         for eid, ep in net.endpoints.items() if ep.ports}
-            await self.dataplane.remove_orphans(plans, endpoints, published)
-            self.faults.check("restore:after_orphans")
-            for plan in plans:
-                try:
-                    await self.dataplane.ensure_network(plan, undo_on_failure=False)
-                    on_network = state.networks[plan.network_id].endpoints
-                    await self.dataplane.reattach(plan, on_network)
-                    for endpoint_id, endpoint in on_network.items():
-                        if endpoint.ports:
-                            await self.dataplane.restore_ports(plan, endpoint_id, endpoint.ip,
-                                                               endpoint.ports)
-                except FanError as exc:   # serve the others; requests on it will say so
-                    log.error("network %s cannot be restored: %s", short_id(plan.network_id), exc)
-                    continue
-                self.faults.check("restore:after_network")
-                log.info("network %s restored: bridge %s", short_id(plan.network_id), plan.bridge)
-        if unclaimed:
-            log.warning("%s handed out before the restart and not in use yet: released in "
-                        "%.0f s unless Docker uses them", ", ".join(unclaimed),
-                        self.UNCLAIMED_GRACE)
-            self._sweep = asyncio.get_running_loop().create_task(
-                self._release_unclaimed(self.UNCLAIMED_GRACE))
-
-    async def _release_unclaimed(self, delay: float) -> None:
-        await asyncio.sleep(delay)
-        async with self.ledger.change() as state:
-            for pid, pool in list(state.pools.items()):
-                if pool.unclaimed and state.network_of_pool(pid) is None:
-                    del state.pools[pid]
-                    log.warning("released pool %s: no network used it", pid)
-                    continue
-                for ip, owner in list(pool.addresses.items()):
-                    if owner == Owner.UNCLAIMED:
-                        del pool.addresses[ip]
-                        log.warning("released address %s: no endpoint used it", ip)
-
-    @staticmethod
-    def _network(state: State, network_id: str) -> Network:
-        try:
-            return state.networks[network_id]
-        except KeyError:
-            raise NotFound(f"no fan network {short_id(str(network_id))}") from None
-
-    def _endpoint(self, state: State, network_id: str, endpoint_id: str) -> Endpoint:
-        try:
-            return self._network(state, network_id).endpoints[endpoint_id]
-        except KeyError:
-            raise NotFound(f"no endpoint {short_id(str(endpoint_id))} on fan network "
-                           f"{short_id(network_id)}") from None
-
-
-def _mark_unclaimed(state: State) -> list:
-    """Mark pools without a network and addresses without an endpoint; say which."""
-    marked = []
-    for pid, pool in state.pools.items():
-        if state.network_of_pool(pid) is None:
-            pool.unclaimed = True
-            marked.append(f"pool {pid}")
-        for ip, owner in pool.addresses.items():
-            if owner in (Owner.PENDING, Owner.UNCLAIMED):
-                pool.addresses[ip] = Owner.UNCLAIMED
-                marked.append(f"address {ip}")
-    return marked
 
 
 def _static_routes(plan: NetworkPlan) -> Tuple[StaticRoute, ...]:

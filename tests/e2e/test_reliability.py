@@ -20,7 +20,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from fan_driver import faults
-from fan_driver.network import NetworkDriver
+from fan_driver.reconcile import UNCLAIMED_GRACE
 from tests.harness import consistency
 from tests.harness.dockerd import docker_bg
 from tests.harness.netlab import busybox_path
@@ -34,7 +34,7 @@ UNDERLAY = "172.30.0.0/16"
 OUTSIDE = "172.30.255.254"
 CRASH_NET, CRASH_SUBNET = "crashnet", "251.0.0.0/8"
 CRASH_ENV = faults.ENV
-GRACE = NetworkDriver.UNCLAIMED_GRACE
+GRACE = UNCLAIMED_GRACE
 LOAD = 100            # concurrent `docker run`s
 BURST = 100           # concurrent raw RequestAddress calls, then as many releases
 

@@ -22,8 +22,8 @@ from fan_driver.dataplane.firewall import network_rules
 from fan_driver.dataplane.ebpf import DECAP_PREF, PROGRAM_PREFIX
 from fan_driver.dataplane.plan import ENCAPS, MARK
 from fan_driver.dataplane.routes import RoutesMapping
+from fan_driver.lookup import plan_for
 from fan_driver.model import Owner, State
-from fan_driver.network import plan_for
 
 SHARED_TUNNELS = tuple(encap.device for encap in ENCAPS.values())
 

@@ -20,6 +20,7 @@ from fan_driver.ipam import IpamDriver
 from fan_driver.model import Endpoint, Network, Owner, Pool, State
 from fan_driver.network import NetworkDriver
 from fan_driver.protocol import GATEWAY_REQUEST
+from fan_driver.reconcile import Reconciler
 from fan_driver.store import STATE_FILE, Store
 
 from tests.unit.docker_calls import (create_endpoint, create_network, delete_endpoint,
@@ -237,42 +238,42 @@ async def test_restore_marks_what_was_in_flight_and_the_sweep_releases_it(driver
     address = await create(network, ipam)
     pending = (await request_address(ipam, PID, "", None))["Address"].split("/")[0]
     await request_pool(ipam, "240.0.0.0/8", "", {}, False)      # no network will come
-    network.UNCLAIMED_GRACE = 0.05
-    await network.restore()
+    reconciler = Reconciler(ledger, dataplane, grace=0.05)
+    await reconciler.restore()
     addresses = ledger.state.pools[PID].addresses
     assert addresses[pending] == Owner.UNCLAIMED and addresses[address.split("/")[0]] == EID
     assert ledger.state.pools["fan:240.0.0.0/8"].unclaimed
     assert not ledger.state.pools[PID].unclaimed
     assert saved(ledger)["pools"][PID]["addresses"][pending] == Owner.UNCLAIMED
-    await asyncio.wait_for(network._sweep, 5)
+    await asyncio.wait_for(reconciler._sweep, 5)
     assert pending not in ledger.state.pools[PID].addresses
     assert "fan:240.0.0.0/8" not in ledger.state.pools
     assert ledger.state.pools[PID].addresses[address.split("/")[0]] == EID
 
 
 async def test_what_docker_claims_in_the_grace_period_stays(drivers, ledger):
-    network, ipam, _ = drivers
+    network, ipam, dataplane = drivers
     await create(network, ipam, with_endpoint=False)
     pending = (await request_address(ipam, PID, "", None))["Address"]
     other = (await request_address(ipam, PID, "", None))["Address"].split("/")[0]
-    network.UNCLAIMED_GRACE = 0.05
-    await network.restore()
+    reconciler = Reconciler(ledger, dataplane, grace=0.05)
+    await reconciler.restore()
     # The CreateEndpoint dockerd was retrying arrives after the restart...
     await create_endpoint(network, NID, EID, {"Address": pending})
     # ... and an address Docker released, then handed out again, is a new one.
     await release_address(ipam, PID, other)
     await request_address(ipam, PID, other, None)
-    await asyncio.wait_for(network._sweep, 5)
+    await asyncio.wait_for(reconciler._sweep, 5)
     addresses = ledger.state.pools[PID].addresses
     assert addresses[pending.split("/")[0]] == EID and addresses[other] == ""
 
 
 async def test_a_pool_left_by_a_crash_does_not_block_the_next_create(drivers, ledger):
-    network, ipam, _ = drivers
+    _, ipam, dataplane = drivers
     await request_pool(ipam, "250.0.0.0/8", "", {}, False)     # its reply was lost
-    network.UNCLAIMED_GRACE = 60
-    await network.restore()
-    network._sweep.cancel()
+    reconciler = Reconciler(ledger, dataplane, grace=60)
+    await reconciler.restore()
+    reconciler._sweep.cancel()
     assert (await request_pool(ipam, "250.0.0.0/8", "", {}, False))["PoolID"] == PID
     assert not ledger.state.pools[PID].unclaimed
 

@@ -1,8 +1,11 @@
 """The declared interfaces (fan_driver/dataplane/base.py, fan_driver/drivers.py)
 and what implements them: the real dataplane, each peer-mapping mechanism, the
 drivers, their refusing stand-ins and the tests' fakes have exactly the
-protocol's methods, with its signatures."""
+protocol's methods, with its signatures; and the IPAM and the network driver
+know each other only through those protocols."""
+import ast
 import inspect
+import typing
 
 import pytest
 
@@ -15,8 +18,11 @@ from fan_driver.dataplane.ebpf import EbpfMapping
 from fan_driver.dataplane.kernel_fanmap import KernelMapping
 from fan_driver.dataplane.routes import RoutesMapping
 from fan_driver.drivers import IpamDriverApi, NetworkDriverApi, NetworkRemoval
+from fan_driver import ipam, network
 from fan_driver.ipam import IpamDriver
 from fan_driver.network import NetworkDriver
+from fan_driver.publishing import PortPublisher
+from fan_driver.reconcile import Reconciler
 from fan_driver.server import routes
 
 from tests.unit.fakes import FakeDataplane
@@ -25,10 +31,13 @@ IMPLEMENTATIONS = [(Dataplane, LinuxDataplane), (Dataplane, FakeDataplane),
                    (PeerMapping, EbpfMapping), (PeerMapping, KernelMapping),
                    (PeerMapping, RoutesMapping), (IpamDriverApi, IpamDriver),
                    (NetworkDriverApi, _RefusingNetwork), (IpamDriverApi, _RefusingIpam)]
-# The network driver implements two protocols, and restore(), which the CLI
-# calls once at start.
+# The network driver implements two protocols.
 NETWORK_DRIVER_PROTOCOLS = (NetworkDriverApi, NetworkRemoval)
-NETWORK_DRIVER_EXTRA = {"restore"}
+# Parts without a protocol of their own, each with one caller: what it calls.
+PARTS = {Reconciler: {"restore"},                  # the CLI, once at start
+         PortPublisher: {"publish", "revoke"}}     # the network driver
+# The modules of the network driver, which the IPAM must not import.
+NETWORK_SIDE = {"network", "publishing", "reconcile", "lookup"}
 
 
 def public_methods(cls) -> dict:
@@ -52,13 +61,40 @@ def test_an_implementation_takes_the_protocols_arguments(protocol, cls):
         assert inspect.iscoroutinefunction(method) == inspect.iscoroutinefunction(declared)
 
 
-def test_the_network_driver_has_exactly_its_protocols_methods_and_restore():
+def test_the_network_driver_has_exactly_its_protocols_methods():
     assert set(NETWORK_DRIVER_PROTOCOLS) <= set(NetworkDriver.__mro__)
     assert not inspect.isabstract(NetworkDriver), NetworkDriver.__abstractmethods__
     declared = set().union(*(public_methods(p) for p in NETWORK_DRIVER_PROTOCOLS))
-    assert set(public_methods(NetworkDriver)) == declared | NETWORK_DRIVER_EXTRA
+    assert set(public_methods(NetworkDriver)) == declared
     for protocol in NETWORK_DRIVER_PROTOCOLS:
         test_an_implementation_takes_the_protocols_arguments(protocol, NetworkDriver)
+
+
+@pytest.mark.parametrize("cls", PARTS, ids=lambda c: c.__name__)
+def test_a_part_has_only_the_methods_its_caller_calls(cls):
+    assert set(public_methods(cls)) == PARTS[cls]
+
+
+def imported_modules(module) -> dict:
+    """{the fan_driver module a `from .x import ...` names: the names imported}."""
+    tree = ast.parse(inspect.getsource(module))
+    return {node.module: {alias.name for alias in node.names} for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+
+def test_the_ipam_reaches_the_network_driver_only_as_network_removal():
+    assert not NETWORK_SIDE & set(imported_modules(ipam))
+    hints = typing.get_type_hints(IpamDriver.__init__)
+    assert hints["network"] == typing.Optional[NetworkRemoval]
+    tree = ast.parse(inspect.getsource(IpamDriver))
+    called = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+              and isinstance(node.value, ast.Attribute) and node.value.attr == "network"}
+    assert called == set(public_methods(NetworkRemoval))
+
+
+def test_the_network_driver_takes_from_the_ipam_no_class():
+    taken = imported_modules(network).get("ipam", set())
+    assert not [name for name in taken if inspect.isclass(getattr(ipam, name))]
 
 
 def test_the_drivers_protocols_are_exactly_what_the_server_routes_to():
