@@ -18,7 +18,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -92,14 +91,11 @@ def mp(docker_flavour, harness_timings, dockerd_versions, lab_lock_waits):
     if why:
         pytest.skip(why)
     started = time.monotonic()
-    lab = Lab(prefix="fanlab-mp-")
-    lab_lock_waits.append(lab.lock_wait_seconds)
-    workdir = Path(tempfile.mkdtemp(prefix="fanlab-mp-"))
-    dockerd = None
-    try:
+    with managed.plugin_lab("fanlab-mp-", lab_lock_waits) as (lab, workdir, daemons):
         host = lab.add_host("h28", "172.30.0.28/16")
         lab.add_outside(f"{OUTSIDE}/16")
         dockerd = Dockerd(host, flavour=docker_flavour).start()
+        daemons.append(dockerd)
         dockerd_versions[docker_flavour] = dockerd.version
         ensure_busybox(dockerd)
         ml = ManagedLab(lab=lab, dockerd=dockerd, workdir=workdir, timings=harness_timings)
@@ -110,14 +106,6 @@ def mp(docker_flavour, harness_timings, dockerd_versions, lab_lock_waits):
         ml.record("base image import", imported)
         (workdir / "state").mkdir()
         yield ml
-    finally:
-        try:
-            if dockerd is not None and dockerd.running:
-                dockerd.reset()
-                managed.remove_plugins(dockerd)
-        finally:
-            lab.close()     # stops dockerd (its data-root with the plugins goes too)
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

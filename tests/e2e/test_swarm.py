@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -131,6 +130,13 @@ class Swarm:
                                      f" {found}\n{ps.stdout}{ps.stderr}")
             time.sleep(0.5)
 
+    def gone(self, service: str) -> None:
+        """Wait until the service's tasks are gone; then every node's state,
+        Docker and kernel agree."""
+        self.converged(service, 0)
+        for node in self.nodes.values():
+            node.check()
+
     def plugin_logs(self) -> str:
         return "\n".join(f"--- {n.name} ---\n{managed.plugin_log(n.dockerd)}"
                          for n in self.nodes.values())
@@ -153,80 +159,71 @@ def swarm(docker_flavour, harness_timings, dockerd_versions, lab_lock_waits):
     if why:
         pytest.skip(why)
     started = time.monotonic()
-    lab = Lab(prefix="fanlab-sw-")
-    lab_lock_waits.append(lab.lock_wait_seconds)
-    workdir = Path(tempfile.mkdtemp(prefix="fanlab-sw-"))
-    nodes = {}
-    try:
-        lab.add_outside(f"{OUTSIDE}/16")
-        timings = {}
-        nodes = start_swarm(lab, docker_flavour, workdir, timings.__setitem__)
-        manager = nodes[MANAGER]
-        dockerd_versions[docker_flavour] = manager.dockerd.version
-        # busybox saved and loaded, not imported on each node: the same image
-        # ID everywhere, by which services name it (a tag would make each node
-        # try the registry first, which is out of reach here).
-        ensure_busybox(manager.dockerd)
-        saved = workdir / "busybox.tar"
-        manager.cli("save", "-o", str(saved), "busybox")
-        for node in nodes.values():
-            if node is not manager:
-                node.cli("load", "-i", str(saved))
-        image = manager.cli("image", "inspect", "-f", "{{.Id}}", "busybox").stdout.strip()
-
-        built, imported = managed.import_base(manager.dockerd)
-        timings["base tarball (mmdebstrap; 0 = cached)"] = built
-        timings["base image import"] = imported
-        t = time.monotonic()
-        managed.build(manager.dockerd, workdir, "--state-dir", str(manager.state_dir))
-        timings["build.sh on the manager"] = time.monotonic() - t
-        t = time.monotonic()
-        plugin = managed.plugin_dir(manager.dockerd, workdir / "plugin")
-        timings["plugin directory from the image"] = time.monotonic() - t
-        t = time.monotonic()
-        with ThreadPoolExecutor() as pool:
-            list(pool.map(lambda n: managed.install_plugin_dir(n.dockerd, plugin, n.state_dir),
-                          [n for n in nodes.values() if n is not manager]))
-        shutil.rmtree(plugin)
-        timings["plugin created on the workers"] = time.monotonic() - t
-
-        t = time.monotonic()
-        ip = str(manager.host.ip)
-        manager.cli("swarm", "init", "--advertise-addr", ip, "--listen-addr", f"{ip}:2377",
-                    "--data-path-port", str(DATA_PATH_PORT))
-        token = manager.cli("swarm", "join-token", "-q", "worker").stdout.strip()
-        for node in nodes.values():
-            if node is not manager:
-                node.cli("swarm", "join", "--token", token, "--advertise-addr",
-                         str(node.host.ip), f"{ip}:2377")
-        timings["swarm init + join"] = time.monotonic() - t
-
-        sw = Swarm(lab, nodes, workdir, image, harness_timings)
-        for what, seconds in timings.items():
-            sw.record(what, seconds)
-        sw.record("lab lock wait (another run)", lab.lock_wait_seconds)
-        sw.record("set-up in all", time.monotonic() - started - lab.lock_wait_seconds)
-        # what swarm itself makes on each node (docker_gwbridge and the
-        # ingress sandbox's port on it) comes moments after the join
-        for node in nodes.values():
-            wait_for(f"{node.name}: swarm's ingress sandbox", lambda node=node: node.host.run(
-                ["ip", "-o", "link", "show", "master", "docker_gwbridge"],
-                check=False).stdout.strip())
-        sw.before = {n.name: fan_snapshot(n.host) for n in nodes.values()}
-        yield sw
-    finally:
+    with managed.plugin_lab("fanlab-sw-", lab_lock_waits) as (lab, workdir, daemons):
+        nodes = {}
         try:
+            lab.add_outside(f"{OUTSIDE}/16")
+            timings = {}
+            nodes = start_swarm(lab, docker_flavour, workdir, timings.__setitem__)
+            manager = nodes[MANAGER]
+            dockerd_versions[docker_flavour] = manager.dockerd.version
+            # busybox saved and loaded, not imported on each node: the same image
+            # ID everywhere, by which services name it (a tag would make each node
+            # try the registry first, which is out of reach here).
+            ensure_busybox(manager.dockerd)
+            saved = workdir / "busybox.tar"
+            manager.cli("save", "-o", str(saved), "busybox")
+            for node in nodes.values():
+                if node is not manager:
+                    node.cli("load", "-i", str(saved))
+            image = manager.cli("image", "inspect", "-f", "{{.Id}}", "busybox").stdout.strip()
+
+            built, imported = managed.import_base(manager.dockerd)
+            timings["base tarball (mmdebstrap; 0 = cached)"] = built
+            timings["base image import"] = imported
+            t = time.monotonic()
+            managed.build(manager.dockerd, workdir, "--state-dir", str(manager.state_dir))
+            timings["build.sh on the manager"] = time.monotonic() - t
+            t = time.monotonic()
+            plugin = managed.plugin_dir(manager.dockerd, workdir / "plugin")
+            timings["plugin directory from the image"] = time.monotonic() - t
+            t = time.monotonic()
+            with ThreadPoolExecutor() as pool:
+                list(pool.map(lambda n: managed.install_plugin_dir(n.dockerd, plugin, n.state_dir),
+                              [n for n in nodes.values() if n is not manager]))
+            shutil.rmtree(plugin)
+            timings["plugin created on the workers"] = time.monotonic() - t
+
+            t = time.monotonic()
+            ip = str(manager.host.ip)
+            manager.cli("swarm", "init", "--advertise-addr", ip, "--listen-addr", f"{ip}:2377",
+                        "--data-path-port", str(DATA_PATH_PORT))
+            token = manager.cli("swarm", "join-token", "-q", "worker").stdout.strip()
+            for node in nodes.values():
+                if node is not manager:
+                    node.cli("swarm", "join", "--token", token, "--advertise-addr",
+                             str(node.host.ip), f"{ip}:2377")
+            timings["swarm init + join"] = time.monotonic() - t
+
+            sw = Swarm(lab, nodes, workdir, image, harness_timings)
+            for what, seconds in timings.items():
+                sw.record(what, seconds)
+            sw.record("lab lock wait (another run)", lab.lock_wait_seconds)
+            sw.record("set-up in all", time.monotonic() - started - lab.lock_wait_seconds)
+            # what swarm itself makes on each node (docker_gwbridge and the
+            # ingress sandbox's port on it) comes moments after the join
+            for node in nodes.values():
+                wait_for(f"{node.name}: swarm's ingress sandbox", lambda node=node: node.host.run(
+                    ["ip", "-o", "link", "show", "master", "docker_gwbridge"],
+                    check=False).stdout.strip())
+            sw.before = {n.name: fan_snapshot(n.host) for n in nodes.values()}
+            yield sw
+        finally:
             # workers first: a manager leaving first would strand them
             for node in sorted(nodes.values(), key=lambda n: n.name == MANAGER):
                 if node.dockerd.running:
                     node.cli("swarm", "leave", "--force", check=False)
-            for node in nodes.values():
-                if node.dockerd.running:
-                    node.dockerd.reset()
-                    managed.remove_plugins(node.dockerd)
-        finally:
-            lab.close()     # stops the dockerds (their data-roots with the plugins go too)
-            shutil.rmtree(workdir, ignore_errors=True)
+            daemons.extend(node.dockerd for node in nodes.values())
 
 
 @pytest.fixture(autouse=True)
@@ -528,9 +525,7 @@ def test_stack_deploy_on_the_external_fan_network(swarm):
         resolves(node, task, "st_api", addresses(api))
     finally:
         swarm.manager.cli("stack", "rm", "st")
-    swarm.converged("st_api", 0)
-    for n in swarm.nodes.values():
-        n.check()
+    swarm.gone("st_api")
 
 
 def test_a_drained_node_gives_up_its_tasks_and_takes_them_back(swarm):
@@ -573,9 +568,7 @@ def test_vip_mode_falls_back_to_dns_round_robin(swarm):
             ping(node, task, address)
     finally:
         swarm.manager.cli("service", "rm", "vip")
-    swarm.converged("vip", 0)
-    for n in swarm.nodes.values():
-        n.check()
+    swarm.gone("vip")
 
 
 def test_a_worker_leaving_takes_its_tasks_and_network_down(swarm):

@@ -49,7 +49,7 @@ from . import unixhttp
 from .images import find_static_busybox
 from .netlab import Host, shell_join
 from .sidroot import SidRoot, sid_root
-from .procs import (CommandError, cmdline, env_with_sbin, kill_pids,
+from .procs import (ChildProcess, CommandError, cmdline, env_with_sbin, kill_pids,
                     mountinfo, ns_inode, pids_in_ns, remove_cgroup_trees, run_cmd, stop_popen,
                     tail, wait_answering, with_descendants)
 
@@ -98,7 +98,7 @@ class DockerdError(RuntimeError):
     pass
 
 
-class Dockerd:
+class Dockerd(ChildProcess):
     """One dockerd in `host`'s namespace (one per host: each makes its docker0).
 
     start() / stop() / kill() / restart() / close(); .client (docker SDK);
@@ -146,14 +146,6 @@ class Dockerd:
         host.lab.add_cleanup(self.close, host)
 
     # -- process ------------------------------------------------------------------
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     @property
     def label(self) -> str:

@@ -19,10 +19,14 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .images import import_tarball
+from .netlab import Lab
 from .procs import env_with_sbin, run_cmd
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,3 +129,26 @@ def plugin_log(dockerd, lines: int = 30) -> str:
     log = dockerd.log_path.read_text(errors="replace").splitlines()
     return "\n".join([line[:300] for line in log if "plugin=" in line and "msg=" in line
                       and "DEBUG" not in line][-lines:])
+
+
+@contextmanager
+def plugin_lab(prefix: str, lock_waits: list) -> Iterator[tuple[Lab, Path, list]]:
+    """A lab of its own (namespaces named `prefix`...), a work directory and a
+    list to put the lab's dockerds in; on the way out each running one is
+    emptied and loses its plugins, then the lab (and with it the dockerds and
+    their data-roots) and the work directory go."""
+    lab = Lab(prefix=prefix)
+    lock_waits.append(lab.lock_wait_seconds)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    daemons: list = []
+    try:
+        yield lab, workdir, daemons
+    finally:
+        try:
+            for dockerd in daemons:
+                if dockerd.running:
+                    dockerd.reset()
+                    remove_plugins(dockerd)
+        finally:
+            lab.close()
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import unixhttp
 from .netlab import Host
-from .procs import (env_with_sbin, run_cmd, send_signal, stop_popen, tail,
+from .procs import (ChildProcess, env_with_sbin, run_cmd, send_signal, stop_popen, tail,
                     wait_answering)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ class PluginError(RuntimeError):
     pass
 
 
-class PluginProcess:
+class PluginProcess(ChildProcess):
     """`python -m fan_driver serve --socket S --state-dir D --log-level L` (debug)
     in `host`'s namespace; its log (appended across restarts) goes to log_path.
 
@@ -74,14 +74,6 @@ class PluginProcess:
     @property
     def spec_path(self) -> Path:
         return self.host.etc_dir / "docker" / "plugins" / f"{self.name}.spec"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     @property
     def returncode(self) -> int | None:

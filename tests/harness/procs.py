@@ -202,3 +202,16 @@ def remove_cgroup_trees(name: str) -> None:
                     os.rmdir(dirpath)
                 except OSError:
                     pass
+
+
+class ChildProcess:
+    """A lab process we started (`proc`, None until started)."""
+    proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
