@@ -8,7 +8,8 @@ from typing import Awaitable, Callable, Iterator, Optional, Set, Tuple
 
 from .config import NetworkOptions
 from .dataplane import Dataplane, choose
-from .dataplane.plan import ENCAPS, NetworkPlan
+from .dataplane.encap import ENCAPS
+from .dataplane.plan import NetworkPlan
 from .drivers import NetworkDriverApi, NetworkRemoval
 from .errors import FanError, NotFound
 from .faults import NO_FAULTS, Faults
