@@ -30,8 +30,8 @@ from ipaddress import IPv4Address, IPv4Network
 from pyroute2 import AsyncIPRoute
 
 from fan_driver.dataplane import bpf, libbpf
-from fan_driver.dataplane.ebpf import SEND_PREF, SHARED_VXLAN_MAC
-from fan_driver.dataplane.plan import ENCAPS, VXLAN
+from fan_driver.dataplane.encap import ENCAPS, VXLAN
+from fan_driver.dataplane.mapping.ebpf import SEND_PREF
 from fan_driver.fanmap import FanMap, HostSlice
 from tests.harness.netlab import busybox_path
 from tests.harness.procs import env_with_sbin, run_cmd, stop_popen
@@ -203,9 +203,9 @@ def _swap_send_program(h: FanHost, container: str, overlay: IPv4Network, **chang
             underlay = (await ipr.link_lookup(ifname="eth0"))[0]
             fan, local = FanMap(overlay, IPv4Network(UNDERLAY)), IPv4Address(h.ip)
             config = bpf.Config(fan, HostSlice(fan, local).slice,
-                                (int(overlay.network_address) >> 8) & 0xFFFFFF, True, local,
-                                tunnel_index=tunnel, underlay_index=underlay,
-                                tunnel_mac=SHARED_VXLAN_MAC)
+                                (int(overlay.network_address) >> 8) & 0xFFFFFF,
+                                VXLAN.bpf_encap, local, tunnel_index=tunnel,
+                                underlay_index=underlay, tunnel_mac=VXLAN.device_mac)
             obj = bpf.load(replace(config, **changes), "fan_bench")
             try:
                 # the program sends only what its map says is the container's

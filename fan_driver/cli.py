@@ -57,9 +57,9 @@ def main(argv=None) -> int:
 
 def peer_mappings() -> Dict[str, PeerMapping]:
     """One of each peer-mapping mechanism, by name (config.PEER_MAPPINGS)."""
-    from .dataplane.ebpf import EbpfMapping
-    from .dataplane.kernel_fanmap import KernelMapping
-    from .dataplane.routes import RoutesMapping
+    from .dataplane.mapping.ebpf import EbpfMapping
+    from .dataplane.mapping.kernel_fanmap import KernelMapping
+    from .dataplane.mapping.routes import RoutesMapping
 
     return {m.name: m for m in (KernelMapping(), EbpfMapping(), RoutesMapping())}
 
@@ -68,7 +68,8 @@ async def serve(settings: Settings) -> None:
     from pyroute2 import AsyncIPRoute
 
     from . import host, iptables, server
-    from .dataplane import LinuxDataplane, ebpf
+    from .dataplane import LinuxDataplane
+    from .dataplane.mapping import ebpf
     from .dataplane.firewall import IptablesFirewall
     from .faults import Faults
     from .ipam import IpamDriver

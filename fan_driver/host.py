@@ -9,7 +9,7 @@ from ipaddress import IPv4Interface, IPv4Network
 from pyroute2 import AsyncIPRoute
 
 from .dataplane.netlink import GONE, MAIN_TABLE, RTN_UNICAST, dumped, kernel
-from .dataplane.plan import VXLAN_PORT
+from .dataplane.encap import ENCAPS
 from .errors import KernelError
 from .hostfacts import HostFacts, Interface, KernelFeatures
 
@@ -53,8 +53,7 @@ async def probe_kernel(ipr: AsyncIPRoute, ebpf_check, conntrack_check) -> Kernel
     ebpf = ebpf_check()
     return KernelFeatures(
         fan_map=os.path.exists(KERNEL_FAN_VERSION),
-        ipip=await _can_create(ipr, "ipip", {}),
-        vxlan=await _can_create(ipr, "vxlan", {"vxlan_id": 1, "vxlan_port": VXLAN_PORT}),
+        **{e.name: await _can_create(ipr, e.name, e.probe_spec()) for e in ENCAPS.values()},
         ebpf=ebpf,
         conntrack_lookup=ebpf and conntrack_check(),
     )

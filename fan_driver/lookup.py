@@ -5,7 +5,8 @@ NetworkDriver, the PortPublisher and the Reconciler, which import nothing of
 each other's."""
 from __future__ import annotations
 
-from .dataplane.plan import ENCAPS, NetworkPlan
+from .dataplane.encap import encap_named
+from .dataplane.plan import NetworkPlan
 from .errors import NotFound
 from .model import Endpoint, Network, State, short_id
 
@@ -15,7 +16,7 @@ def plan_for(state: State, network_id: str) -> NetworkPlan:
     pool = state.pools[net.pool_id]
     return NetworkPlan(network_id=network_id, host=pool.host_slice,
                        underlay_interface=pool.interface, mtu=net.mtu,
-                       encap=ENCAPS[net.encap], mapping=net.mapping, tc_pref=net.tc_pref,
+                       encap=encap_named(net.encap), mapping=net.mapping, tc_pref=net.tc_pref,
                        internal=net.internal, receive=net.receive)
 
 

@@ -12,7 +12,8 @@ from pyroute2 import AsyncIPRoute
 
 from .. import host, iptables
 from ..config import RECEIVE_PATHS
-from ..dataplane import IP_FORWARD, ebpf
+from ..dataplane import IP_FORWARD
+from ..dataplane.mapping import ebpf
 from ..dataplane.dnat import first_taker, foreign_dnat
 from ..dataplane.firewall import CHAINS
 from ..dataplane.plan import MARK

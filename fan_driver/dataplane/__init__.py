@@ -3,8 +3,10 @@
 `Dataplane` states intent (ensure a network, attach an endpoint) and every step
 is idempotent, so the same calls create a network, repair it after a crash and
 restore it after a reboot. How the tunnel finds a peer is one of the
-mechanisms (base.PeerMapping) the plugin's wiring (cli.peer_mappings) hands to
-LinuxDataplane; picking one is a single line in `choose`.
+mechanisms (base.PeerMapping, in mapping/) the plugin's wiring
+(cli.peer_mappings) hands to LinuxDataplane; how packets travel between hosts
+is one of the encapsulations (encap.Encapsulation, in encap/). `choose` picks
+one of each.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from ..hostfacts import KernelFeatures
 from ..model import Endpoint
 from ..ports import Held, PortBinding, PortRequest
 from .base import Dataplane, Firewall, PeerMapping
+from .encap import ENCAPS, Encapsulation, encap_named, supported
 from .netlink import Links
-from .plan import ENCAPS, IPIP, VXLAN, Encap, NetworkPlan
+from .plan import NetworkPlan
 from .proxy import UserlandProxy
 from .publish import Publisher
 
@@ -33,12 +36,13 @@ IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
 
 def choose(encap: str, mapping: str, receive: str,
-           features: KernelFeatures) -> Tuple[Encap, str, str]:
+           features: KernelFeatures) -> Tuple[Encapsulation, str, str]:
     """The encapsulation, peer mapping and receive path for a request on this
     kernel: the kernel's own fan map where present, else eBPF, else per-peer
-    routes; IPIP where the kernel has it (20 bytes of overhead against VXLAN's
-    50); VXLAN received straight from the underlay for flows conntrack has
-    seen pass the host's firewall, where the kernel can look them up."""
+    routes; the first encapsulation of encap.ENCAPS the kernel has (IPIP, 20
+    bytes of overhead against VXLAN's 50); VXLAN received straight from the
+    underlay for flows conntrack has seen pass the host's firewall, where the
+    kernel can look them up."""
     if mapping == "auto":
         mapping = next(m for m in PEER_MAPPINGS if _mapping_supported(m, features))
     elif mapping not in PEER_MAPPINGS:
@@ -47,20 +51,32 @@ def choose(encap: str, mapping: str, receive: str,
     elif not _mapping_supported(mapping, features):
         raise FanError(f"this kernel cannot do mapping={mapping} ({features.describe()}); "
                        "use mapping=auto, and run `fan-driver check` for details")
-    chosen = (IPIP if features.ipip else VXLAN) if encap == "auto" else ENCAPS[encap]
-    if not getattr(features, chosen.name):
-        raise FanError(
-            f"this kernel cannot create {chosen.name} devices; use encap=auto or "
-            f"encap={'vxlan' if chosen is IPIP else 'ipip'}")
+    chosen = _choose_encap(encap, features)
     return chosen, mapping, _choose_receive(receive, chosen, mapping, features)
 
 
-def _choose_receive(receive: str, encap: Encap, mapping: str, features: KernelFeatures) -> str:
-    shortcut = mapping == "ebpf" and encap.l2
+def _choose_encap(name: str, features: KernelFeatures) -> Encapsulation:
+    if name == "auto":
+        usable = [e for e in ENCAPS.values() if supported(e, features)]
+        if not usable:
+            raise FanError(f"this kernel can create none of the fan's tunnel devices "
+                           f"({', '.join(ENCAPS)}); run `fan-driver check` for details")
+        return usable[0]
+    chosen = encap_named(name)
+    if not supported(chosen, features):
+        others = " or ".join(f"encap={other}" for other in ENCAPS if other != name)
+        raise FanError(f"this kernel cannot create {name} devices; use encap=auto or {others}")
+    return chosen
+
+
+def _choose_receive(receive: str, encap: Encapsulation, mapping: str,
+                    features: KernelFeatures) -> str:
+    shortcut = mapping == "ebpf" and encap.receive_shortcut
     if receive == "auto":
         return "conntrack" if shortcut and features.conntrack_lookup else "tunnel"
     if receive != "tunnel" and not shortcut:
-        raise FanError(f"receive={receive} needs mapping=ebpf and encap=vxlan (this network "
+        able = " or ".join(f"encap={e.name}" for e in ENCAPS.values() if e.receive_shortcut)
+        raise FanError(f"receive={receive} needs mapping=ebpf and {able} (this network "
                        f"has mapping={mapping}, encap={encap.name}); use receive=tunnel or auto")
     if receive == "conntrack" and not features.conntrack_lookup:
         raise FanError("this kernel's eBPF programs cannot look up conntrack entries "

@@ -25,7 +25,9 @@ from ..errors import FanError
 from ..ports import ANY_ADDRESS, PortBinding
 from .base import Firewall
 from .dnat import ForeignDnat, foreign_dnat
-from .plan import MARK, TUNNEL_UDP_PORTS, NetworkPlan
+from .encap import TUNNEL_UDP_PORTS
+from .encap.ipip import PROTOCOL as IPIP_PROTOCOL
+from .plan import MARK, NetworkPlan
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,6 @@ USER_JUMP = "-A FORWARD -j DOCKER-USER"
 # bridge networks apart. A bridge given another name with
 # com.docker.network.bridge.name is not matched.
 DOCKER_BRIDGES = ("docker+", "br-+")
-IPIP_PROTOCOL = "4"
 # How `iptables -S` prints protocol 4 where /etc/protocols names it.
 PROTOCOL_NAMES = {"-p ipencap ": "-p 4 "}
 
@@ -61,18 +62,6 @@ PROTOCOL_NAMES = {"-p ipencap ": "-p 4 "}
 # prints it (addresses, then interfaces, then protocol, then matches, numbers of
 # u32 in lower-case hexadecimal), so that checking rules in place is comparing lines.
 Rule = Tuple[str, str, List[str]]
-
-
-def _u32_vxlan_vni(vni: int) -> str:
-    """The VXLAN header's VNI (after the IPv4 header, whatever its length, and
-    the 8 bytes of UDP) equal to `vni`."""
-    return f"0x0>>0x16&0x3c@0xc>>0x8={vni:#x}"
-
-
-def _u32_ipip_inner_destination(plan: NetworkPlan) -> str:
-    """The inner IPv4 header's destination (after the outer header) in the overlay."""
-    return (f"0x0>>0x16&0x3c@0x10&{int(plan.overlay.netmask):#x}="
-            f"{int(plan.overlay.network_address):#x}")
 
 
 def tunnel_rules(plan: NetworkPlan) -> List[Rule]:
@@ -87,13 +76,8 @@ def tunnel_rules(plan: NetworkPlan) -> List[Rule]:
     comment = ["-m", "comment", "--comment", plan.mark]
     underlay = str(plan.host.fan.underlay)
     ports = ["-m", "multiport", "--dports", ",".join(map(str, TUNNEL_UDP_PORTS))]
-    local = ["-m", "addrtype", "--dst-type", "LOCAL"]
     routed = ["-m", "addrtype", "!", "--dst-type", "LOCAL"]
-    if plan.encap.l2:
-        foreign = ["-p", "udp", *ports, *local, "-m", "u32", "--u32", _u32_vxlan_vni(plan.vni)]
-    else:
-        foreign = ["-p", IPIP_PROTOCOL, *local,
-                   "-m", "u32", "--u32", _u32_ipip_inner_destination(plan)]
+    foreign = plan.encap.tunnel_match(plan.vni, plan.overlay)
     return [
         ("raw", TUNNEL_CHAIN, ["!", "-s", underlay, *foreign, *comment, "-j", "DROP"]),
         ("raw", TUNNEL_CHAIN, ["-d", underlay, "-p", "udp", *ports, *routed, *comment,

@@ -3,36 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import TYPE_CHECKING
 
 from ..fanmap import HostSlice
 from ..model import short_id
 
+if TYPE_CHECKING:   # the encapsulations' modules import this one
+    from .encap.base import Encapsulation
+
 # The mark on everything we create: we only ever delete what carries it.
 MARK = "fan-driver"
-
-
-@dataclass(frozen=True)
-class Encap:
-    name: str
-    overhead: int          # bytes of outer headers per packet
-    inner_ip_offset: int   # where the inner IPv4 header starts in a packet on the device
-    device: str            # the shared external-mode device of this encapsulation
-
-    @property
-    def l2(self) -> bool:
-        """Whether the device's packets carry an inner Ethernet header (VXLAN)."""
-        return self.inner_ip_offset > 0
-
-
-# IPIP adds an outer IPv4 header; VXLAN adds IPv4 + UDP + VXLAN + inner Ethernet.
-IPIP = Encap("ipip", overhead=20, inner_ip_offset=0, device="fan-ipip")
-VXLAN = Encap("vxlan", overhead=50, inner_ip_offset=14, device="fan-vxlan")
-ENCAPS = {e.name: e for e in (IPIP, VXLAN)}
-VXLAN_PORT = 4789
-# The kernel's (and flannel's) VXLAN port: 4789 belongs to the eBPF mapping's
-# external-mode device, whose socket a plain VXLAN device cannot share.
-VXLAN_ROUTES_PORT = 8472
-TUNNEL_UDP_PORTS = (VXLAN_PORT, VXLAN_ROUTES_PORT)
 OUTER_TTL = 64   # of the outer IPv4 header, whichever device or program adds it
 
 
@@ -42,7 +22,7 @@ class NetworkPlan:
     host: HostSlice
     underlay_interface: str
     mtu: int
-    encap: Encap
+    encap: Encapsulation
     mapping: str
     tc_pref: int
     internal: bool = False   # --internal: nothing leaves the overlay, nothing is published

@@ -20,7 +20,8 @@ import sys
 
 import pytest
 
-from fan_driver.dataplane.plan import TUNNEL_UDP_PORTS, VXLAN_PORT
+from fan_driver.dataplane.encap import TUNNEL_UDP_PORTS
+from fan_driver.dataplane.encap.vxlan import PORT as VXLAN_PORT
 from tests.harness import consistency
 from tests.harness.nsclient import container_pid, ns_python
 

@@ -10,7 +10,7 @@ from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
 
-from fan_driver.dataplane import ebpf
+from fan_driver.dataplane.mapping import ebpf
 from tests.harness import consistency
 from tests.harness.consistency import kernel_snapshot
 from tests.harness.nsclient import container_pid, dns_query

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from fan_driver.fanmap import FanMap, HostSlice
 from fan_driver.dataplane.firewall import network_rules
-from fan_driver.dataplane.ebpf import DECAP_PREF, PROGRAM_PREFIX
-from fan_driver.dataplane.plan import ENCAPS, MARK
-from fan_driver.dataplane.routes import RoutesMapping
+from fan_driver.dataplane.encap import ENCAPS
+from fan_driver.dataplane.mapping.ebpf import DECAP_PREF, PROGRAM_PREFIX
+from fan_driver.dataplane.mapping.routes import RoutesMapping
+from fan_driver.dataplane.plan import MARK
 from fan_driver.lookup import plan_for
 from fan_driver.model import Owner, State
 

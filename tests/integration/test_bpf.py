@@ -33,8 +33,11 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from fan_driver.dataplane import bpf, libbpf
-from fan_driver.dataplane.ebpf import SHARED_VXLAN_MAC, conntrack_supported, probe_error
-from fan_driver.dataplane.plan import OUTER_TTL, VXLAN_PORT
+from fan_driver.dataplane.encap import IPIP, VXLAN, Encapsulation
+from fan_driver.dataplane.encap.vxlan import PORT as VXLAN_PORT
+from fan_driver.dataplane.encap.vxlan import SHARED_MAC as SHARED_VXLAN_MAC
+from fan_driver.dataplane.mapping.ebpf import conntrack_supported, probe_error
+from fan_driver.dataplane.plan import OUTER_TTL
 from fan_driver.errors import FanError
 from fan_driver.fanmap import FanMap, HostSlice
 
@@ -257,11 +260,11 @@ EXAMPLES = [
 ]
 
 
-def loaded(elf: dict, fan: FanMap, local: str, l2: bool = True, underlay_index: int = 0,
-           **kw) -> libbpf.BpfObject:
+def loaded(elf: dict, fan: FanMap, local: str, encap: Encapsulation = VXLAN,
+           underlay_index: int = 0, **kw) -> libbpf.BpfObject:
     """The object (of `elf`, the one the config names) for a network of `fan`
     on the host at `local`."""
-    config = bpf.Config(fan, HostSlice(fan, A(local)).slice, 4242, l2, A(local),
+    config = bpf.Config(fan, HostSlice(fan, A(local)).slice, 4242, encap.bpf_encap, A(local),
                         tunnel_index=17, underlay_index=underlay_index, bridge_index=23,
                         tunnel_mac=SHARED_VXLAN_MAC, **kw)
     return bpf.load(config, "fan_test", elf[config.object])
@@ -302,14 +305,14 @@ def test_examples_slices_match_reference(overlay, underlay, host, slice_):
 
 
 @needs_root
-@pytest.mark.parametrize("l2", [True, False], ids=["vxlan-l2-at-14", "ipip-l3-at-0"])
-def test_tunnel_key_is_the_fan_rule(elf, l2):
+@pytest.mark.parametrize("encap", [VXLAN, IPIP], ids=["vxlan-l2-at-14", "ipip-l3-at-0"])
+def test_tunnel_key_is_the_fan_rule(elf, encap):
     for overlay, underlay, host, slice_ in EXAMPLES:
         fan = FanMap(N(overlay), N(underlay))
         inner = str(N(slice_).network_address + 2)
-        obj = loaded(elf, fan, local_for(underlay), l2=l2, test_record_key=True)
+        obj = loaded(elf, fan, local_for(underlay), encap=encap, test_record_key=True)
         try:
-            if l2:
+            if encap.l2:
                 packet = frame(inner, dst_mac=SHARED_VXLAN_MAC.replace(":", ""))
             else:
                 # Test runs parse an Ethernet header whatever the program: from a
@@ -319,13 +322,13 @@ def test_tunnel_key_is_the_fan_rule(elf, l2):
             verdict, out = run_in_kernel(obj, bpf.TUNNEL_KEY, packet)
             assert verdict == TC_ACT_OK
             assert recorded_key(obj) == (4242, A(host), 64), (overlay, underlay)
-            if l2:   # the source MAC flipped from the shared device MAC, nothing else
+            if encap.l2:   # the source MAC flipped from the shared device MAC, nothing else
                 assert out[6:12] == bytes.fromhex(CONTAINER_MAC[:-1] + "3")
                 assert out[:6] + out[12:] == packet[:6] + packet[12:]
             else:
                 assert out == packet
             # outside the overlay: left to the next filter, untouched
-            other = frame("8.8.8.8") if l2 else ipv4("9.9.9.9", src="8.0.0.1")
+            other = frame("8.8.8.8") if encap.l2 else ipv4("9.9.9.9", src="8.0.0.1")
             assert run_in_kernel(obj, bpf.TUNNEL_KEY, other) == (TC_ACT_UNSPEC, other)
         finally:
             obj.close()
@@ -382,7 +385,7 @@ def test_send_encapsulates_ipip_to_the_fan_rule_address(elf, underlay_ns, df):
         if df:   # the inner DF bit, with the checksum kept valid
             packet = packet[:20] + b"\x40" + packet[21:24] + bytes(2) + packet[26:]
             packet = packet[:24] + struct.pack("!H", checksum(packet[14:34])) + packet[26:]
-        with loaded_in(ns, elf, fan, local, l2=False, underlay_index=under0) as obj:
+        with loaded_in(ns, elf, fan, local, encap=IPIP, underlay_index=under0) as obj:
             verdict, out = run_in_kernel(obj, bpf.SEND, packet)
         assert verdict == TC_ACT_REDIRECT, (overlay, underlay)
         assert len(out) == len(packet) + 20
@@ -426,28 +429,28 @@ def test_send_leaves_the_rest_to_the_kernel(elf, underlay_ns):
 
 
 @needs_root
-@pytest.mark.parametrize("l2", [True, False], ids=["vxlan-via-device", "ipip"])
-def test_send_through_the_tunnel_device(elf, underlay_ns, l2):
+@pytest.mark.parametrize("encap", [VXLAN, IPIP], ids=["vxlan-via-device", "ipip"])
+def test_send_through_the_tunnel_device(elf, underlay_ns, encap):
     """IPIP (and VXLAN without the underlay's index): routed, then to the
     tunnel device, readdressed to the shared MAC on VXLAN."""
     ns, _ = underlay_ns
     packet = frame("250.5.9.2", src=own(FAN250, "172.30.0.1"))
-    with loaded_in(ns, elf, FAN250, "172.30.0.1", l2=l2, send_encap=False) as obj:
+    with loaded_in(ns, elf, FAN250, "172.30.0.1", encap=encap, send_encap=False) as obj:
         verdict, out = run_in_kernel(obj, bpf.SEND, packet)
     assert verdict == TC_ACT_REDIRECT
-    assert out[:6] == (bytes.fromhex(SHARED_VXLAN_MAC.replace(":", "")) if l2 else packet[:6])
+    assert out[:6] == (bytes.fromhex(SHARED_VXLAN_MAC.replace(":", "")) if encap.l2 else packet[:6])
     assert out[6:14] == packet[6:14]
     routed(packet, out)
 
 
 @needs_root
-@pytest.mark.parametrize("l2", [True, False], ids=["vxlan", "ipip"])
-def test_send_drops_what_is_not_the_endpoints_own(elf, underlay_ns, l2):
+@pytest.mark.parametrize("encap", [VXLAN, IPIP], ids=["vxlan", "ipip"])
+def test_send_drops_what_is_not_the_endpoints_own(elf, underlay_ns, encap):
     """To another host goes only what carries the address of the endpoint whose
     veth it came from: the peer's trust rule would take the rest as ours."""
     ns, under0 = underlay_ns
     local = "172.30.0.1"
-    with loaded_in(ns, elf, FAN250, local, l2=l2, underlay_index=under0) as obj:
+    with loaded_in(ns, elf, FAN250, local, encap=encap, underlay_index=under0) as obj:
         # 250.0.1.3 is this host's other container, on another veth
         libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
                           *bpf.endpoint_entry(int(A("250.0.1.3")), 31, "0efafa000103"))
@@ -463,8 +466,8 @@ def test_send_drops_what_is_not_the_endpoints_own(elf, underlay_ns, l2):
 
 
 @needs_root
-@pytest.mark.parametrize("l2", [True, False], ids=["vxlan", "ipip"])
-def test_receive_without_tunnel_key_drops_what_is_for_the_overlay(elf, underlay_ns, l2):
+@pytest.mark.parametrize("encap", [VXLAN, IPIP], ids=["vxlan", "ipip"])
+def test_receive_without_tunnel_key_drops_what_is_for_the_overlay(elf, underlay_ns, encap):
     """A test run carries no tunnel metadata, as no packet that came out of the
     tunnel does: whatever is for the network's overlay, even this host's own
     container, gateway or broadcast, is untrusted and dropped. The rest is the
@@ -474,15 +477,15 @@ def test_receive_without_tunnel_key_drops_what_is_for_the_overlay(elf, underlay_
     def packet(dst):
         # IPIP's packets are bare IPv4: a source of 8.0.x.x makes a test run's
         # Ethernet parse of its first bytes say ETH_P_IP (see test_tunnel_key_is_the_fan_rule)
-        return frame(dst, src="250.5.9.2") if l2 else ipv4(dst, src="8.0.0.1")
+        return frame(dst, src="250.5.9.2") if encap.l2 else ipv4(dst, src="8.0.0.1")
 
-    with loaded_in(ns, elf, FAN250, "172.30.0.28", l2=l2) as obj:
+    with loaded_in(ns, elf, FAN250, "172.30.0.28", encap=encap) as obj:
         libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),
                           *bpf.endpoint_entry(int(A("250.0.28.9")), 31, "0e:fa:fa:00:1c:09"))
         for dst in ("250.0.28.9", "250.0.28.10", "250.0.28.1", "250.0.28.255", "250.5.9.2"):
             assert run_in_kernel(obj, bpf.RECEIVE, packet(dst)) == (TC_ACT_SHOT, packet(dst)), dst
         others = [packet("240.0.28.9"), packet("8.8.8.8")]
-        if l2:
+        if encap.l2:
             others.append(frame("250.0.28.9", ethertype=ETH_P_ARP))
         for other in others:
             assert run_in_kernel(obj, bpf.RECEIVE, other) == (TC_ACT_UNSPEC, other)
@@ -650,9 +653,9 @@ def test_receive_filter_on_a_device_the_fan_does_not_own(elf):
     tool's filter; removal and the orphan sweep take only ours and leave the
     clsact qdisc and the other filters as they were."""
     from pyroute2 import AsyncIPRoute
-    from fan_driver.dataplane.ebpf import DECAP_PREF, EbpfMapping
+    from fan_driver.dataplane.mapping.ebpf import DECAP_PREF, EbpfMapping
     from fan_driver.dataplane.netlink import Links
-    from fan_driver.dataplane.plan import VXLAN, NetworkPlan
+    from fan_driver.dataplane.plan import NetworkPlan
 
     ns = f"fantest-decap-{uuid.uuid4().hex[:6]}"
     sh("ip", "netns", "add", ns)
@@ -724,7 +727,7 @@ def test_object_loads_with_only_the_plugins_capabilities():
     keep = ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
     # the conntrack object's kfunc calls need CAP_BPF (bpf_capable()): where
     # this process (all capabilities) can load it, the plugin must too
-    probe = ("from fan_driver.dataplane import ebpf; "
+    probe = ("from fan_driver.dataplane.mapping import ebpf; "
              "print(ebpf.probe_error() or 'LOADED', ebpf.probe_error(conntrack=True) or 'LOADED')")
     res = subprocess.run([setpriv, f"--bounding-set=-all,{keep}", sys.executable, "-c", probe],
                          capture_output=True, text=True, timeout=120,
@@ -735,7 +738,7 @@ def test_object_loads_with_only_the_plugins_capabilities():
 
 def test_vni_out_of_range_is_refused():
     with pytest.raises(FanError, match="VNI"):
-        bpf.Config(FAN250, N("250.0.28.0/24"), 1 << 24, True, A("172.30.0.28")).pack()
+        bpf.Config(FAN250, N("250.0.28.0/24"), 1 << 24, VXLAN.bpf_encap, A("172.30.0.28")).pack()
 
 
 # --- two hosts in namespaces ----------------------------------------------------
@@ -788,8 +791,8 @@ async def _with_ipr(ns, fn):
 
 
 def tunnel_key_object(fan: FanMap, vni: int, name: str) -> libbpf.BpfObject:
-    return bpf.load(bpf.Config(fan, fan.slice_for(A("172.30.0.1")), vni, True, A("172.30.0.1"),
-                               tunnel_mac=SHARED_VXLAN_MAC), name)
+    return bpf.load(bpf.Config(fan, fan.slice_for(A("172.30.0.1")), vni, VXLAN.bpf_encap,
+                               A("172.30.0.1"), tunnel_mac=SHARED_VXLAN_MAC), name)
 
 
 def attach(ns: str, fan: FanMap, pref: int, name: str) -> None:
@@ -1012,8 +1015,8 @@ def test_receive_admits_only_peers(elf):
 
             assert arrived() == {b"outside the underlay", b"another host's slice",
                                  b"another network's VNI", b"a peer"}
-            config = bpf.Config(FAN250, N("250.0.27.0/24"), 4242, True, A("172.30.0.27"),
-                                tunnel_index=index["fan-vxlan"], bridge_index=index["fan-250"],
+            config = bpf.Config(FAN250, N("250.0.27.0/24"), 4242, VXLAN.bpf_encap,
+                                A("172.30.0.27"), tunnel_index=index["fan-vxlan"], bridge_index=index["fan-250"],
                                 tunnel_mac=SHARED_VXLAN_MAC)
             obj = bpf.load(config, "fan_rx", elf[config.object])
             try:

@@ -16,7 +16,8 @@ BACKENDS = [b for b in ("iptables-nft", "iptables-legacy") if shutil.which(b)]
 SETUP = """
 from ipaddress import IPv4Address, IPv4Network
 from fan_driver.dataplane.firewall import IptablesFirewall, network_rules, port_rules
-from fan_driver.dataplane.plan import VXLAN, NetworkPlan
+from fan_driver.dataplane.encap import VXLAN
+from fan_driver.dataplane.plan import NetworkPlan
 from fan_driver.fanmap import FanMap, HostSlice
 from fan_driver.ports import PortBinding
 

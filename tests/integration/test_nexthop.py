@@ -12,8 +12,10 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from fan_driver.dataplane.netlink import RTM_NEWNEIGH, RTM_NEWNEXTHOP, RTM_NEWROUTE, parse_route
-from fan_driver.dataplane.plan import IPIP, VXLAN, NetworkPlan
-from fan_driver.dataplane.routes import RTPROT_FAN, peer_requests, vtep_address
+from fan_driver.dataplane.encap import IPIP, VXLAN
+from fan_driver.dataplane.encap.vxlan import vtep_address
+from fan_driver.dataplane.mapping.routes import RTPROT_FAN, peer_requests
+from fan_driver.dataplane.plan import NetworkPlan
 from fan_driver.fanmap import FanMap, HostSlice
 
 from .netns_run import Underlay, run_in, sh
@@ -22,8 +24,9 @@ HOST = IPv4Address("172.30.0.28")
 PEERS_IN_20 = 2 ** 12 - 3      # usable addresses of a /20 but ours
 SETUP = """
 from ipaddress import IPv4Address, IPv4Network
-from fan_driver.dataplane.plan import NetworkPlan, VXLAN
-from fan_driver.dataplane.routes import RoutesMapping, programmed
+from fan_driver.dataplane.encap import VXLAN
+from fan_driver.dataplane.mapping.routes import RoutesMapping, programmed
+from fan_driver.dataplane.plan import NetworkPlan
 from fan_driver.fanmap import FanMap, HostSlice
 
 def plan(underlay, overlay="250.0.0.0/8"):

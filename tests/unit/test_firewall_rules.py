@@ -6,7 +6,8 @@ import pytest
 
 from fan_driver.dataplane.firewall import (DOCKER_BRIDGES, ISOLATION_CHAIN, TUNNEL_CHAIN,
                                            _restore_line, network_rules)
-from fan_driver.dataplane.plan import IPIP, VXLAN, NetworkPlan
+from fan_driver.dataplane.encap import IPIP, VXLAN
+from fan_driver.dataplane.plan import NetworkPlan
 from fan_driver.fanmap import FanMap, HostSlice
 
 BRIDGE = "fan-250-0-28"

@@ -9,11 +9,12 @@ from hypothesis import given
 
 from fan_driver import cli
 from fan_driver.config import UnderlaySpec
-from fan_driver.dataplane.ebpf import PROGRAM_PREFIX, EbpfMapping
+from fan_driver.dataplane.mapping.ebpf import PROGRAM_PREFIX, EbpfMapping
 from fan_driver.dataplane.firewall import (_mark_of, _restore_line,
                                            network_rules, port_rules)
 from fan_driver.dataplane.netlink import is_ours
-from fan_driver.dataplane.plan import VXLAN, NetworkPlan
+from fan_driver.dataplane.encap import VXLAN
+from fan_driver.dataplane.plan import NetworkPlan
 from fan_driver.fanmap import FanMap, HostSlice
 from fan_driver.hostfacts import HostFacts, Interface, KernelFeatures
 from fan_driver.ipam import IpamDriver

@@ -69,7 +69,7 @@ def test_the_cycle_finder_finds_a_cycle_and_the_graph_is_read():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert "fan_driver.check" in imported_by("fan_driver.cli")
-    assert "fan_driver.dataplane.bpf" in imported_by("fan_driver.dataplane.ebpf")
+    assert "fan_driver.dataplane.bpf" in imported_by("fan_driver.dataplane.mapping.ebpf")
 
 
 def test_bench_and_tests_edit_no_import_path():

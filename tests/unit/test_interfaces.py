@@ -1,5 +1,6 @@
-"""The declared interfaces (fan_driver/dataplane/base.py, fan_driver/drivers.py)
-and what implements them: the real dataplane, each peer-mapping mechanism, the
+"""The declared interfaces (fan_driver/dataplane/base.py,
+fan_driver/dataplane/encap/base.py, fan_driver/drivers.py) and what implements
+them: the real dataplane, each peer-mapping mechanism, each encapsulation, the
 drivers, their refusing stand-ins and the tests' fakes have exactly the
 protocol's methods, with its signatures; and the IPAM and the network driver
 know each other only through those protocols."""
@@ -14,9 +15,11 @@ from fan_driver.cli import peer_mappings
 from fan_driver.config import PEER_MAPPINGS
 from fan_driver.dataplane import LinuxDataplane
 from fan_driver.dataplane.base import Dataplane, PeerMapping
-from fan_driver.dataplane.ebpf import EbpfMapping
-from fan_driver.dataplane.kernel_fanmap import KernelMapping
-from fan_driver.dataplane.routes import RoutesMapping
+from fan_driver.dataplane.encap import ENCAPS
+from fan_driver.dataplane.encap.base import Encapsulation
+from fan_driver.dataplane.mapping.ebpf import EbpfMapping
+from fan_driver.dataplane.mapping.kernel_fanmap import KernelMapping
+from fan_driver.dataplane.mapping.routes import RoutesMapping
 from fan_driver.drivers import IpamDriverApi, NetworkDriverApi, NetworkRemoval
 from fan_driver import ipam, network
 from fan_driver.ipam import IpamDriver
@@ -30,7 +33,8 @@ from tests.unit.fakes import FakeDataplane
 IMPLEMENTATIONS = [(Dataplane, LinuxDataplane), (Dataplane, FakeDataplane),
                    (PeerMapping, EbpfMapping), (PeerMapping, KernelMapping),
                    (PeerMapping, RoutesMapping), (IpamDriverApi, IpamDriver),
-                   (NetworkDriverApi, _RefusingNetwork), (IpamDriverApi, _RefusingIpam)]
+                   (NetworkDriverApi, _RefusingNetwork), (IpamDriverApi, _RefusingIpam),
+                   *((Encapsulation, type(e)) for e in ENCAPS.values())]
 # The network driver implements two protocols.
 NETWORK_DRIVER_PROTOCOLS = (NetworkDriverApi, NetworkRemoval)
 # Parts without a protocol of their own, each with one caller: what it calls.

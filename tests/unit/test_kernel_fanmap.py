@@ -3,8 +3,10 @@ takes it is not available here: only the encoding is checked)."""
 import struct
 from ipaddress import IPv4Address, IPv4Network
 
-from fan_driver.dataplane.kernel_fanmap import FAN_MAP, fan_mapping, newlink_message
-from fan_driver.dataplane.plan import IPIP, VXLAN, VXLAN_PORT, NetworkPlan
+from fan_driver.dataplane.encap import IPIP, VXLAN
+from fan_driver.dataplane.encap.vxlan import PORT as VXLAN_PORT
+from fan_driver.dataplane.mapping.kernel_fanmap import FAN_MAP, fan_mapping, newlink_message
+from fan_driver.dataplane.plan import NetworkPlan
 from fan_driver.fanmap import FanMap, HostSlice
 
 FAN = FanMap(IPv4Network("250.0.0.0/8"), IPv4Network("172.30.0.0/16"))

@@ -4,7 +4,8 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from fan_driver.dataplane.firewall import port_rules
-from fan_driver.dataplane.plan import VXLAN, NetworkPlan
+from fan_driver.dataplane.encap import VXLAN
+from fan_driver.dataplane.plan import NetworkPlan
 from fan_driver.errors import FanError
 from fan_driver.fanmap import FanMap, HostSlice
 from fan_driver.model import Endpoint, State

@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass
 from importlib import resources
 from ipaddress import IPv4Address, IPv4Network
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from ...errors import FanError, KernelError
 from ...fanmap import FanMap
@@ -43,13 +43,13 @@ class Config:
     fan: FanMap
     slice: IPv4Network
     vni: int
-    l2_tunnel: bool            # VXLAN: frames carry an inner Ethernet header
+    encap: int                 # enum fan_encap: the encapsulation's bpf_encap
     local: IPv4Address         # this host's underlay address
     tunnel_index: int = 0
     underlay_index: int = 0
     bridge_index: int = 0
-    tunnel_mac: str = "00:00:00:00:00:00"
-    send_encap: bool = True    # on VXLAN the send program encapsulates itself
+    tunnel_mac: Optional[str] = None   # the shared device's (encapsulations with Ethernet)
+    send_encap: bool = True    # the send program encapsulates itself
     test_record_key: bool = False
     decap_conntrack: bool = False   # not packed: picks fan_conntrack.bpf.o
 
@@ -68,8 +68,8 @@ class Config:
             int(fan.underlay.network_address), int(fan.underlay.netmask), fan.shift,
             int(self.slice.network_address), int(self.slice.netmask), self.vni,
             int(self.local), self.tunnel_index, self.underlay_index, self.bridge_index,
-            bytes.fromhex(self.tunnel_mac.replace(":", "")),
-            self.l2_tunnel, self.send_encap, self.test_record_key)
+            bytes.fromhex((self.tunnel_mac or "00:00:00:00:00:00").replace(":", "")),
+            self.encap, self.send_encap, self.test_record_key)
 
 
 def load(config: Config, name: str, elf: bytes | None = None) -> libbpf.BpfObject:

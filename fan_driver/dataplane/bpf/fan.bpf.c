@@ -108,6 +108,19 @@ static __always_inline void decrement_ttl(struct iphdr *ip)
 	ip->ttl--;
 }
 
+/* Whether the tunnel's packets are Ethernet frames rather than bare IPv4 (the
+ * Python side's Encapsulation.l2). A constant to the verifier, which drops the
+ * branches a network does not take. */
+static __always_inline int carries_ethernet(void)
+{
+	switch (cfg.encap) {
+	case FAN_ENCAP_VXLAN:
+		return 1;
+	default:   /* FAN_ENCAP_IPIP */
+		return 0;
+	}
+}
+
 static __always_inline void copy_mac(__u8 *to, const volatile __u8 *from)
 {
 #pragma unroll
@@ -120,7 +133,7 @@ int fan_tunnel_key(struct __sk_buff *skb)
 {
 	/* Helpers rather than packet pointers: the offset differs by tunnel, and a
 	 * loader without CAP_PERFMON (the plugin) may not add a register to one. */
-	__u32 off = cfg.l2_tunnel ? ETH_HLEN : 0;
+	__u32 off = carries_ethernet() ? ETH_HLEN : 0;
 	__u8 version;
 	__be32 daddr;
 
@@ -131,7 +144,7 @@ int fan_tunnel_key(struct __sk_buff *skb)
 	__u32 dst = bpf_ntohl(daddr);
 	if (!in_net(dst, cfg.overlay_net, cfg.overlay_mask))
 		return TC_ACT_UNSPEC;
-	if (cfg.l2_tunnel) {
+	if (carries_ethernet()) {
 		/* The frame's source is the device's MAC, which is every host's:
 		 * vxlan_rcv drops frames from its own MAC as loops. Flip a bit. */
 		struct ethhdr *eth = (void *)(long)skb->data;
@@ -322,12 +335,17 @@ int fan_send(struct __sk_buff *skb)
 
 		if (neigh < 0)
 			return TC_ACT_OK;
-		if (cfg.l2_tunnel)
+		switch (cfg.encap) {
+		case FAN_ENCAP_VXLAN:
 			return vxlan_encap(skb, remote, &fib, neigh);
-		return ipip_encap(skb, remote, &fib, neigh);
+		case FAN_ENCAP_IPIP:
+			return ipip_encap(skb, remote, &fib, neigh);
+		default:   /* one this program cannot build: the kernel's path */
+			return TC_ACT_OK;
+		}
 	}
 	decrement_ttl(ip);
-	if (cfg.l2_tunnel)
+	if (carries_ethernet())
 		copy_mac(eth->h_dest, cfg.tunnel_mac);
 	/* an L3 tunnel drops the Ethernet header itself */
 	return bpf_redirect(cfg.tunnel_ifindex, 0);
@@ -343,7 +361,7 @@ static __always_inline int tunnel_peer(struct __sk_buff *skb, __u32 src)
 
 	if (bpf_skb_get_tunnel_key(skb, &key, TUNNEL_KEY_SIZE, 0))
 		return 0;
-	if (cfg.l2_tunnel && key.tunnel_id != cfg.vni)
+	if (cfg.encap == FAN_ENCAP_VXLAN && key.tunnel_id != cfg.vni)
 		return 0;
 	return from_peer(key.remote_ipv4, src); /* the helper gives host order */
 }
@@ -353,7 +371,7 @@ int fan_receive(struct __sk_buff *skb)
 {
 	/* VXLAN's packets are Ethernet frames, IPIP's bare IPv4 (constant offsets:
 	 * the verifier keeps one branch) */
-	struct iphdr *ip = cfg.l2_tunnel ? ipv4_at(skb, ETH_HLEN) : ipv4_at(skb, 0);
+	struct iphdr *ip = carries_ethernet() ? ipv4_at(skb, ETH_HLEN) : ipv4_at(skb, 0);
 
 	if (!ip)
 		return TC_ACT_UNSPEC;
@@ -375,7 +393,7 @@ int fan_receive(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	/* IPIP's packets have no Ethernet header to readdress: the kernel routes
 	 * them to the bridge */
-	if (!cfg.l2_tunnel)
+	if (!carries_ethernet())
 		return TC_ACT_UNSPEC;
 	decrement_ttl(ip);
 	struct fan_endpoint *ep = bpf_map_lookup_elem(&endpoints, &dst);

@@ -5,6 +5,13 @@
 
 #include <linux/types.h>
 
+/* How the network's packets travel between hosts: the Python side's
+ * Encapsulation.bpf_encap (fan_driver/dataplane/encap/). */
+enum fan_encap {
+	FAN_ENCAP_IPIP = 0,     /* outer IPv4 around bare IPv4 */
+	FAN_ENCAP_VXLAN = 1,    /* outer IPv4, UDP and VXLAN around an Ethernet frame */
+};
+
 /* One network's values, set before load: the verifier then sees constants and
  * drops the branches a network does not take. Addresses in host byte order. */
 struct fan_config {
@@ -18,7 +25,7 @@ struct fan_config {
 	__u32 underlay_ifindex; /* where encapsulated packets leave */
 	__u32 bridge_ifindex;   /* the network's bridge: where unknown addresses go */
 	__u8 tunnel_mac[6];     /* the MAC every host's VXLAN device has */
-	__u8 l2_tunnel;         /* VXLAN (inner Ethernet) rather than IPIP */
+	__u8 encap;             /* enum fan_encap */
 	__u8 send_encap;        /* the send program encapsulates itself */
 	__u8 test_record_key;   /* tests only: keep the last tunnel key in .bss */
 	__u8 pad[3];

@@ -1,15 +1,11 @@
 """Peers found by per-peer kernel state: flannel's way, for kernels without eBPF.
 
-IPIP: a dedicated ipip device (never `tunl0`, which other tools share) with
-our underlay address as `local` and no remote, and per remote host one
-nexthop object and one route to its slice through it:
-`nexthop id <peer> via 172.30.5.9 dev fanr-ipip onlink` and
-`250.5.9.0/24 nhid <peer>`.
-
-VXLAN: a device per network, and per remote host one permanent neighbour
-entry for its VTEP address, one permanent FDB entry, a nexthop object via the
-VTEP address and the route to its slice. Every VTEP's MAC is derived from its
-underlay address, so all of it is computed locally from the peer's address.
+A tunnel device with our underlay address as `local` and no remote (one
+shared by every network, or one per network: the encapsulation's choice), and
+per remote host what the encapsulation needs on it (VXLAN: a neighbour and an
+FDB entry for the peer's VTEP), a nexthop object and one route to its slice
+through it: over IPIP `nexthop id <peer> via 172.30.5.9 dev fanr-ipip onlink`
+and `250.5.9.0/24 nhid <peer>`.
 
 Why nexthop objects (Linux 5.3+): routes that each name their own gateway
 are each a fib_info of their own, which the kernel compares linearly, so
@@ -28,37 +24,22 @@ import logging
 from ipaddress import IPv4Address, IPv4Network
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from ..errors import FanError
-from ..model import Endpoint, short_id
-from .base import PeerMapping
-from .netlink import (GONE, MAIN_TABLE, Links, Route, Rtnl, del_nexthop_request,
-                      del_route_request, fdb_request, ipv4_nexthops, ipv4_routes, kernel,
-                      neighbour_request, nexthop_request, route_request)
-from .plan import MARK, OUTER_TTL, VXLAN_ROUTES_PORT, NetworkPlan
+from ...errors import FanError
+from ...model import Endpoint, short_id
+from ..base import PeerMapping
+from ..encap.base import ROUTES_DEVICE_PREFIX
+from ..netlink import (GONE, MAIN_TABLE, Links, Route, Rtnl, del_nexthop_request,
+                       del_route_request, ipv4_nexthops, ipv4_routes, kernel, nexthop_request,
+                       route_request)
+from ..plan import MARK, NetworkPlan
 
 log = logging.getLogger(__name__)
 
-DEVICE_PREFIX = "fanr-"
-IPIP_DEVICE = DEVICE_PREFIX + "ipip"
 # Our routes and nexthop objects carry it (unassigned in iproute2's rt_protos).
 RTPROT_FAN = 250
 # Peers per trip to a thread: the event loop answers requests in between.
 GROUP = 4096
 NO_NEXTHOPS = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOENT)
-
-
-def vtep_mac(underlay: IPv4Address) -> str:
-    return "0e:fb:" + ":".join(f"{b:02x}" for b in underlay.packed)
-
-
-def vtep_address(slice_: IPv4Network) -> IPv4Address:
-    """The VXLAN next hop for a slice: its network address, as flannel uses."""
-    return slice_.network_address
-
-
-def next_hop(plan: NetworkPlan, peer: IPv4Address, slice_: IPv4Network) -> IPv4Address:
-    """Where a peer's slice is routed: the peer itself over IPIP, its VTEP over VXLAN."""
-    return peer if plan.encap.name == "ipip" else vtep_address(slice_)
 
 
 def peer_requests(plan: NetworkPlan, index: int, peers: Iterable[Tuple[IPv4Address, IPv4Network]],
@@ -67,10 +48,8 @@ def peer_requests(plan: NetworkPlan, index: int, peers: Iterable[Tuple[IPv4Addre
     route last (so a route means the peer is complete). Pure."""
     requests = []
     for peer, slice_ in peers:
-        hop = next_hop(plan, peer, slice_)
-        if plan.encap.name == "vxlan":
-            mac = bytes.fromhex(vtep_mac(peer).replace(":", ""))
-            requests += [neighbour_request(index, hop, mac), fdb_request(index, mac, peer)]
+        hop = plan.encap.next_hop(peer, slice_)
+        requests += plan.encap.peer_requests(index, peer, hop)
         if nexthops:
             requests += [nexthop_request(int(hop), hop, index, RTPROT_FAN),
                          route_request(slice_, RTPROT_FAN, nexthop=int(hop))]
@@ -92,7 +71,7 @@ def removal_requests(plan: NetworkPlan, keep: List[NetworkPlan], nexthops: bool)
 
 
 def wanted_nexthops(plans: Iterable[NetworkPlan]) -> Set[int]:
-    return {int(next_hop(p, peer, slice_)) for p in plans
+    return {int(p.encap.next_hop(peer, slice_)) for p in plans
             for peer, slice_ in p.host.fan.peers(p.underlay_address)}
 
 
@@ -120,18 +99,18 @@ class RoutesMapping(PeerMapping):
     def __init__(self, use_nexthops: Optional[bool] = None):
         """`use_nexthops`: None finds out from the kernel (once)."""
         self._programming: Dict[str, asyncio.Task] = {}
-        # Networks on the shared IPIP device: restore() ensures every network at
+        # Networks on a shared device (IPIP's): restore() ensures every network at
         # start-up, so this is complete without reading tens of thousands of routes.
-        self._ipip_networks: Dict[str, NetworkPlan] = {}
+        self._sharing: Dict[str, NetworkPlan] = {}
         self.use_nexthops = use_nexthops
 
     def tunnel_device(self, plan: NetworkPlan) -> str:
-        return IPIP_DEVICE if plan.encap.name == "ipip" else f"{DEVICE_PREFIX}{plan.vni:06x}"
+        return plan.encap.routes_device(plan.vni)
 
     async def ensure(self, links: Links, plan: NetworkPlan) -> None:
         index = await self._ensure_device(links, plan)
-        if plan.encap.name == "ipip":
-            self._ipip_networks[plan.network_id] = plan
+        if plan.encap.routes_device_shared:
+            self._sharing[plan.network_id] = plan
         task = self._programming.get(plan.network_id)
         if task is None or task.done():
             self._programming[plan.network_id] = asyncio.create_task(
@@ -146,8 +125,8 @@ class RoutesMapping(PeerMapping):
         index = await links.index(device)
         if index is None:
             return
-        self._ipip_networks.pop(plan.network_id, None)
-        keep = list(self._ipip_networks.values()) if plan.encap.name == "ipip" else []
+        self._sharing.pop(plan.network_id, None)
+        keep = [p for p in self._sharing.values() if self.tunnel_device(p) == device]
         nexthops = self.use_nexthops is not False
         doing = f"removing network {short_id(plan.network_id)}'s peers from {device}"
         with Rtnl() as rtnl, kernel(doing):
@@ -159,8 +138,8 @@ class RoutesMapping(PeerMapping):
     async def remove_orphans(self, links: Links, plans) -> None:
         """On each tunnel device of this mapping, remove the peer routes of
         overlays that no network in `plans` (this mapping's, from the state)
-        holds, and our nexthop objects that none of them uses: the IPIP device
-        is shared, and a crash may leave stale peers on any. A VXLAN device of
+        holds, and our nexthop objects that none of them uses: a device may be
+        shared (IPIP's), and a crash may leave stale peers on any. A device of
         no network loses all of them here, in bulk, before it goes as an orphan
         interface: deleting a device deletes its routes one by one (24 s for
         the 65,533 peers of a /16 underlay)."""
@@ -171,7 +150,7 @@ class RoutesMapping(PeerMapping):
                 keep.setdefault(index, []).append(plan)
         devices = {self.tunnel_device(p) for p in plans}
         for name in await links.marked():
-            if name.startswith(DEVICE_PREFIX) and name not in devices:   # IPIP_DEVICE too
+            if name.startswith(ROUTES_DEVICE_PREFIX) and name not in devices:
                 index = await links.index(name)
                 if index is not None:
                     keep.setdefault(index, [])
@@ -200,15 +179,10 @@ class RoutesMapping(PeerMapping):
 
     async def _ensure_device(self, links: Links, plan: NetworkPlan) -> int:
         underlay = await links.index(plan.underlay_interface)
-        local = str(plan.underlay_address)
-        if plan.encap.name == "ipip":
-            index = await links.claim(IPIP_DEVICE, "ipip", MARK, ipip_local=local,
-                                      ipip_link=underlay, ipip_ttl=OUTER_TTL, mtu=plan.mtu)
-        else:
-            index = await links.claim(
-                self.tunnel_device(plan), "vxlan", plan.mark, vxlan_id=plan.vni,
-                vxlan_local=local, vxlan_link=underlay, vxlan_port=VXLAN_ROUTES_PORT,
-                vxlan_learning=0, address=vtep_mac(plan.underlay_address), mtu=plan.mtu)
+        mark = MARK if plan.encap.routes_device_shared else plan.mark
+        index = await links.claim(
+            self.tunnel_device(plan), plan.encap.name, mark, mtu=plan.mtu,
+            **plan.encap.routes_spec(plan.vni, plan.underlay_address, underlay))
         await links.set_up(index, mtu=plan.mtu)
         return index
 

@@ -6,11 +6,8 @@ one tc filter that computes a packet's outer destination from its inner one
 (and one at ingress that admits only peers' packets: see below). No per-peer
 routes, neighbour or FDB entries exist.
 
-The VXLAN device is NOARP and has the same MAC on every host: with NOARP the
-kernel uses the device's own MAC as the next hop's, and since every host's
-device has that MAC the receiving device takes the frame as addressed to it.
-(The program flips a bit of the inner source MAC, because VXLAN drops frames
-whose source is its own MAC as loops.) Learning is off: no FDB entries appear.
+What each device is and how its packets look is the encapsulation's
+(encap/): the VXLAN device, for one, has the same MAC on every host.
 
 Overlay traffic between hosts skips the hosts' IP forwarding: each container's
 veth has a program that encapsulates what the container sends as itself (its
@@ -51,15 +48,15 @@ import socket
 from ipaddress import IPv4Address, IPv4Network
 from typing import Dict
 
-from ..errors import FanError
-from ..fanmap import FanMap
-from ..model import Endpoint
-from . import bpf, libbpf
-from .base import PeerMapping
-from .netlink import Links, dumped
-from .plan import ENCAPS, MARK, VXLAN_PORT, NetworkPlan
+from ...errors import FanError
+from ...fanmap import FanMap
+from ...model import Endpoint
+from .. import bpf, libbpf
+from ..base import PeerMapping
+from ..encap import ENCAPS, VXLAN
+from ..netlink import Links, dumped
+from ..plan import MARK, NetworkPlan
 
-SHARED_VXLAN_MAC = "0e:fa:00:00:00:01"
 PROGRAM_PREFIX = "fan_"
 SEND_PREF = 1   # the only filter on a container's veth
 # On the underlay device, network n's filter is at DECAP_PREF + n: above tc's own
@@ -74,8 +71,8 @@ def decap_pref(plan: NetworkPlan) -> int:
 
 
 def takes_decap(plan: NetworkPlan) -> bool:
-    """Whether the network has a filter on the underlay device (VXLAN only)."""
-    return plan.encap.l2 and plan.receive in DECAP_MODES
+    """Whether the network has a filter on the underlay device."""
+    return plan.encap.receive_shortcut and plan.receive in DECAP_MODES
 
 
 async def _underlay_filter(links: Links, underlay: int, pref: int) -> str | None:
@@ -88,8 +85,8 @@ def probe_error(conntrack: bool = False) -> str | None:
     object, or with `conntrack` fan_conntrack.bpf.o, loaded with a sample
     network's values, then dropped), or None."""
     sample = FanMap(IPv4Network("250.0.0.0/8"), IPv4Network("172.30.0.0/16"))
-    config = bpf.Config(sample, IPv4Network("250.0.28.0/24"), 1, True,
-                        IPv4Address("172.30.0.28"), 1, 1, 1, SHARED_VXLAN_MAC,
+    config = bpf.Config(sample, IPv4Network("250.0.28.0/24"), 1, VXLAN.bpf_encap,
+                        IPv4Address("172.30.0.28"), 1, 1, 1, VXLAN.device_mac,
                         decap_conntrack=conntrack)
     try:
         bpf.load(config, "fan_probe").close()
@@ -149,7 +146,7 @@ class EbpfMapping(PeerMapping):
 
     async def _attach_decap(self, links: Links, plan: NetworkPlan, obj: libbpf.BpfObject) -> None:
         """The receive shortcut on the underlay device: without it (another tool's
-        filter at its pref, no such device) packets take the VXLAN device."""
+        filter at its pref, no such device) packets take the tunnel device."""
         underlay = await links.index(plan.underlay_interface)
         pref, name = decap_pref(plan), self._program_name(plan)
         try:
@@ -170,9 +167,9 @@ class EbpfMapping(PeerMapping):
         underlay = await links.index(plan.underlay_interface)
         bridge = await links.index(plan.bridge)
         return bpf.Config(
-            plan.host.fan, plan.slice, plan.vni, plan.encap.l2, plan.underlay_address,
+            plan.host.fan, plan.slice, plan.vni, plan.encap.bpf_encap, plan.underlay_address,
             tunnel_index=tunnel, underlay_index=underlay or 0, bridge_index=bridge or 0,
-            tunnel_mac=SHARED_VXLAN_MAC if plan.encap.l2 else "00:00:00:00:00:00",
+            tunnel_mac=plan.encap.device_mac,
             # without the underlay device's index, send through the tunnel device
             send_encap=underlay is not None,
             decap_conntrack=plan.receive == "conntrack")
@@ -278,12 +275,8 @@ class EbpfMapping(PeerMapping):
         return f"{PROGRAM_PREFIX}{plan.network_id[:8]}"
 
     async def _ensure_device(self, links: Links, plan: NetworkPlan) -> int:
-        if plan.encap.name == "vxlan":
-            spec = dict(vxlan_collect_metadata=1, vxlan_learning=0, vxlan_port=VXLAN_PORT,
-                        address=SHARED_VXLAN_MAC)
-        else:
-            spec = dict(ipip_collect_metadata=True)
-        index = await links.claim(plan.encap.device, plan.encap.name, MARK, mtu=plan.mtu, **spec)
+        index = await links.claim(plan.encap.device, plan.encap.name, MARK, mtu=plan.mtu,
+                                  **plan.encap.external_spec())
         mtu = max(plan.mtu, await links.mtu(index))
         await links.set_up(index, mtu=mtu, arp=False)
         return index

@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import struct
 
-from ..errors import KernelError
-from ..fanmap import FanMap
-from ..model import Endpoint
-from .base import PeerMapping
-from .netlink import (NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, Links, attr, ifinfomsg,
-                      rtnl_message, rtnl_request)
-from .plan import MARK, OUTER_TTL, VXLAN_PORT, NetworkPlan
+from ...errors import KernelError
+from ...fanmap import FanMap
+from ...model import Endpoint
+from ..base import PeerMapping
+from ..netlink import (NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, Links, attr,
+                       ifinfomsg, rtnl_message, rtnl_request)
+from ..plan import MARK, NetworkPlan
 
 RTM_NEWLINK = 16
 IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO = 3, 4, 18
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 NLA_F_NESTED = 0x8000
-# Tunnel attributes (ipip: IFLA_IPTUN_*, vxlan: IFLA_VXLAN_*).
-IPIP_ATTRS = {"link": 1, "local": 2, "ttl": 4}
-VXLAN_ATTRS = {"id": 1, "link": 3, "local": 4, "ttl": 5, "port": 15}
 FAN_MAP = 33          # IFLA_IPTUN_FAN_MAP and IFLA_VXLAN_FAN_MAP alike
 FAN_MAPPING = 1       # IFLA_FAN_MAPPING
 
@@ -42,17 +39,8 @@ def fan_mapping(fan: FanMap) -> bytes:
 
 def newlink_message(name: str, plan: NetworkPlan, underlay_index: int) -> bytes:
     """The whole RTM_NEWLINK request for a fan-mapped tunnel device. Pure."""
-    local = plan.underlay_address.packed
     fan_map = _nested(FAN_MAP, attr(FAN_MAPPING, fan_mapping(plan.host.fan)))
-    if plan.encap.name == "ipip":
-        data = [attr(IPIP_ATTRS["link"], struct.pack("=I", underlay_index)),
-                attr(IPIP_ATTRS["local"], local),
-                attr(IPIP_ATTRS["ttl"], struct.pack("=B", OUTER_TTL)), fan_map]
-    else:
-        data = [attr(VXLAN_ATTRS["id"], struct.pack("=I", plan.vni)),
-                attr(VXLAN_ATTRS["link"], struct.pack("=I", underlay_index)),
-                attr(VXLAN_ATTRS["local"], local),
-                attr(VXLAN_ATTRS["port"], struct.pack("!H", VXLAN_PORT)), fan_map]
+    data = [*plan.encap.fan_map_data(plan.vni, plan.underlay_address, underlay_index), fan_map]
     body = (ifinfomsg()
             + attr(IFLA_IFNAME, name.encode() + b"\0")
             + attr(IFLA_MTU, struct.pack("=I", plan.mtu))
