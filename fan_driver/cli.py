@@ -108,12 +108,13 @@ def show(state_dir: Path) -> None:
         print("no fan networks")
         return
     print(f"{'NETWORK':12}  {'BRIDGE':15}  {'OVERLAY':18}  {'UNDERLAY':18}  {'SLICE':18}  "
-          f"{'ENCAP':12}  {'RECEIVE':9}  {'MTU':>5}  {'ENDPOINTS':>9}")
+          f"{'ENCAP':12}  {'PORT':>5}  {'RECEIVE':9}  {'MTU':>5}  {'ENDPOINTS':>9}")
     for nid, net in sorted(state.networks.items()):
         pool = state.pools[net.pool_id]
         hs = pool.host_slice
         underlay = f"{IPv4Interface((pool.underlay_address, hs.fan.underlay.prefixlen))}"
         print(f"{short_id(nid):12}  {hs.bridge_name:15}  {pool.overlay:18}  {underlay:18}  "
-              f"{str(hs.slice):18}  {net.encap + '/' + net.mapping:12}  {net.receive:9}  "
+              f"{str(hs.slice):18}  {net.encap + '/' + net.mapping:12}  "
+              f"{net.vxlan_port or '-':>5}  {net.receive:9}  "
               f"{net.mtu:>5}  "
               f"{len(net.endpoints):>9}")

@@ -29,8 +29,17 @@ RECEIVE_PATHS = {
     "direct": "tunnel traffic straight from the underlay device, skipping the host's "
               "PREROUTING and INPUT",
 }
+# The UDP port of a VXLAN network's tunnel when -o vxlan_port does not say:
+# the eBPF mapping's external-mode device and the kernel fan map take the IANA
+# port, mapping=routes the kernel's (and flannel's) own, since a plain VXLAN
+# device cannot share a port with an external-mode one. Every host of a fan
+# must use the same, so these never change: a network keeps its port in the state.
+VXLAN_PORT = 4789
+ROUTES_VXLAN_PORT = 8472
+DEFAULT_VXLAN_PORTS = {"kernel": VXLAN_PORT, "ebpf": VXLAN_PORT, "routes": ROUTES_VXLAN_PORT}
 MTU_OPTION = "com.docker.network.driver.mtu"
-NETWORK_OPTIONS = ("underlay", "encap", "mapping", "receive", "host_reserve", MTU_OPTION)
+NETWORK_OPTIONS = ("underlay", "encap", "mapping", "receive", "host_reserve", "vxlan_port",
+                   MTU_OPTION)
 IPAM_OPTIONS = ("underlay",)
 # Linux interface names: at most 15 bytes, no '/', no whitespace.
 _IFNAME = re.compile(r"[A-Za-z0-9_.:-]{1,15}")
@@ -81,6 +90,7 @@ class NetworkOptions:
     receive: str = "auto"
     host_reserve: int = 1
     mtu: Optional[int] = None
+    vxlan_port: Optional[int] = None   # None: the mapping's default (DEFAULT_VXLAN_PORTS)
 
     @classmethod
     def parse(cls, generic: Mapping) -> "NetworkOptions":
@@ -100,9 +110,24 @@ class NetworkOptions:
             raise FanError(f"receive {receive!r} is not one of: {', '.join(RECEIVES)}")
         host_reserve = _int_option(generic, "host_reserve", 1, minimum=1)
         mtu = _int_option(generic, MTU_OPTION, None, minimum=MIN_MTU)
+        vxlan_port = _int_option(generic, "vxlan_port", None, minimum=1, maximum=65535)
+        if vxlan_port is not None and encap == "ipip":
+            raise FanError(f"vxlan_port applies to encap=vxlan, not encap={encap}: "
+                           "drop -o vxlan_port or use -o encap=vxlan")
         return cls(
             underlay=UnderlaySpec.parse(str(underlay)) if underlay is not None else None,
-            encap=encap, mapping=mapping, receive=receive, host_reserve=host_reserve, mtu=mtu)
+            encap=encap, mapping=mapping, receive=receive, host_reserve=host_reserve, mtu=mtu,
+            vxlan_port=vxlan_port)
+
+    def vxlan_port_for(self, encap: str, mapping: str) -> Optional[int]:
+        """The UDP port of a network given `encap` and `mapping` (as chosen for
+        it): the option's, else the mapping's default; None for IPIP."""
+        if encap != "vxlan":
+            if self.vxlan_port is not None:
+                raise FanError(f"vxlan_port applies to encap=vxlan, and this network gets "
+                               f"encap={encap}: add -o encap=vxlan or drop -o vxlan_port")
+            return None
+        return self.vxlan_port if self.vxlan_port is not None else DEFAULT_VXLAN_PORTS[mapping]
 
 
 def parse_flag(options: Mapping, key: str, default: bool) -> bool:
@@ -134,11 +159,16 @@ def _reject_unknown(options: Mapping, known, what: str, flag: str) -> None:
             f"the fan driver accepts {flag} {', '.join(known)}")
 
 
-def _int_option(options: Mapping, key: str, default, minimum: int):
+def _int_option(options: Mapping, key: str, default, minimum: int,
+                maximum: Optional[int] = None):
     if key not in options:
         return default
     value = str(options[key])
-    if not _is_number(value) or int(value) < minimum:
+    if maximum is not None:
+        if not _is_number(value) or not minimum <= int(value) <= maximum:
+            raise FanError(f"option {key}={value!r} must be a whole number from {minimum} "
+                           f"to {maximum}")
+    elif not _is_number(value) or int(value) < minimum:
         raise FanError(f"option {key}={value!r} must be a whole number of at least {minimum}")
     return int(value)
 

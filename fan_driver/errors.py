@@ -37,10 +37,12 @@ KERNEL_FIXES = {
                   "and run `fan-driver check`",
     # Bringing up a tunnel device binds its UDP port: Docker swarm's overlay
     # networks hold 4789 unless the swarm was made with another data path port.
-    errno.EADDRINUSE: "the tunnel's UDP port (VXLAN 4789, or 8472 with -o mapping=routes) is "
-                      "held by another socket here, such as Docker swarm's overlay VXLAN: "
+    errno.EADDRINUSE: "the tunnel's UDP port (VXLAN 4789 unless -o vxlan_port says otherwise; "
+                      "8472 with -o mapping=routes) is held by another socket here, such as "
+                      "Docker swarm's overlay VXLAN: create the fan network with "
+                      "-o vxlan_port=<a free port, the same on every host>, or "
                       "make the swarm use another port (`docker swarm init --data-path-port "
-                      "4790`) or free the port",
+                      "4790`), or free the port",
 }
 OTHER_FIX = "run `fan-driver check`, and report it with the plugin's log if it persists"
 

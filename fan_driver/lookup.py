@@ -17,7 +17,7 @@ def plan_for(state: State, network_id: str) -> NetworkPlan:
     return NetworkPlan(network_id=network_id, host=pool.host_slice,
                        underlay_interface=pool.interface, mtu=net.mtu,
                        encap=encap_named(net.encap), mapping=net.mapping, tc_pref=net.tc_pref,
-                       internal=net.internal, receive=net.receive)
+                       internal=net.internal, receive=net.receive, vxlan_port=net.vxlan_port)
 
 
 def find_network(state: State, network_id: str) -> Network:

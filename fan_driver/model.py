@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Dict, Optional, Tuple
 
+from .config import DEFAULT_VXLAN_PORTS
 from .fanmap import FanMap, HostSlice
 from .ports import PortBinding
 
@@ -106,6 +107,9 @@ class Network:
     # how tunnel traffic reaches containers (config.RECEIVES); networks made
     # before it existed take the kernel's path, which every kernel has
     receive: str = "tunnel"
+    # the UDP port of its VXLAN (None: IPIP); networks made before it could be
+    # chosen use their mapping's default, which is what they were made with
+    vxlan_port: Optional[int] = None
     endpoints: Dict[str, Endpoint] = field(default_factory=dict)
 
 
@@ -138,6 +142,8 @@ class State:
         for nid, raw in data.get("networks", {}).items():
             raw = dict(raw)
             eps = {eid: Endpoint.from_json(ep) for eid, ep in raw.pop("endpoints", {}).items()}
+            if raw.get("encap") == "vxlan" and "vxlan_port" not in raw:
+                raw["vxlan_port"] = DEFAULT_VXLAN_PORTS[raw["mapping"]]
             networks[nid] = Network(endpoints=eps, **raw)
         pools = {pid: Pool(**dict(raw, addresses=dict(raw.get("addresses", {})),
                                   remembered=dict(raw.get("remembered", []))))

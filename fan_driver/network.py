@@ -77,6 +77,7 @@ class NetworkDriver(NetworkDriverApi, NetworkRemoval):
                 opts.receive, self.features)
             state.networks[network_id] = Network(
                 pool_id=pid, encap=encap.name, mapping=mapping, receive=receive,
+                vxlan_port=opts.vxlan_port_for(encap.name, mapping),
                 mtu=self._mtu(opts, pool.mtu, encap.overhead, pool.interface),
                 internal=request.internal,
                 tc_pref=min(set(range(1, len(state.networks) + 2))

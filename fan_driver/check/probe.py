@@ -143,7 +143,8 @@ def probe_state(state_dir: Path) -> StateInfo:
         overlays.append(pool.overlay)
         hs = pool.host_slice
         lines.append(f"{short_id(nid)}: bridge {hs.bridge_name}, slice {hs.slice} of "
-                     f"{pool.overlay}, {net.encap}/{net.mapping}, MTU {net.mtu}, "
+                     f"{pool.overlay}, {net.encap}/{net.mapping}"
+                     f"{f', UDP port {net.vxlan_port}' if net.vxlan_port else ''}, MTU {net.mtu}, "
                      f"{len(net.endpoints)} endpoint(s), receive={net.receive}: "
                      f"{RECEIVE_PATHS[net.receive]}")
     return StateInfo(directory=directory, networks=tuple(lines), overlays=tuple(overlays))

@@ -72,12 +72,15 @@ def tunnel_rules(plan: NetworkPlan) -> List[Rule]:
     an underlay address, which only containers send (the host's own
     encapsulation leaves through OUTPUT, or from the send program after
     netfilter): their tunnel datagrams would reach the fan's tunnels elsewhere
-    with this host's address once masqueraded."""
+    with this host's address once masqueraded. That rule covers the default
+    ports and the network's own: together the networks' rules cover every
+    port in use."""
     comment = ["-m", "comment", "--comment", plan.mark]
     underlay = str(plan.host.fan.underlay)
-    ports = ["-m", "multiport", "--dports", ",".join(map(str, TUNNEL_UDP_PORTS))]
+    in_use = sorted({*TUNNEL_UDP_PORTS, *([plan.vxlan_port] if plan.vxlan_port else [])})
+    ports = ["-m", "multiport", "--dports", ",".join(map(str, in_use))]
     routed = ["-m", "addrtype", "!", "--dst-type", "LOCAL"]
-    foreign = plan.encap.tunnel_match(plan.vni, plan.overlay)
+    foreign = plan.encap.tunnel_match(plan.vni, plan.overlay, plan.vxlan_port)
     return [
         ("raw", TUNNEL_CHAIN, ["!", "-s", underlay, *foreign, *comment, "-j", "DROP"]),
         ("raw", TUNNEL_CHAIN, ["-d", underlay, "-p", "udp", *ports, *routed, *comment,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from ..fanmap import HostSlice
 from ..model import short_id
@@ -27,6 +27,7 @@ class NetworkPlan:
     tc_pref: int
     internal: bool = False   # --internal: nothing leaves the overlay, nothing is published
     receive: str = "tunnel"  # tunnel | conntrack | direct (config.RECEIVES)
+    vxlan_port: Optional[int] = None   # the UDP port of its tunnel (VXLAN only)
 
     @property
     def overlay(self) -> IPv4Network:

@@ -21,7 +21,7 @@ import sys
 import pytest
 
 from fan_driver.dataplane.encap import TUNNEL_UDP_PORTS
-from fan_driver.dataplane.encap.vxlan import PORT as VXLAN_PORT
+from fan_driver.config import VXLAN_PORT
 from tests.harness import consistency
 from tests.harness.nsclient import container_pid, ns_python
 

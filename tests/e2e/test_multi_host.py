@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fan_driver.dataplane.encap.vxlan import PORT as VXLAN_PORT
+from fan_driver.config import VXLAN_PORT
 from tests.harness.fanhosts import CREATE, FanHost, start_host
 
 pytestmark = pytest.mark.e2e

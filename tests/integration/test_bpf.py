@@ -34,7 +34,7 @@ import pytest
 
 from fan_driver.dataplane import bpf, libbpf
 from fan_driver.dataplane.encap import IPIP, VXLAN, Encapsulation
-from fan_driver.dataplane.encap.vxlan import PORT as VXLAN_PORT
+from fan_driver.config import VXLAN_PORT
 from fan_driver.dataplane.encap.vxlan import SHARED_MAC as SHARED_VXLAN_MAC
 from fan_driver.dataplane.mapping.ebpf import conntrack_supported, probe_error
 from fan_driver.dataplane.plan import OUTER_TTL
@@ -263,7 +263,8 @@ EXAMPLES = [
 def loaded(elf: dict, fan: FanMap, local: str, encap: Encapsulation = VXLAN,
            underlay_index: int = 0, **kw) -> libbpf.BpfObject:
     """The object (of `elf`, the one the config names) for a network of `fan`
-    on the host at `local`."""
+    on the host at `local` (on the default VXLAN port unless `vxlan_port`)."""
+    kw.setdefault("vxlan_port", VXLAN_PORT)
     config = bpf.Config(fan, HostSlice(fan, A(local)).slice, 4242, encap.bpf_encap, A(local),
                         tunnel_index=17, underlay_index=underlay_index, bridge_index=23,
                         tunnel_mac=SHARED_VXLAN_MAC, **kw)
@@ -345,8 +346,10 @@ def test_tunnel_key_leaves_what_is_not_ipv4(elf):
         obj.close()
 
 
-def check_vxlan(out: bytes, packet: bytes, local: str, remote: str, dst_mac: bytes) -> None:
-    """`out` is `packet` routed once and encapsulated to `remote` as VXLAN VNI 4242."""
+def check_vxlan(out: bytes, packet: bytes, local: str, remote: str, dst_mac: bytes,
+                port: int = VXLAN_PORT) -> None:
+    """`out` is `packet` routed once and encapsulated to `remote` as VXLAN VNI 4242
+    on UDP `port`."""
     assert len(out) == len(packet) + 50
     assert out[:14] == dst_mac + bytes.fromhex(UNDERLAY_MAC) + b"\x08\x00"
     ip = out[14:34]
@@ -355,7 +358,7 @@ def check_vxlan(out: bytes, packet: bytes, local: str, remote: str, dst_mac: byt
     assert (version, length, frag, ttl, proto) == (0x45, len(out) - 14, 0x4000, OUTER_TTL, 17)
     assert (A(src), A(dst)) == (A(local), A(remote))
     sport, dport, udp_len, udp_check = struct.unpack_from("!HHHH", out, 34)
-    assert 32768 <= sport < 61000 and (dport, udp_len, udp_check) == (VXLAN_PORT, len(out) - 34, 0)
+    assert 32768 <= sport < 61000 and (dport, udp_len, udp_check) == (port, len(out) - 34, 0)
     assert out[42:50] == struct.pack("!II", 0x08000000, 4242 << 8)
     assert out[50:64] == bytes.fromhex(SHARED_VXLAN_MAC.replace(":", "")) + packet[6:14]
     routed(packet[14:], out[64:], 0)
@@ -372,6 +375,17 @@ def test_send_encapsulates_to_the_fan_rule_address(elf, underlay_ns):
             verdict, out = run_in_kernel(obj, bpf.SEND, packet)
         assert verdict == TC_ACT_REDIRECT, (overlay, underlay)
         check_vxlan(out, packet, local, host, neighbour_mac(host))
+
+
+@needs_root
+def test_send_encapsulates_to_the_networks_own_port(elf, underlay_ns):
+    ns, under0 = underlay_ns
+    local = local_for("172.30.0.0/16")
+    packet = frame("250.0.28.2", src=own(FAN250, local))
+    with loaded_in(ns, elf, FAN250, local, underlay_index=under0, vxlan_port=4790) as obj:
+        verdict, out = run_in_kernel(obj, bpf.SEND, packet)
+    assert verdict == TC_ACT_REDIRECT
+    check_vxlan(out, packet, local, "172.30.0.28", neighbour_mac("172.30.0.28"), port=4790)
 
 
 @needs_root
@@ -574,6 +588,19 @@ def test_decap_leaves_what_it_does_not_recognise_untouched(elf):
 
 
 @needs_root
+def test_decap_takes_the_networks_own_port_and_no_other(elf):
+    with with_container(elf, vxlan_port=4790) as obj:
+        inner = sent_frame("250.0.28.9")
+        verdict, out = run_in_kernel(obj, bpf.DECAP, vxlan(inner, dport=4790))
+        assert verdict == TC_ACT_REDIRECT
+        assert len(out) == len(inner)
+        routed(inner[14:], out[14:], 0)
+        # the default port is another network's (or nobody's): left to the kernel
+        default = vxlan(inner)
+        assert run_in_kernel(obj, bpf.DECAP, default) == (TC_ACT_UNSPEC, default)
+
+
+@needs_root
 @pytest.mark.parametrize("conntrack", [False, True], ids=["direct", "conntrack"])
 def test_decap_leaves_what_fails_the_trust_rule_untouched(elf, conntrack):
     """Untouched, not dropped: the kernel's path (the host's firewall, then
@@ -666,7 +693,7 @@ def test_receive_filter_on_a_device_the_fan_does_not_own(elf):
         sh("tc", "-n", ns, "filter", "add", "dev", "under0", "ingress", "pref", "10", "u32",
            "match", "u32", "0", "0", "classid", "1:1")
         plans = [NetworkPlan(f"{n:02x}" * 32, HostSlice(FAN250, A("172.30.0.28")), "under0", 1450,
-                             VXLAN, "ebpf", n) for n in (1, 2)]
+                             VXLAN, "ebpf", n, vxlan_port=VXLAN_PORT) for n in (1, 2)]
         obj = loaded(elf, FAN250, "172.30.0.28")
 
         async def scenario():
@@ -1017,7 +1044,7 @@ def test_receive_admits_only_peers(elf):
                                  b"another network's VNI", b"a peer"}
             config = bpf.Config(FAN250, N("250.0.27.0/24"), 4242, VXLAN.bpf_encap,
                                 A("172.30.0.27"), tunnel_index=index["fan-vxlan"], bridge_index=index["fan-250"],
-                                tunnel_mac=SHARED_VXLAN_MAC)
+                                tunnel_mac=SHARED_VXLAN_MAC, vxlan_port=VXLAN_PORT)
             obj = bpf.load(config, "fan_rx", elf[config.object])
             try:
                 libbpf.map_update(obj.map_fd(bpf.ENDPOINTS),

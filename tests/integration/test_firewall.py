@@ -17,6 +17,7 @@ SETUP = """
 from ipaddress import IPv4Address, IPv4Network
 from fan_driver.dataplane.firewall import IptablesFirewall, network_rules, port_rules
 from fan_driver.dataplane.encap import VXLAN
+from fan_driver.config import VXLAN_PORT
 from fan_driver.dataplane.plan import NetworkPlan
 from fan_driver.fanmap import FanMap, HostSlice
 from fan_driver.ports import PortBinding
@@ -25,7 +26,8 @@ def plan(internal, network_id="5" * 64):
     host = HostSlice(FanMap(IPv4Network("250.0.0.0/8"), IPv4Network("172.30.0.0/16")),
                      IPv4Address("172.30.0.28"))
     return NetworkPlan(network_id=network_id, host=host, underlay_interface="eth0", mtu=1450,
-                       encap=VXLAN, mapping="ebpf", tc_pref=1, internal=internal)
+                       encap=VXLAN, mapping="ebpf", tc_pref=1, internal=internal,
+                       vxlan_port=VXLAN_PORT)
 
 PORTS = [PortBinding(proto=proto, port=80, host_ip=IPv4Address(host_ip), host_port=8080)
          for proto in ("tcp", "udp") for host_ip in ("0.0.0.0", "172.30.0.28")]

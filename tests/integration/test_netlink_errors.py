@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fan_driver.dataplane.encap.vxlan import ROUTES_PORT as VXLAN_ROUTES_PORT
+from fan_driver.config import ROUTES_VXLAN_PORT as VXLAN_ROUTES_PORT
 
 from .netns_run import Underlay, run_in
 
@@ -18,7 +18,7 @@ SETUP = """
 from fan_driver import host
 from fan_driver.errors import KernelError
 from fan_driver.dataplane.netlink import Rtnl, ipv4_nexthops, nexthop_request
-from fan_driver.dataplane.encap.vxlan import ROUTES_PORT as VXLAN_ROUTES_PORT
+from fan_driver.config import ROUTES_VXLAN_PORT as VXLAN_ROUTES_PORT
 """
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from fan_driver.dataplane.netlink import RTM_NEWNEIGH, RTM_NEWNEXTHOP, RTM_NEWROUTE, parse_route
 from fan_driver.dataplane.encap import IPIP, VXLAN
+from fan_driver.config import ROUTES_VXLAN_PORT
 from fan_driver.dataplane.encap.vxlan import vtep_address
 from fan_driver.dataplane.mapping.routes import RTPROT_FAN, peer_requests
 from fan_driver.dataplane.plan import NetworkPlan
@@ -33,14 +34,15 @@ def plan(underlay, overlay="250.0.0.0/8"):
     fan = FanMap(IPv4Network(overlay), IPv4Network(underlay))
     return NetworkPlan(network_id="ab" * 32, host=HostSlice(fan, IPv4Address("172.30.0.28")),
                        underlay_interface="eth0", mtu=1450, encap=VXLAN, mapping="routes",
-                       tc_pref=1)
+                       tc_pref=1, vxlan_port=8472)
 """
 
 
 def plan(encap, underlay="172.30.0.0/24") -> NetworkPlan:
     fan = FanMap(IPv4Network("250.0.0.0/8"), IPv4Network(underlay))
     return NetworkPlan(network_id="ab" * 32, host=HostSlice(fan, HOST), underlay_interface="eth0",
-                       mtu=1450, encap=encap, mapping="routes", tc_pref=1)
+                       mtu=1450, encap=encap, mapping="routes", tc_pref=1,
+                       vxlan_port=ROUTES_VXLAN_PORT if encap is VXLAN else None)
 
 
 def test_vxlan_peer_is_neighbour_fdb_nexthop_then_route():

@@ -227,6 +227,38 @@ def test_network_options_bad_mtu(value):
     assert MTU_OPTION in str(err.value) and "at least 576" in str(err.value)
 
 
+@pytest.mark.parametrize("value", ["1", "4790", "65535"])
+def test_network_option_vxlan_port(value):
+    options = NetworkOptions.parse({"vxlan_port": value})
+    assert options.vxlan_port == int(value)
+    assert options.vxlan_port_for("vxlan", "ebpf") == int(value)
+    assert options.vxlan_port_for("vxlan", "routes") == int(value)
+
+
+def test_without_vxlan_port_each_mapping_keeps_its_port():
+    options = NetworkOptions.parse({})
+    assert options.vxlan_port is None
+    assert [options.vxlan_port_for("vxlan", m) for m in ("ebpf", "kernel", "routes")] == \
+        [4789, 4789, 8472]
+    assert options.vxlan_port_for("ipip", "ebpf") is None
+
+
+@pytest.mark.parametrize("value", ["0", "65536", "x", "-1", "47.9", "", "²"])
+def test_network_options_bad_vxlan_port(value):
+    with pytest.raises(FanError) as err:
+        NetworkOptions.parse({"vxlan_port": value})
+
+    assert "vxlan_port" in str(err.value) and "from 1 to 65535" in str(err.value)
+
+
+def test_vxlan_port_applies_to_vxlan_only():
+    with pytest.raises(FanError, match="vxlan_port applies to encap=vxlan.*-o encap=vxlan"):
+        NetworkOptions.parse({"vxlan_port": "4790", "encap": "ipip"})
+    # encap=auto that picks IPIP on this kernel
+    with pytest.raises(FanError, match="vxlan_port applies to encap=vxlan.*gets encap=ipip"):
+        NetworkOptions.parse({"vxlan_port": "4790"}).vxlan_port_for("ipip", "ebpf")
+
+
 def test_network_options_non_ascii_digits_are_a_fan_error():
     # Same isdigit()/int() mismatch as in UnderlaySpec.parse.
     with pytest.raises(FanError, match="host_reserve"):

@@ -1,5 +1,6 @@
 """The encapsulation registry and how `choose` picks from it: pure."""
 import dataclasses
+from ipaddress import IPv4Address
 
 import pytest
 
@@ -54,3 +55,17 @@ def test_the_receive_shortcut_is_the_encapsulations_to_offer():
     assert choose("vxlan", "ebpf", "direct", features())[2] == "direct"
     with pytest.raises(FanError, match="needs mapping=ebpf and encap=vxlan"):
         choose("ipip", "ebpf", "direct", features())
+
+
+def test_the_shared_vxlan_device_is_one_per_port_named_after_it():
+    assert VXLAN.external_device(4789) == "fan-vxlan"
+    assert VXLAN.external_device(4790) == "fan-vxlan-4790"
+    assert len(VXLAN.external_device(65535)) == 15   # IFNAMSIZ - 1
+    assert VXLAN.external_spec(4790)["vxlan_port"] == 4790
+    assert VXLAN.routes_spec(0x123, IPv4Address("172.30.0.28"), 2, 4790)["vxlan_port"] == 4790
+    assert IPIP.external_device(None) == "fan-ipip"
+    for name in ("fan-vxlan", "fan-vxlan-4790", "fan-vxlan-1"):
+        assert VXLAN.is_external_device(name) and not IPIP.is_external_device(name)
+    for name in ("fan-vxlanx", "fan-vxlan-", "fan-vxlan-ab", "fan-ipip", "fanr-00fa00"):
+        assert not VXLAN.is_external_device(name)
+    assert IPIP.is_external_device("fan-ipip")

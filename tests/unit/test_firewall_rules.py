@@ -4,6 +4,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from fan_driver.config import VXLAN_PORT
 from fan_driver.dataplane.firewall import (DOCKER_BRIDGES, ISOLATION_CHAIN, TUNNEL_CHAIN,
                                            _restore_line, network_rules)
 from fan_driver.dataplane.encap import IPIP, VXLAN
@@ -13,11 +14,12 @@ from fan_driver.fanmap import FanMap, HostSlice
 BRIDGE = "fan-250-0-28"
 
 
-def plan(internal=False, encap=VXLAN) -> NetworkPlan:
+def plan(internal=False, encap=VXLAN, port=VXLAN_PORT) -> NetworkPlan:
     host = HostSlice(FanMap(IPv4Network("250.0.0.0/8"), IPv4Network("172.30.0.0/16")),
                      IPv4Address("172.30.0.28"))
     return NetworkPlan(network_id="5" * 64, host=host, underlay_interface="eth0", mtu=1450,
-                       encap=encap, mapping="ebpf", tc_pref=1, internal=internal)
+                       encap=encap, mapping="ebpf", tc_pref=1, internal=internal,
+                       vxlan_port=port if encap is VXLAN else None)
 
 
 def chain(rules, name):
@@ -67,3 +69,23 @@ def test_tunnel_guard_matches_the_networks_vni_or_overlay():
 def test_restore_lines_quote_as_iptables_prints():
     assert _restore_line(["-m", "u32", "--u32", "0x0>>0x16=0x1", "--comment", "a b"]) == \
         '-m u32 --u32 "0x0>>0x16=0x1" --comment "a b"'
+
+
+def value_after(spec, option):
+    return spec[spec.index(option) + 1]
+
+
+def test_tunnel_guard_matches_the_networks_own_port():
+    foreign, routed_udp, _ = chain(network_rules(plan(port=4790), "fan-vxlan-4790"), TUNNEL_CHAIN)
+    assert value_after(foreign, "--dport") == "4790"
+    assert value_after(foreign, "--u32").endswith(f"={plan().vni:#x}")
+    # what containers route towards the underlay: the default ports and this one
+    assert value_after(routed_udp, "--dports") == "4789,4790,8472"
+
+
+def test_tunnel_guard_on_the_default_port_is_as_before():
+    foreign, routed_udp, _ = chain(network_rules(plan(), "fan-vxlan"), TUNNEL_CHAIN)
+    assert value_after(foreign, "--dport") == "4789"
+    assert value_after(routed_udp, "--dports") == "4789,8472"
+    _, ipip_udp, _ = chain(network_rules(plan(encap=IPIP), "fan-ipip"), TUNNEL_CHAIN)
+    assert value_after(ipip_udp, "--dports") == "4789,8472"

@@ -9,6 +9,7 @@ from hypothesis import given
 
 from fan_driver import cli
 from fan_driver.config import UnderlaySpec
+from fan_driver.config import VXLAN_PORT
 from fan_driver.dataplane.mapping.ebpf import PROGRAM_PREFIX, EbpfMapping
 from fan_driver.dataplane.firewall import (_mark_of, _restore_line,
                                            network_rules, port_rules)
@@ -41,7 +42,7 @@ def plan(network_id: str) -> NetworkPlan:
     host = HostSlice(FanMap(IPv4Network("250.0.0.0/8"), IPv4Network("172.30.0.0/16")),
                      IPv4Address("172.30.0.28"))
     return NetworkPlan(network_id=network_id, host=host, underlay_interface="eth0", mtu=1450,
-                       encap=VXLAN, mapping="ebpf", tc_pref=1)
+                       encap=VXLAN, mapping="ebpf", tc_pref=1, vxlan_port=VXLAN_PORT)
 
 
 def marks_as_iptables_prints_them(rules) -> set:

@@ -4,7 +4,7 @@ import struct
 from ipaddress import IPv4Address, IPv4Network
 
 from fan_driver.dataplane.encap import IPIP, VXLAN
-from fan_driver.dataplane.encap.vxlan import PORT as VXLAN_PORT
+from fan_driver.config import VXLAN_PORT
 from fan_driver.dataplane.mapping.kernel_fanmap import FAN_MAP, fan_mapping, newlink_message
 from fan_driver.dataplane.plan import NetworkPlan
 from fan_driver.fanmap import FanMap, HostSlice
@@ -15,7 +15,7 @@ FAN = FanMap(IPv4Network("250.0.0.0/8"), IPv4Network("172.30.0.0/16"))
 def plan(encap):
     return NetworkPlan(network_id="ab" * 32, host=HostSlice(FAN, IPv4Address("172.30.0.28")),
                        underlay_interface="eth0", mtu=1480, encap=encap, mapping="kernel",
-                       tc_pref=1)
+                       tc_pref=1, vxlan_port=VXLAN_PORT if encap is VXLAN else None)
 
 
 def attrs(data: bytes) -> dict:

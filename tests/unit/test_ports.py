@@ -5,6 +5,7 @@ import pytest
 
 from fan_driver.dataplane.firewall import port_rules
 from fan_driver.dataplane.encap import VXLAN
+from fan_driver.config import VXLAN_PORT
 from fan_driver.dataplane.plan import NetworkPlan
 from fan_driver.errors import FanError
 from fan_driver.fanmap import FanMap, HostSlice
@@ -23,7 +24,8 @@ def plan(internal=False) -> NetworkPlan:
     host = HostSlice(FanMap(IPv4Network("250.0.0.0/8"), IPv4Network("172.30.0.0/16")),
                      IPv4Address("172.30.0.28"))
     return NetworkPlan(network_id=NETWORK_ID, host=host, underlay_interface="eth0", mtu=1450,
-                       encap=VXLAN, mapping="ebpf", tc_pref=1, internal=internal)
+                       encap=VXLAN, mapping="ebpf", tc_pref=1, internal=internal,
+                       vxlan_port=VXLAN_PORT)
 
 
 def entry(**fields) -> dict:

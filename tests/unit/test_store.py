@@ -23,7 +23,7 @@ def sample_state() -> State:
                                     "250.0.28.5": Owner.PENDING},
                          remembered={"web": "250.0.28.7", "db": "250.0.28.4"})},
         networks={"n" * 64: Network(
-            pool_id=pid, encap="vxlan", mapping="ebpf", mtu=1450, tc_pref=1,
+            pool_id=pid, encap="vxlan", mapping="ebpf", mtu=1450, tc_pref=1, vxlan_port=4790,
             endpoints={"e" * 64: Endpoint(address="250.0.28.4/24",
                                           mac="0e:fa:fa:00:1c:04")})})
 
@@ -148,6 +148,26 @@ def test_files_from_before_owners_had_names_and_before_memory_still_load(store):
     assert pool.addresses == {"250.0.28.1": Owner.GATEWAY, "250.0.28.2": Owner.PENDING,
                               "250.0.28.3": Owner.UNCLAIMED}
     assert pool.remembered == {}
+
+
+@pytest.mark.parametrize("encap, mapping, port", [
+    ("vxlan", "ebpf", 4789), ("vxlan", "kernel", 4789), ("vxlan", "routes", 8472),
+    ("ipip", "ebpf", None), ("ipip", "routes", None)])
+def test_networks_from_before_the_vxlan_port_keep_the_port_they_were_made_with(
+        store, encap, mapping, port):
+    old = {"version": 1, "pools": {}, "networks": {"n" * 64: {
+        "pool_id": "fan:250.0.0.0/8", "encap": encap, "mapping": mapping, "mtu": 1450,
+        "tc_pref": 1, "internal": False, "receive": "tunnel", "endpoints": {}}}}
+    store.directory.mkdir(parents=True)
+    (store.directory / STATE_FILE).write_text(json.dumps(old))
+
+    assert store.open().networks["n" * 64].vxlan_port == port
+
+
+def test_a_networks_vxlan_port_survives_the_file(store):
+    store.open()
+    store.save(sample_state())
+    assert Store(store.directory).load().networks["n" * 64].vxlan_port == 4790
 
 
 def file_identity(store) -> tuple:

@@ -49,11 +49,12 @@ class Config:
     underlay_index: int = 0
     bridge_index: int = 0
     tunnel_mac: Optional[str] = None   # the shared device's (encapsulations with Ethernet)
+    vxlan_port: int = 0        # the network's VXLAN UDP port (0: not VXLAN)
     send_encap: bool = True    # the send program encapsulates itself
     test_record_key: bool = False
     decap_conntrack: bool = False   # not packed: picks fan_conntrack.bpf.o
 
-    LAYOUT = struct.Struct("=12I6sBBB3x")
+    LAYOUT = struct.Struct("=13I6sBBB3x")
 
     @property
     def object(self) -> str:
@@ -68,6 +69,7 @@ class Config:
             int(fan.underlay.network_address), int(fan.underlay.netmask), fan.shift,
             int(self.slice.network_address), int(self.slice.netmask), self.vni,
             int(self.local), self.tunnel_index, self.underlay_index, self.bridge_index,
+            self.vxlan_port,
             bytes.fromhex((self.tunnel_mac or "00:00:00:00:00:00").replace(":", "")),
             self.encap, self.send_encap, self.test_record_key)
 

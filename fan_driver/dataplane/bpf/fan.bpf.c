@@ -10,8 +10,8 @@
  *   handed straight to the underlay device (or, without the underlay's index,
  *   to the tunnel device, whose fan_tunnel_key sets the outer address). Only
  *   with the container's own address as its source: the rest is dropped.
- * fan_decap: on the underlay device's ingress, VXLAN for this host and the
- *   network's VNI from a peer (the trust rule below) whose inner destination
+ * fan_decap: on the underlay device's ingress, VXLAN for this host, the
+ *   network's UDP port and VNI from a peer (the trust rule below) whose inner destination
  *   is a container in the endpoints map loses its outer headers and goes
  *   straight into the container's namespace: no UDP socket lookup, vxlan_rcv or
  *   metadata dst, and none of the host's PREROUTING and INPUT. Built with
@@ -258,7 +258,7 @@ static __always_inline int vxlan_encap(struct __sk_buff *skb, __u32 remote,
 	/* lengths of a GSO packet are set again for each segment */
 	__u32 outer_len = skb->len - ETH_HLEN;
 	udp->source = bpf_htons(sport);
-	udp->dest = bpf_htons(FAN_VXLAN_PORT);
+	udp->dest = bpf_htons(cfg.vxlan_port);
 	udp->len = bpf_htons(outer_len - sizeof(*ip));
 	udp->check = 0;
 	/* DF, as Docker's overlay sends */
@@ -478,7 +478,7 @@ static __always_inline struct vxlan_frame *fan_vxlan(struct __sk_buff *skb)
 	/* outer: no options (the offsets are constant), not a fragment */
 	if (f->ip.version != 4 || f->ip.ihl != 5 || f->ip.protocol != IPPROTO_UDP ||
 	    f->ip.frag_off & IP_FRAGMENT || f->ip.daddr != bpf_htonl(cfg.local_ipv4) ||
-	    f->udp.dest != bpf_htons(FAN_VXLAN_PORT))
+	    f->udp.dest != bpf_htons(cfg.vxlan_port))
 		return NULL;
 	if (f->vx.flags != bpf_htonl(0x08000000) || f->vx.vni != bpf_htonl(cfg.vni << 8))
 		return NULL;

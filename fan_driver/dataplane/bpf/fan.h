@@ -24,6 +24,7 @@ struct fan_config {
 	__u32 tunnel_ifindex;   /* the shared external-mode device */
 	__u32 underlay_ifindex; /* where encapsulated packets leave */
 	__u32 bridge_ifindex;   /* the network's bridge: where unknown addresses go */
+	__u32 vxlan_port;       /* the UDP port of the network's VXLAN (-o vxlan_port) */
 	__u8 tunnel_mac[6];     /* the MAC every host's VXLAN device has */
 	__u8 encap;             /* enum fan_encap */
 	__u8 send_encap;        /* the send program encapsulates itself */
@@ -39,7 +40,6 @@ struct fan_endpoint {
 };
 
 #define FAN_AF_INET 2    /* <sys/socket.h> is not for BPF targets */
-#define FAN_VXLAN_PORT 4789
 #define FAN_OUTER_TTL 64
 /* outer IPv4 + UDP + VXLAN + inner Ethernet: what the send program inserts */
 #define FAN_VXLAN_ROOM (20 + 8 + 8 + 14)

@@ -26,8 +26,8 @@ class Encapsulation(Protocol):
     overhead: int                # bytes of outer headers per packet
     inner_ip_offset: int         # where the inner IPv4 header starts in a packet on the device
     bpf_encap: int               # its value of bpf/fan.h's enum fan_encap
-    udp_ports: Tuple[int, ...]   # the UDP ports its devices listen on (none: not over UDP)
-    device: str                  # the shared external-mode device (mapping=ebpf)
+    udp_ports: Tuple[int, ...]   # the UDP ports its devices use by default (none: not over UDP)
+    device: str                  # the shared external-mode device (mapping=ebpf) on the default port
     device_mac: Optional[str]    # the MAC that device has on every host (None: no Ethernet)
     receive_shortcut: bool       # fan_decap can take its packets straight off the underlay
     routes_device_shared: bool   # mapping=routes: one device for all networks, not one each
@@ -43,18 +43,28 @@ class Encapsulation(Protocol):
         creation tells whether this kernel has the encapsulation."""
 
     @abstractmethod
-    def external_spec(self) -> Dict[str, object]:
-        """The attributes of the shared external-mode (collect_md) device, whose
-        packets' outer addresses the eBPF mapping sets."""
+    def external_device(self, port: Optional[int]) -> str:
+        """The name of the shared external-mode device of the networks on UDP
+        `port` (None: not over UDP): one device per port in use."""
+
+    @abstractmethod
+    def is_external_device(self, name: str) -> bool:
+        """Whether `name` is one of its external_device names, whatever the port."""
+
+    @abstractmethod
+    def external_spec(self, port: Optional[int]) -> Dict[str, object]:
+        """The attributes of the shared external-mode (collect_md) device on
+        `port`, whose packets' outer addresses the eBPF mapping sets."""
 
     @abstractmethod
     def routes_device(self, vni: int) -> str:
         """The name of the mapping=routes device of the network with `vni`."""
 
     @abstractmethod
-    def routes_spec(self, vni: int, local: IPv4Address, underlay_index: int) -> Dict[str, object]:
+    def routes_spec(self, vni: int, local: IPv4Address, underlay_index: int,
+                    port: Optional[int]) -> Dict[str, object]:
         """The attributes of the mapping=routes device: this host's underlay
-        address as `local`, no remote."""
+        address as `local`, no remote, UDP `port`."""
 
     @abstractmethod
     def next_hop(self, peer: IPv4Address, slice_: IPv4Network) -> IPv4Address:
@@ -66,11 +76,13 @@ class Encapsulation(Protocol):
         device `index` before its route through `hop`."""
 
     @abstractmethod
-    def fan_map_data(self, vni: int, local: IPv4Address, underlay_index: int) -> List[bytes]:
+    def fan_map_data(self, vni: int, local: IPv4Address, underlay_index: int,
+                     port: Optional[int]) -> List[bytes]:
         """The device's IFLA_INFO_DATA attributes, before the kernel fan map's
-        (Ubuntu's patch), of a device with no remote address."""
+        (Ubuntu's patch), of a device with no remote address on UDP `port`."""
 
     @abstractmethod
-    def tunnel_match(self, vni: int, overlay: IPv4Network) -> List[str]:
+    def tunnel_match(self, vni: int, overlay: IPv4Network, port: Optional[int]) -> List[str]:
         """The iptables match, as `iptables -S` prints it, of the network's
-        tunnel packets to this host: what the firewall accepts only from the underlay."""
+        tunnel packets (on UDP `port`) to this host: what the firewall accepts
+        only from the underlay."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 from ipaddress import IPv4Address, IPv4Network
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from ..netlink import attr
 from ..plan import OUTER_TTL
@@ -28,13 +28,20 @@ class Ipip(Encapsulation):
     def probe_spec(self) -> Dict[str, object]:
         return {}
 
-    def external_spec(self) -> Dict[str, object]:
+    def external_device(self, port: Optional[int]) -> str:
+        return self.device
+
+    def is_external_device(self, name: str) -> bool:
+        return name == self.device
+
+    def external_spec(self, port: Optional[int]) -> Dict[str, object]:
         return dict(ipip_collect_metadata=True)
 
     def routes_device(self, vni: int) -> str:
         return ROUTES_DEVICE_PREFIX + self.name   # never `tunl0`, which other tools share
 
-    def routes_spec(self, vni: int, local: IPv4Address, underlay_index: int) -> Dict[str, object]:
+    def routes_spec(self, vni: int, local: IPv4Address, underlay_index: int,
+                    port: Optional[int]) -> Dict[str, object]:
         return dict(ipip_local=str(local), ipip_link=underlay_index, ipip_ttl=OUTER_TTL)
 
     def next_hop(self, peer: IPv4Address, slice_: IPv4Network) -> IPv4Address:
@@ -43,12 +50,13 @@ class Ipip(Encapsulation):
     def peer_requests(self, index: int, peer: IPv4Address, hop: IPv4Address) -> List[tuple]:
         return []
 
-    def fan_map_data(self, vni: int, local: IPv4Address, underlay_index: int) -> List[bytes]:
+    def fan_map_data(self, vni: int, local: IPv4Address, underlay_index: int,
+                     port: Optional[int]) -> List[bytes]:
         return [attr(ATTRS["link"], struct.pack("=I", underlay_index)),
                 attr(ATTRS["local"], local.packed),
                 attr(ATTRS["ttl"], struct.pack("=B", OUTER_TTL))]
 
-    def tunnel_match(self, vni: int, overlay: IPv4Network) -> List[str]:
+    def tunnel_match(self, vni: int, overlay: IPv4Network, port: Optional[int]) -> List[str]:
         # the inner header's destination (after the outer header, whatever its length)
         inner_destination = (f"0x0>>0x16&0x3c@0x10&{int(overlay.netmask):#x}="
                              f"{int(overlay.network_address):#x}")

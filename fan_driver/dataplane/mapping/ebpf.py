@@ -1,7 +1,8 @@
 """Peers found by an eBPF program: the Fan's constant per-host state on stock kernels.
 
-One external-mode (collect_md) tunnel device per encapsulation is shared by
-every fan network on the host; each network adds one route for its overlay and
+One external-mode (collect_md) tunnel device per encapsulation (and, for
+VXLAN, per UDP port in use) is shared by every fan network on the host that
+uses it; each network adds one route for its overlay and
 one tc filter that computes a packet's outer destination from its inner one
 (and one at ingress that admits only peers' packets: see below). No per-peer
 routes, neighbour or FDB entries exist.
@@ -46,14 +47,15 @@ from __future__ import annotations
 import logging
 import socket
 from ipaddress import IPv4Address, IPv4Network
-from typing import Dict
+from typing import Dict, List
 
+from ...config import VXLAN_PORT
 from ...errors import FanError
 from ...fanmap import FanMap
 from ...model import Endpoint
 from .. import bpf, libbpf
 from ..base import PeerMapping
-from ..encap import ENCAPS, VXLAN
+from ..encap import VXLAN
 from ..netlink import Links, dumped
 from ..plan import MARK, NetworkPlan
 
@@ -87,7 +89,7 @@ def probe_error(conntrack: bool = False) -> str | None:
     sample = FanMap(IPv4Network("250.0.0.0/8"), IPv4Network("172.30.0.0/16"))
     config = bpf.Config(sample, IPv4Network("250.0.28.0/24"), 1, VXLAN.bpf_encap,
                         IPv4Address("172.30.0.28"), 1, 1, 1, VXLAN.device_mac,
-                        decap_conntrack=conntrack)
+                        vxlan_port=VXLAN_PORT, decap_conntrack=conntrack)
     try:
         bpf.load(config, "fan_probe").close()
     except (FanError, OSError) as exc:
@@ -160,7 +162,8 @@ class EbpfMapping(PeerMapping):
                              bpf.INGRESS)
         except FanError as exc:
             log.warning("network %s receives through %s, not straight from %s: %s",
-                        plan.network_id[:12], plan.encap.device, plan.underlay_interface, exc)
+                        plan.network_id[:12], self.tunnel_device(plan), plan.underlay_interface,
+                        exc)
 
     @staticmethod
     async def _config(links: Links, plan: NetworkPlan, tunnel: int) -> bpf.Config:
@@ -169,7 +172,7 @@ class EbpfMapping(PeerMapping):
         return bpf.Config(
             plan.host.fan, plan.slice, plan.vni, plan.encap.bpf_encap, plan.underlay_address,
             tunnel_index=tunnel, underlay_index=underlay or 0, bridge_index=bridge or 0,
-            tunnel_mac=plan.encap.device_mac,
+            tunnel_mac=plan.encap.device_mac, vxlan_port=plan.vxlan_port or 0,
             # without the underlay device's index, send through the tunnel device
             send_encap=underlay is not None,
             decap_conntrack=plan.receive == "conntrack")
@@ -178,9 +181,9 @@ class EbpfMapping(PeerMapping):
                               endpoint: Endpoint) -> None:
         """The container in the network's map, then the send program on its
         veth: the program sends only what the map says is the container's."""
-        tunnel = await links.index(plan.encap.device)
+        tunnel = await links.index(self.tunnel_device(plan))
         if tunnel is None:
-            raise FanError(f"tunnel device {plan.encap.device} is missing; "
+            raise FanError(f"tunnel device {self.tunnel_device(plan)} is missing; "
                            "restart fan-driver to restore it")
         if self._tunnels.get(plan.network_id) != tunnel:   # not loaded, or a new device
             await self.ensure(links, plan)
@@ -210,14 +213,15 @@ class EbpfMapping(PeerMapping):
     async def remove(self, links: Links, plan: NetworkPlan) -> None:
         self._forget(plan)
         await self._detach_decap(links, plan)
-        index = await links.index(plan.encap.device)
+        device = self.tunnel_device(plan)
+        index = await links.index(device)
         if index is None:
             return
         await links.remove_route(plan.overlay, index)
         await bpf.detach(links.ipr, index, plan.tc_pref, bpf.INGRESS)
         await bpf.detach(links.ipr, index, plan.tc_pref, bpf.EGRESS)
-        if not await bpf.filters(links.ipr, index):
-            await links.delete(plan.encap.device)
+        if not await bpf.filters(links.ipr, index):   # the last network on its port
+            await links.delete(device)
 
     @staticmethod
     async def _detach_decap(links: Links, plan: NetworkPlan) -> None:
@@ -227,28 +231,31 @@ class EbpfMapping(PeerMapping):
             await bpf.detach(links.ipr, underlay, decap_pref(plan), bpf.INGRESS, keep_qdisc=True)
 
     def tunnel_device(self, plan: NetworkPlan) -> str:
-        return plan.encap.device
+        return plan.encap.external_device(plan.vxlan_port)
 
     async def remove_orphans(self, links: Links, plans) -> None:
-        """On each shared device, the filters and overlay routes of networks that
-        `plans` (this mapping's networks in the state) do not account for: left
-        by a crash between the kernel work and the state write."""
-        for encap in ENCAPS.values():
-            index = await links.index(encap.device)
+        """On each shared device in use, the filters and overlay routes of
+        networks that `plans` (this mapping's networks in the state) do not
+        account for: left by a crash between the kernel work and the state
+        write. A shared device no plan uses goes as an orphan interface."""
+        by_device: Dict[str, List[NetworkPlan]] = {}
+        for plan in plans:
+            by_device.setdefault(self.tunnel_device(plan), []).append(plan)
+        for device, ours in sorted(by_device.items()):
+            index = await links.index(device)
             if index is None:
                 continue
-            ours = [p for p in plans if p.encap.name == encap.name]
             prefs = {p.tc_pref for p in ours}
             for parent in (bpf.INGRESS, bpf.EGRESS):
                 for pref, name in (await bpf.filters(links.ipr, index, parent)).items():
                     if pref not in prefs and name.startswith(PROGRAM_PREFIX):
                         log.warning("removing orphan eBPF filter %s (pref %d) on %s",
-                                    name, pref, encap.device)
+                                    name, pref, device)
                         await bpf.detach(links.ipr, index, pref, parent)
             overlays = {p.overlay for p in ours}
             for dst in await links.routes_on(index):
                 if dst not in overlays:
-                    log.warning("removing orphan route %s on %s", dst, encap.device)
+                    log.warning("removing orphan route %s on %s", dst, device)
                     await links.remove_route(dst, index)
         await self._remove_orphan_decaps(links, plans)
 
@@ -275,8 +282,8 @@ class EbpfMapping(PeerMapping):
         return f"{PROGRAM_PREFIX}{plan.network_id[:8]}"
 
     async def _ensure_device(self, links: Links, plan: NetworkPlan) -> int:
-        index = await links.claim(plan.encap.device, plan.encap.name, MARK, mtu=plan.mtu,
-                                  **plan.encap.external_spec())
+        index = await links.claim(self.tunnel_device(plan), plan.encap.name, MARK, mtu=plan.mtu,
+                                  **plan.encap.external_spec(plan.vxlan_port))
         mtu = max(plan.mtu, await links.mtu(index))
         await links.set_up(index, mtu=mtu, arp=False)
         return index

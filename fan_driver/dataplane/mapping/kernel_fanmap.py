@@ -40,7 +40,8 @@ def fan_mapping(fan: FanMap) -> bytes:
 def newlink_message(name: str, plan: NetworkPlan, underlay_index: int) -> bytes:
     """The whole RTM_NEWLINK request for a fan-mapped tunnel device. Pure."""
     fan_map = _nested(FAN_MAP, attr(FAN_MAPPING, fan_mapping(plan.host.fan)))
-    data = [*plan.encap.fan_map_data(plan.vni, plan.underlay_address, underlay_index), fan_map]
+    data = [*plan.encap.fan_map_data(plan.vni, plan.underlay_address, underlay_index,
+                                     plan.vxlan_port), fan_map]
     body = (ifinfomsg()
             + attr(IFLA_IFNAME, name.encode() + b"\0")
             + attr(IFLA_MTU, struct.pack("=I", plan.mtu))

@@ -182,7 +182,7 @@ class RoutesMapping(PeerMapping):
         mark = MARK if plan.encap.routes_device_shared else plan.mark
         index = await links.claim(
             self.tunnel_device(plan), plan.encap.name, mark, mtu=plan.mtu,
-            **plan.encap.routes_spec(plan.vni, plan.underlay_address, underlay))
+            **plan.encap.routes_spec(plan.vni, plan.underlay_address, underlay, plan.vxlan_port))
         await links.set_up(index, mtu=plan.mtu)
         return index
 
