@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from fan_driver.config import VXLAN_PORT
+from fan_driver.config import ROUTES_VXLAN_PORT, VXLAN_PORT
+from tests.harness.consistency import kernel_snapshot
 from tests.harness.fanhosts import CREATE, FanHost, start_host
 
 pytestmark = pytest.mark.e2e
@@ -274,6 +275,71 @@ def test_per_peer_routes_mapping_over_vxlan(fan_hosts, containers):
             h.dockerd.cli("network", "rm", "fanr", check=False)
     for h in hosts:
         assert "fanr-" not in h.host.run(["ip", "-o", "link"]).stdout
+
+
+# Two VXLAN networks per mapping: one on the mapping's default port, one on its own.
+OWN_PORT = 4790
+SIDE_BY_SIDE = {"fanpa": ("241.0.0.0/8", []), "fanpb": ("242.0.0.0/8", [f"vxlan_port={OWN_PORT}"])}
+DEVICES = {"ebpf": {"fanpa": "fan-vxlan", "fanpb": f"fan-vxlan-{OWN_PORT}"},
+           "routes": {"fanpa": "fanr-f10000", "fanpb": "fanr-f20000"}}
+PORTS = {"ebpf": {"fanpa": VXLAN_PORT, "fanpb": OWN_PORT},
+         "routes": {"fanpa": ROUTES_VXLAN_PORT, "fanpb": OWN_PORT}}
+
+
+def vxlan_port_of(h: FanHost, device: str) -> int:
+    link = json.loads(h.host.run(["ip", "-d", "-j", "link", "show", "dev", device]).stdout)[0]
+    return link["linkinfo"]["info_data"]["port"]
+
+
+def fan_left(h: FanHost) -> dict:
+    return kernel_snapshot(h.host, only_fan_rules=True)
+
+
+@pytest.mark.parametrize("mapping", ["ebpf", "routes"])
+def test_vxlan_networks_on_two_ports_side_by_side(fan_hosts, containers, mapping):
+    """A network on the mapping's default port and one on -o vxlan_port, each
+    the same on every host, carry traffic between hosts at once (beside the
+    module's network on 4789); removed, they leave nothing, the module's
+    network untouched."""
+    hosts = fan_hosts[0]
+    before = {h.name: fan_left(h) for h in hosts}
+    # mapping=routes: a /20 underlay keeps the peers (4,094 per network) quick to program
+    underlay = ["--ipam-opt", "underlay=172.30.0.0/20"] if mapping == "routes" else []
+    addresses = {}
+    try:
+        for h in hosts:
+            for net, (subnet, options) in SIDE_BY_SIDE.items():
+                h.dockerd.cli("network", "create", "-d", "fan", "--ipam-driver", "fan",
+                              "--subnet", subnet, *underlay, "-o", "encap=vxlan",
+                              "-o", f"mapping={mapping}",
+                              *itertools.chain.from_iterable(("-o", o) for o in options), net)
+                h.dockerd.cli("run", "-d", "--name", f"{net}-{h.name}", "--net", net,
+                              "busybox", "sleep", "3600")
+                out = h.dockerd.cli("inspect", f"{net}-{h.name}").stdout
+                addresses[net, h.name] = json.loads(out)[0]["NetworkSettings"]["Networks"][net][
+                    "IPAddress"]
+        for h in hosts:
+            assert {net: vxlan_port_of(h, device) for net, device in DEVICES[mapping].items()} \
+                == PORTS[mapping], h.name
+        for src, dst in itertools.permutations(hosts, 2):
+            for net in SIDE_BY_SIDE:
+                out = ping_until(src, f"{net}-{src.name}", addresses[net, dst.name])
+                assert f"ttl={TTL_ACROSS}" in out, (net, src.name, dst.name, out)
+            src.exec("ping", "-c", "1", "-W", "3", containers[dst.name])
+    finally:
+        for h in hosts:
+            for net in SIDE_BY_SIDE:
+                h.dockerd.cli("rm", "-f", f"{net}-{h.name}", check=False)
+                h.dockerd.cli("network", "rm", net, check=False)
+    for h in hosts:
+        deadline = time.monotonic() + 60   # veths go after the answer, peers in bulk
+        while fan_left(h) != before[h.name] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        after = fan_left(h)
+        assert after == before[h.name], {key: (sorted(set(after[key]) - set(before[h.name][key])),
+                                               sorted(set(before[h.name][key]) - set(after[key])))
+                                         for key in after if after[key] != before[h.name][key]}
+    hosts[0].exec("ping", "-c", "1", "-W", "3", containers[hosts[1].name])
 
 
 def set_underlay_mtu(lab, hosts, mtu: int) -> None:

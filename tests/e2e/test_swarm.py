@@ -15,7 +15,9 @@ the network when a task needs it and gives its tasks addresses from its own
 slice) and ConnectivityScope "global" (swarm gossips service names and task
 addresses to every node's embedded DNS). The swarm is initialised with
 --data-path-port 4790: its own VXLAN (the ingress network's, on every node)
-would otherwise hold UDP 4789, the port of the fan's VXLAN device. Services
+would otherwise hold UDP 4789, the default port of the fan's VXLAN device; the
+last test makes it again on its default and gives the fan -o vxlan_port
+instead. Services
 use --endpoint-mode dnsrr; the default (vip) comes to the same on the fan:
 swarm allocates no VIP on a node-local network and the name resolves to the
 tasks. Ingress publishing is swarm's routing mesh (its overlay and IPVS, which
@@ -25,7 +27,9 @@ The tests run in order on one swarm per flavour: services and their slices ->
 reach by address and by name -> an attachable container -> scale -> rolling
 update -> publish mode=host -> (ingress publishing) -> stack deploy -> drain and
 back -> vip mode -> a worker leaves -> everything removed leaves nothing on any
-host -> the swarm made again on the default data path port keeps the fan off.
+host -> the swarm made again on the default data path port: a fan network on
+4789 is refused, one on -o vxlan_port=4790 and a swarm overlay network both
+carry traffic between two nodes.
 """
 from __future__ import annotations
 
@@ -55,8 +59,10 @@ SLICES = {"h28": IPv4Network("250.0.28.0/24"), "h27": IPv4Network("250.0.27.0/24
           "h59": IPv4Network("250.5.9.0/24")}
 OUTSIDE = "172.30.255.254"
 SUBNET, UNDERLAY = "250.0.0.0/8", "172.30.0.0/16"
-# Swarm's VXLAN (UDP 4789 by default) must leave 4789 to the fan's VXLAN device.
+# Swarm's VXLAN (UDP 4789 by default) leaves 4789 to the fan's VXLAN device...
 DATA_PATH_PORT = 4790
+# ...or, swarm on its default, the fan's VXLAN takes another port (-o vxlan_port)
+FAN_PORT = 4790
 NET = "fan"
 SERVICE = "label=com.docker.swarm.service.name="
 
@@ -234,12 +240,15 @@ def _plugin_logs_on_failure(request, swarm):
         sys.__stderr__.write(f"\n--- plugin lines of the dockerd logs ---\n{swarm.plugin_logs()}\n")
 
 
-def fan_network(sw: Swarm, *extra: str) -> None:
+def fan_network(sw: Swarm, *options: str) -> None:
+    """The config-only network on every node (its network options, the same on
+    each), then the swarm network from it."""
     for node in sw.nodes.values():
         node.cli("network", "create", "--config-only", "--ipam-driver", PLUGIN,
-                 "--subnet", SUBNET, "--ipam-opt", f"underlay={UNDERLAY}", "fan-config")
+                 "--subnet", SUBNET, "--ipam-opt", f"underlay={UNDERLAY}", *options,
+                 "fan-config")
     sw.manager.cli("network", "create", "-d", PLUGIN, "--scope", "swarm",
-                   "--config-from", "fan-config", "--attachable", *extra, NET)
+                   "--config-from", "fan-config", "--attachable", NET)
 
 
 def service(sw: Swarm, name: str, *args: str) -> None:
@@ -600,22 +609,60 @@ def test_removing_services_and_network_leaves_nothing(swarm):
     assert {n.name for n in members} == {"h28", "h59"}
 
 
-def test_a_swarm_on_the_default_data_path_port_keeps_the_fan_off_udp_4789(swarm):
-    """Why the swarm above uses --data-path-port: made again with the
-    default, its ingress network's VXLAN holds UDP 4789 on every node, and the
-    fan's VXLAN device cannot come up there. The plugin says what to do."""
+def attached(node: Node, name: str, network: str, image: str) -> str:
+    """A container on `network` (attachable) on the node; its address there."""
+    node.cli("run", "-d", "--name", name, "--network", network, image, "sleep", "36000")
+    return json.loads(node.cli("inspect", name).stdout)[0][
+        "NetworkSettings"]["Networks"][network]["IPAddress"]
+
+
+def test_swarms_overlay_on_its_default_port_and_the_fan_on_its_own_both_carry_traffic(swarm):
+    """The swarm made again on the default data path port: its overlay VXLAN
+    (the ingress network's on every node) holds UDP 4789, so a fan network
+    there fails, and the plugin names both fixes. A fan network given another
+    port (-o vxlan_port, the same in every node's --config-only network) comes
+    up beside it, and an attachable swarm overlay network and the fan both
+    carry traffic between two nodes."""
     for node in sorted(swarm.members(), key=lambda n: n.name == MANAGER):
         node.cli("swarm", "leave", "--force")
-    manager = swarm.manager
+    manager, worker = swarm.manager, swarm.nodes["h59"]
     ip = str(manager.host.ip)
     manager.cli("swarm", "init", "--advertise-addr", ip, "--listen-addr", f"{ip}:2377")
-    wait_for("the ingress network's VXLAN socket", lambda: ":4789 " in manager.host.run(
-        ["ss", "-Huln"]).stdout, timeout=30)
+    token = manager.cli("swarm", "join-token", "-q", "worker").stdout.strip()
+    worker.cli("swarm", "join", "--token", token, "--advertise-addr", str(worker.host.ip),
+               f"{ip}:2377")
+    for node in (manager, worker):
+        wait_for(f"{node.name}: the ingress network's VXLAN socket", lambda node=node: ":4789 "
+                 in node.host.run(["ss", "-Huln"]).stdout, timeout=30)
     made = manager.cli("network", "create", "-d", PLUGIN, "--ipam-driver", PLUGIN,
-                       "--subnet", SUBNET, "--ipam-opt", f"underlay={UNDERLAY}", "late",
-                       check=False)
+                       "--subnet", SUBNET, "--ipam-opt", f"underlay={UNDERLAY}",
+                       "-o", "encap=vxlan", "late", check=False)
     manager.cli("network", "rm", "late", check=False)
     assert made.returncode != 0
     assert "Address already in use" in made.stderr, made.stderr
-    assert "docker swarm init --data-path-port 4790" in made.stderr, made.stderr
-    assert_clean(swarm, manager)
+    assert "-o vxlan_port=<a free port, the same on every host>" in made.stderr, made.stderr
+    assert "docker swarm init --data-path-port" in made.stderr, made.stderr
+
+    nodes = {"a": manager, "b": worker}
+    manager.cli("network", "create", "-d", "overlay", "--attachable", "swarm-overlay")
+    fan_network(swarm, "-o", "encap=vxlan", "-o", f"vxlan_port={FAN_PORT}")
+    try:
+        overlay = {k: attached(n, f"ov-{k}", "swarm-overlay", swarm.image)
+                   for k, n in nodes.items()}
+        fan = {k: attached(n, f"fan-{k}", NET, swarm.image) for k, n in nodes.items()}
+        for k, n in nodes.items():
+            assert IPv4Address(fan[k]) in n.slice, (n.name, fan[k])
+            assert f"dstport {FAN_PORT} " in n.host.run(
+                ["ip", "-d", "link", "show", f"fan-vxlan-{FAN_PORT}"]).stdout
+        for here, there in (("a", "b"), ("b", "a")):
+            ping(nodes[here], f"ov-{here}", overlay[there])
+            ping(nodes[here], f"fan-{here}", fan[there])
+        for node in nodes.values():
+            node.check()
+    finally:
+        for k, n in nodes.items():
+            n.cli("rm", "-f", f"ov-{k}", f"fan-{k}", check=False)
+    manager.cli("network", "rm", NET, "swarm-overlay")
+    for node in swarm.nodes.values():
+        node.cli("network", "rm", "fan-config")
+        assert_clean(swarm, node)

@@ -20,13 +20,18 @@ from pathlib import Path
 from fan_driver.fanmap import FanMap, HostSlice
 from fan_driver.dataplane.firewall import network_rules
 from fan_driver.dataplane.encap import ENCAPS
-from fan_driver.dataplane.mapping.ebpf import DECAP_PREF, PROGRAM_PREFIX
+from fan_driver.dataplane.mapping.ebpf import DECAP_PREF, PROGRAM_PREFIX, EbpfMapping
 from fan_driver.dataplane.mapping.routes import RoutesMapping
 from fan_driver.dataplane.plan import MARK
 from fan_driver.lookup import plan_for
 from fan_driver.model import Owner, State
 
-SHARED_TUNNELS = tuple(encap.device for encap in ENCAPS.values())
+
+
+def shared_tunnel(name: str) -> bool:
+    """An external-mode device networks share: one per encapsulation, and for
+    VXLAN one per UDP port in use (fan-vxlan, fan-vxlan-4790)."""
+    return any(encap.is_external_device(name) for encap in ENCAPS.values())
 
 
 def read_state(state_dir: Path) -> dict:
@@ -97,8 +102,8 @@ def kernel_view(host) -> dict:
         if dev.startswith("fan"):
             routes.setdefault(dev, []).append(route["dst"])
     filters = {}
-    for dev in SHARED_TUNNELS:
-        if dev in marked:
+    for dev in marked:
+        if shared_tunnel(dev):
             out = host.run(["tc", "-j", "filter", "show", "dev", dev, "egress"]).stdout
             filters[dev] = sorted({f["pref"] for f in json.loads(out or "[]") if f.get("kind") == "bpf"
                                    and "options" in f})
@@ -177,17 +182,18 @@ def check(plugin, dockerd, host, allow_unclaimed: bool = False, driver: str = "f
     # tunnels: per-peer routes networks have a device of their own (its
     # routes, one per peer, are programmed in the background); the others
     # share one device per encapsulation in use, one route and one filter per
-    # network on it
+    # network on it (VXLAN: one device per UDP port in use)
+    loaded = State.from_json(state)
     per_peer = {nid for nid, n in nets.items() if n["mapping"] == "routes"}
-    wanted_links |= {RoutesMapping().tunnel_device(plan_for(State.from_json(state), nid))
-                     for nid in per_peer}
+    wanted_links |= {RoutesMapping().tunnel_device(plan_for(loaded, nid)) for nid in per_peer}
     shared = {nid: n for nid, n in nets.items() if nid not in per_peer}
-    tunnels = {name for name in kernel["marked"] if name in SHARED_TUNNELS}
+    device_of = {nid: EbpfMapping().tunnel_device(plan_for(loaded, nid)) for nid in shared}
+    tunnels = {name for name in kernel["marked"] if shared_tunnel(name)}
     wanted_links |= tunnels
-    expect(bool(tunnels) == bool(shared),
-           f"tunnel devices {sorted(tunnels)} for {len(shared)} networks")
-    overlays = sorted(n["pool_id"].split(":", 1)[1] for n in shared.values())
-    routed = sorted(dst for dev in tunnels for dst in kernel["routes"].get(dev, []))
+    expect(tunnels == set(device_of.values()),
+           f"tunnel devices {sorted(tunnels)} for networks on {sorted(set(device_of.values()))}")
+    overlays = sorted((device_of[nid], n["pool_id"].split(":", 1)[1]) for nid, n in shared.items())
+    routed = sorted((dev, dst) for dev in tunnels for dst in kernel["routes"].get(dev, []))
     expect(routed == overlays, f"overlay routes {routed} != {overlays}")
     prefs = sorted(n["tc_pref"] for n in shared.values())
     filtered = sorted(p for dev in tunnels for p in kernel["filters"].get(dev, []))
