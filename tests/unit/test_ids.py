@@ -8,6 +8,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from hypothesis import given
 
 from fan_driver import cli
+from fan_driver.check.probe import probe_state
 from fan_driver.config import UnderlaySpec
 from fan_driver.config import VXLAN_PORT
 from fan_driver.dataplane.mapping.ebpf import PROGRAM_PREFIX, EbpfMapping
@@ -98,6 +99,26 @@ def test_show_names_a_swarm_network_by_its_first_12_characters(tmp_path, capsys)
     rows = capsys.readouterr().out.splitlines()[1:]
     assert [row.split()[:2] for row in rows] == [["555555555555", "fan-251-0-28"],
                                                  ["r81e5w37k1jx", "fan-250-0-28"]]
+
+
+def test_show_and_check_give_each_networks_vxlan_port(tmp_path, capsys):
+    pools = {f"fan:{o}.0.0.0/8": Pool(overlay=f"{o}.0.0.0/8", underlay="172.30.0.0/16",
+                                      underlay_address="172.30.0.28", interface="eth0", mtu=1500)
+             for o in (250, 251)}
+    state = State(pools=pools, networks={
+        SWARM_NID: Network(pool_id="fan:250.0.0.0/8", encap="vxlan", mapping="ebpf", mtu=1450,
+                           tc_pref=1, vxlan_port=4790),
+        NID: Network(pool_id="fan:251.0.0.0/8", encap="ipip", mapping="ebpf", mtu=1480,
+                     tc_pref=2)})
+    Store(tmp_path).save(state)
+
+    cli.show(tmp_path)
+
+    header, *rows = capsys.readouterr().out.splitlines()
+    column = header.split().index("PORT")
+    assert [row.split()[column] for row in rows] == ["-", "4790"]
+    lines = probe_state(tmp_path).networks
+    assert "vxlan/ebpf, UDP port 4790, MTU 1450" in lines[1] and "UDP port" not in lines[0]
 
 
 async def read_facts() -> HostFacts:
