@@ -112,6 +112,10 @@ class Network:
     vxlan_port: Optional[int] = None
     endpoints: Dict[str, Endpoint] = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.encap == "vxlan" and self.vxlan_port is None:
+            self.vxlan_port = DEFAULT_VXLAN_PORTS[self.mapping]
+
 
 @dataclass
 class State:
@@ -142,8 +146,6 @@ class State:
         for nid, raw in data.get("networks", {}).items():
             raw = dict(raw)
             eps = {eid: Endpoint.from_json(ep) for eid, ep in raw.pop("endpoints", {}).items()}
-            if raw.get("encap") == "vxlan" and "vxlan_port" not in raw:
-                raw["vxlan_port"] = DEFAULT_VXLAN_PORTS[raw["mapping"]]
             networks[nid] = Network(endpoints=eps, **raw)
         pools = {pid: Pool(**dict(raw, addresses=dict(raw.get("addresses", {})),
                                   remembered=dict(raw.get("remembered", []))))

@@ -609,9 +609,19 @@ def test_removing_services_and_network_leaves_nothing(swarm):
     assert {n.name for n in members} == {"h28", "h59"}
 
 
-def attached(node: Node, name: str, network: str, image: str) -> str:
-    """A container on `network` (attachable) on the node; its address there."""
-    node.cli("run", "-d", "--name", name, "--network", network, image, "sleep", "36000")
+def attached(node: Node, name: str, network: str, image: str, timeout: float = 60) -> str:
+    """A container on `network` (attachable) on the node; its address there.
+    Moments after `swarm init` (Docker 28) the manager may not answer the
+    attachment in time yet ("context deadline exceeded"): tried again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = node.cli("run", "-d", "--name", name, "--network", network, image,
+                       "sleep", "36000", check=False)
+        if run.returncode == 0:
+            break
+        node.cli("rm", "-f", name, check=False)
+        assert "context deadline exceeded" in run.stderr and time.monotonic() < deadline, \
+            run.stderr
     return json.loads(node.cli("inspect", name).stdout)[0][
         "NetworkSettings"]["Networks"][network]["IPAddress"]
 
