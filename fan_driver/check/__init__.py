@@ -25,10 +25,12 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Mapping
 
 from pyroute2 import AsyncIPRoute
 
 from ..config import DEFAULT_OVERLAY
+from ..dataplane.base import PeerMapping
 from ..iptables import firewall_binary
 from ..settings import Settings, add_flags
 from .judge import judge, overlay_problems
@@ -54,14 +56,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "managed plugin's entry point)")
 
 
-def run(settings: Settings, args: argparse.Namespace) -> int:
+def run(settings: Settings, args: argparse.Namespace,
+        mappings: Mapping[str, PeerMapping]) -> int:
+    """`fan-driver check`; `mappings`: the peer mappings (cli.peer_mappings),
+    whose tunnel devices the state's networks use."""
     if args.settings:
         return check_settings(settings, args.overlay, args.serve_refusal)
     if args.kernel_json:
         print(json.dumps(asyncio.run(kernel_view(settings.iptables)).to_json()))
         return 0
     items = judge(settings, asyncio.run(probe(Path(settings.state_dir), settings.iptables)),
-                  args.overlay)
+                  args.overlay, mappings)
     print(format_report(items))
     return exit_status(items)
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import errno as errno_mod
 from ipaddress import IPv4Network
-from typing import List, Optional
+from typing import List, Mapping, Optional
 
 from ..config import DEFAULT_OVERLAY, MIN_MTU, RECEIVE_PATHS, UnderlaySpec, parse_cidr
 from ..dataplane import choose, libbpf
+from ..dataplane.base import PeerMapping
 from ..errors import FanError
 from ..fanmap import FanMap, HostSlice
 from ..model import short_id
@@ -27,8 +28,11 @@ def overlay_problems(overlay: str) -> List[str]:
     return []
 
 
-def judge(settings: Settings, probe: Probe, overlay: str = str(DEFAULT_OVERLAY)) -> List[Item]:
-    """What `probe` means for a fan network on `overlay` with `settings`."""
+def judge(settings: Settings, probe: Probe, overlay: str = str(DEFAULT_OVERLAY),
+          mappings: Optional[Mapping[str, PeerMapping]] = None) -> List[Item]:
+    """What `probe` means for a fan network on `overlay` with `settings`; with
+    the peer mappings (cli.peer_mappings), whether the kernel holds what the
+    state says."""
     items: List[Item] = []
     add = lambda *a, **k: items.append(Item(*a, **k))  # noqa: E731
 
@@ -52,7 +56,8 @@ def judge(settings: Settings, probe: Probe, overlay: str = str(DEFAULT_OVERLAY))
     _judge_firewall(probe.iptables, probe.ip_forward, add)
     _judge_state(probe.state, add)
     _judge_ports(probe.ports, add)
-    _judge_drift(probe, add)
+    if mappings is not None:
+        _judge_drift(probe, mappings, add)
     return items
 
 
@@ -244,16 +249,14 @@ def _port_problem(port: PublishedPort):
             f"start fan-driver if it is not running; {restart}")
 
 
-def _judge_drift(probe: Probe, add):
+def _judge_drift(probe: Probe, mappings: Mapping[str, PeerMapping], add):
     """The state against the kernel: a line per network (with its receive
     path), then every difference with its fix."""
-    from ..cli import peer_mappings   # the wiring, which imports this package
-
     if probe.kernel is None or probe.stored is None:
         if probe.state.exists and not probe.state.error:
             add("drift", "kernel", INFO, "not compared: the kernel could not be read")
         return
-    state, mappings = probe.stored, peer_mappings()
+    state = probe.stored
     found = differences(state, probe.kernel, mappings)
     for nid, net in sorted(state.networks.items()):
         if net.pool_id not in state.pools:
