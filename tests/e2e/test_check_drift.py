@@ -16,9 +16,9 @@ NAME = "drift"
 
 
 def section(report: str) -> str:
-    """The report from its "state vs kernel" heading on."""
+    """The report from its "state vs kernel" heading on, its lines unwrapped."""
     assert "state vs kernel:" in report, report
-    return report[report.index("state vs kernel:"):]
+    return " ".join(report[report.index("state vs kernel:"):].split())
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_check_names_a_deleted_rule_and_veth_with_their_fixes(dockerd, plugin, l
     lab_host.run(["ip", "link", "del", veth])
     broken = plugin.check()
     assert broken.returncode == 1, broken.stdout
-    found = " ".join(section(broken.stdout).split())   # unwrapped
+    found = section(broken.stdout)
     assert f"network {network_id[:12]}: 1 of " in found and "iptables rules missing" in found
     assert "fix: restart the plugin (it rebuilds what its state holds)" in found
     assert f"interface {veth} of endpoint {endpoint_id[:12]}" in found
@@ -63,7 +63,7 @@ def test_check_names_a_deleted_rule_and_veth_with_their_fixes(dockerd, plugin, l
 
     plugin.restart()   # the rule's fix
     after_restart = plugin.check()
-    found = " ".join(section(after_restart.stdout).split())
+    found = section(after_restart.stdout)
     assert "iptables rules missing" not in found and f"interface {veth}" in found, found
 
     dockerd.cli("restart", "-t", "1", drift_net)   # the veth's fix
