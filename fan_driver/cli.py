@@ -46,7 +46,7 @@ def main(argv=None) -> int:
             log.setLevel(settings.log_level.upper())
             asyncio.run(serve(settings))
         elif args.command == "check":
-            return check.run(settings, args)
+            return check.run(settings, args, peer_mappings())
         else:
             show(Path(settings.state_dir))
     except FanError as exc:
