@@ -12,11 +12,6 @@ Reading the host (probe.py and kernel.py, into plain data) is kept apart from
 judging what was read (judge.py, and drift.py: the state against the kernel)
 and printing it (report.py); those are pure functions, tested without root
 (tests/unit/test_check.py, test_drift.py).
-
-`--settings --serve-refusal` is the managed plugin's guard (refusal.py,
-plugin/entrypoint.sh): with valid settings it returns at once; with an invalid
-one it keeps the plugin socket up and answers every Docker request with the
-problem and its fix.
 """
 from __future__ import annotations
 
@@ -50,10 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel-json", action="store_true",
                         help="print the fan's objects in the kernel as JSON, what the report "
                              "compares with the state, and exit")
-    parser.add_argument("--serve-refusal", action="store_true",
-                        help="with --settings: when a setting is invalid, keep answering "
-                             "Docker on --socket with the problem instead of exiting (the "
-                             "managed plugin's entry point)")
 
 
 def run(settings: Settings, args: argparse.Namespace,
@@ -61,7 +52,7 @@ def run(settings: Settings, args: argparse.Namespace,
     """`fan-driver check`; `mappings`: the peer mappings (cli.peer_mappings),
     whose tunnel devices the state's networks use."""
     if args.settings:
-        return check_settings(settings, args.overlay, args.serve_refusal)
+        return check_settings(settings, args.overlay)
     if args.kernel_json:
         print(json.dumps(asyncio.run(kernel_view(settings.iptables)).to_json()))
         return 0
@@ -76,15 +67,8 @@ async def kernel_view(iptables_setting: str) -> KernelView:
         return await read_kernel(ipr, firewall_binary(iptables_setting))
 
 
-def check_settings(settings: Settings, overlay: str, serve_refusal: bool) -> int:
+def check_settings(settings: Settings, overlay: str) -> int:
     problems = settings.problems() + overlay_problems(overlay)
     for problem in problems:
         print(f"fan-driver: {problem}", file=sys.stderr)
-    if problems and serve_refusal:
-        from .refusal import serve_refusal as refuse   # the drivers and aiohttp
-
-        print(f"fan-driver: refusing every request on {settings.socket} until the settings "
-              "are fixed", file=sys.stderr)
-        asyncio.run(refuse(Path(settings.socket), "fan-driver cannot start: " +
-                           "; ".join(problems)))
     return 1 if problems else 0
