@@ -4,6 +4,7 @@ following the fixes makes it clean again."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
@@ -50,7 +51,7 @@ def test_check_names_a_deleted_rule_and_veth_with_their_fixes(dockerd, plugin, l
 
     (table, rule) = next((t, line) for t, line in consistency.kernel_view(lab_host)["rules"]
                          if f'"fan-driver {network_id[:12]}"' in line and "FAN-FORWARD" in line)
-    lab_host.run(["iptables", "-t", table, "-D", *split_rule(rule[3:])])
+    lab_host.run(["iptables", "-t", table, "-D", *shlex.split(rule[3:])])
     lab_host.run(["ip", "link", "del", veth])
     broken = plugin.check()
     assert broken.returncode == 1, broken.stdout
@@ -71,12 +72,3 @@ def test_check_names_a_deleted_rule_and_veth_with_their_fixes(dockerd, plugin, l
     again = plugin.check()
     assert again.returncode == 0, again.stdout
     assert "the kernel holds what the state says" in section(again.stdout)
-
-
-def split_rule(text: str) -> list:
-    """A saved rule's words, the quoted comment kept as one."""
-    head, quoted, tail = text.partition('"')
-    if not quoted:
-        return text.split()
-    comment, _, tail = tail.partition('"')
-    return [*head.split(), comment, *tail.split()]

@@ -5,6 +5,7 @@ a marked rule edited or added by hand is put right at the next check."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 
 import pytest
@@ -99,7 +100,7 @@ def test_a_rule_edited_or_added_by_hand_is_put_right(netns, backend, change):
     chain, rest = accept.split()[1], accept.split(maxsplit=2)[2]
     edited = rest.replace("-j ACCEPT", "-j DROP")
     position = ["1"] if change == "-R" else []
-    sh("ip", "netns", "exec", netns.ns, backend, change, chain, *position, *split_rule(edited))
+    sh("ip", "netns", "exec", netns.ns, backend, change, chain, *position, *shlex.split(edited))
     assert save(netns.ns, backend) != wanted
     run_in(netns.ns, f"""
     await ensure(IptablesFirewall("{backend}"), False)""", SETUP)
@@ -156,12 +157,3 @@ def test_a_swarm_networks_marks_parse_back_and_stay_apart(netns, backend):
     swarm = ["fan-driver r81e5w37k1jx", "fan-driver r81e5w37k1jx eeeeeeeeeeee"]
     assert marks == [["fan-driver 555555555555", "fan-driver 555555555555 eeeeeeeeeeee",
                       *swarm], swarm]
-
-
-def split_rule(text: str) -> list:
-    """An `iptables -S` rule's words, the quoted comment kept as one."""
-    head, quoted, tail = text.partition('"')
-    if not quoted:
-        return text.split()
-    comment, _, tail = tail.partition('"')
-    return [*head.split(), comment, *tail.split()]
