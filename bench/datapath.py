@@ -36,7 +36,9 @@ from fan_driver.fanmap import FanMap, HostSlice
 from tests.harness.netlab import busybox_path
 from tests.harness.procs import env_with_sbin, run_cmd, stop_popen
 
-from .lab import KERNEL_FAN, BenchLab, FanHost, in_netns, wait_programmed
+from tests.harness.fanhosts import FanHost, in_netns
+
+from .lab import KERNEL_FAN, BenchLab, wait_programmed
 from .results import Report, Row, error_row, median, percentile
 
 SECTION = "data path"
@@ -168,7 +170,7 @@ def build(bl: BenchLab, report: Report, log) -> tuple[list[DataPath], dict]:
 
 def _container_path(name: str, a: FanHost, b: FanHost, net: str, overhead: int) -> DataPath:
     for h in (a, b):
-        h.run_container(net, net)
+        h.start_container(net, net)
     return DataPath(name, a.container_netns(net), b.container_netns(net), b.containers[net][1],
                 overhead)
 

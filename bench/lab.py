@@ -8,20 +8,17 @@ programmed in a second) as well as over the usual /16.
 """
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Optional
 
 from fan_driver.fanmap import FanMap
 from fan_driver.host import KERNEL_FAN_VERSION
-from tests.harness import (Dockerd, Lab, PluginProcess, ensure_busybox, missing_requirements,
-                           plugin_available)
+from tests.harness import Lab, PluginProcess, missing_requirements, plugin_available
+from tests.harness.fanhosts import FanHost, start_host
 from tests.harness.procs import env_with_sbin, run_cmd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +27,6 @@ PREFIX = "fanlab-bench-"
 HOSTS = {"h28": "172.30.0.28/16", "h59": "172.30.0.59/16"}
 API_HOST = ("api", "172.30.0.77/16")
 OUTSIDE = "172.30.255.254/16"
-BUSYBOX = "busybox"
 KERNEL_FAN = Path(KERNEL_FAN_VERSION)   # Ubuntu's Fan patch
 
 
@@ -44,51 +40,6 @@ def requirements_missing() -> list[str]:
     if not ok:
         missing.append(f"the fan plugin ({why})")
     return missing
-
-
-def netns_path(pid_or_name) -> str:
-    """The network namespace file of a process (int) or a named namespace (str)."""
-    if isinstance(pid_or_name, int):
-        return f"/proc/{pid_or_name}/ns/net"
-    return f"/run/netns/{pid_or_name}"
-
-
-def in_netns(ns: str, cmd: list) -> list[str]:
-    """`cmd` run in network namespace file `ns` only (nothing else changes)."""
-    return ["nsenter", f"--net={ns}", *[str(c) for c in cmd]]
-
-
-@dataclass
-class FanHost:
-    name: str
-    host: object                 # harness Host
-    dockerd: Dockerd
-    plugin: PluginProcess
-    workdir: Path
-    containers: dict = field(default_factory=dict)   # name -> (pid, address)
-
-    @property
-    def ip(self) -> str:
-        return str(self.host.ip)
-
-    @property
-    def netns(self) -> str:
-        return netns_path(self.host.name)
-
-    def cli(self, *args, **kwargs) -> subprocess.CompletedProcess:
-        return self.dockerd.cli(*args, **kwargs)
-
-    def run_container(self, name: str, net: str) -> tuple[int, str]:
-        """A busybox `sleep` on `net`: (its PID on this machine, its address)."""
-        self.cli("run", "-d", "--name", name, "--net", net, BUSYBOX, "sleep", "86400",
-                 timeout=180)
-        info = json.loads(self.cli("inspect", name).stdout)[0]
-        found = (info["State"]["Pid"], info["NetworkSettings"]["Networks"][net]["IPAddress"])
-        self.containers[name] = found
-        return found
-
-    def container_netns(self, name: str) -> str:
-        return netns_path(self.containers[name][0])
 
 
 class BenchLab:
@@ -106,14 +57,12 @@ class BenchLab:
         started = time.monotonic()
         self.lab = Lab(prefix=PREFIX)
         try:
-            for name, address in HOSTS.items():
-                self.lab.add_host(name, address)
             self.api_host = self.lab.add_host(*API_HOST)
             self.lab.add_outside(OUTSIDE)
             self.setup_seconds["lab"] = time.monotonic() - started
-            for name in HOSTS:
+            for name, address in HOSTS.items():
                 t0 = time.monotonic()
-                self.hosts[name] = self._start(name)
+                self.hosts[name] = start_host(self.lab, name, address, self._workdirs, quiet=True)
                 self.setup_seconds[f"dockerd+plugin {name}"] = time.monotonic() - t0
         except BaseException:
             self.close()
@@ -130,15 +79,6 @@ class BenchLab:
         # At the level a user runs it: the harness's debug log costs CPU per request.
         return PluginProcess(host, socket_path=work / "fan.sock", state_dir=work / "state",
                              log_path=work / "plugin.log", log_level="info")
-
-    def _start(self, name: str) -> FanHost:
-        host = self.lab.host(name)
-        plugin = self.plugin(host, name)
-        plugin.start()
-        # No --debug: dockerd's debug log costs CPU on every request.
-        dockerd = Dockerd(host, debug=False).start()
-        ensure_busybox(dockerd, BUSYBOX)
-        return FanHost(name, host, dockerd, plugin, plugin.state_dir.parent)
 
     def close(self) -> None:
         try:

@@ -16,7 +16,9 @@ import time
 
 from tests.harness.procs import run_cmd
 
-from .lab import KERNEL_FAN, BenchLab, FanHost, count_lines, peers_of, wait_programmed
+from tests.harness.fanhosts import FanHost
+
+from .lab import KERNEL_FAN, BenchLab, count_lines, peers_of, wait_programmed
 from .results import Report, Row, error_row, median
 
 SECTION = "scale"

@@ -8,7 +8,7 @@ import os
 import sys
 from ipaddress import IPv4Interface
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 from . import check
 from .config import UnderlaySpec
@@ -24,8 +24,12 @@ log = logging.getLogger("fan_driver")
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fan-driver", description="Fan networking for Docker")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_flags(sub.add_parser("serve", help="run the network and IPAM plugin"),
-              ("socket", "log_level", "underlay", "encap", "iptables", "state_dir"))
+    serve_parser = sub.add_parser("serve", help="run the network and IPAM plugin")
+    add_flags(serve_parser, ("socket", "log_level", "underlay", "encap", "iptables", "state_dir"))
+    serve_parser.add_argument(
+        "--refuse-when-invalid", action="store_true",
+        help="when a setting is invalid, keep answering Docker on --socket with the problem "
+             "and its fix instead of exiting (the managed plugin's entry point)")
     add_flags(sub.add_parser("show", help="one line per fan network"), ("state_dir",))
     check.add_arguments(sub.add_parser(
         "check", help="what this host supports and what the plugin would do here"))
@@ -38,6 +42,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "serve":
             problems = settings.problems()
+            if problems and args.refuse_when_invalid:
+                return refuse(Path(settings.socket), problems)
             if problems:
                 raise FanError("; ".join(problems))
             # Other libraries (pyroute2 logs every netlink message) stay at warnings.
@@ -46,13 +52,27 @@ def main(argv=None) -> int:
             log.setLevel(settings.log_level.upper())
             asyncio.run(serve(settings))
         elif args.command == "check":
-            return check.run(settings, args)
+            return check.run(settings, args, peer_mappings())
         else:
             show(Path(settings.state_dir))
     except FanError as exc:
         print(f"fan-driver: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def refuse(socket: Path, problems: List[str]) -> int:
+    """serve's guard: a managed plugin whose process exits is reported by
+    `docker plugin enable` only as a socket it could not dial, after seconds of
+    retries; answering every request with the problem shows it where it is used."""
+    from .refusal import serve_refusal
+
+    for problem in problems:
+        print(f"fan-driver: {problem}", file=sys.stderr)
+    print(f"fan-driver: refusing every request on {socket} until the settings are fixed",
+          file=sys.stderr)
+    asyncio.run(serve_refusal(socket, "fan-driver cannot start: " + "; ".join(problems)))
+    return 1
 
 
 def peer_mappings() -> Dict[str, PeerMapping]:

@@ -1,29 +1,35 @@
 """fan-driver check: what this host supports and what the plugin would do here.
 
     fan-driver check              the full report; exit status 1 when a fan
-                                  network could not work here
+                                  network could not work here, or the kernel
+                                  does not hold what the state (--state-dir) says
     fan-driver check --settings   only the settings (FAN_UNDERLAY, FAN_ENCAP,
                                   FAN_LOG_LEVEL, FAN_IPTABLES or their flags)
+    fan-driver check --kernel-json
+                                  the fan's objects in the kernel, as JSON
 
-Reading the host (probe.py, into plain data) is kept apart from judging what
-was read (judge.py) and printing it (report.py); those two are pure functions,
-tested without root (tests/unit/test_check.py).
-
-`--settings --serve-refusal` is the managed plugin's guard (refusal.py,
-plugin/entrypoint.sh): with valid settings it returns at once; with an invalid
-one it keeps the plugin socket up and answers every Docker request with the
-problem and its fix.
+Reading the host (probe.py and kernel.py, into plain data) is kept apart from
+judging what was read (judge.py, and drift.py: the state against the kernel)
+and printing it (report.py); those are pure functions, tested without root
+(tests/unit/test_check.py, test_drift.py).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from pathlib import Path
+from typing import Mapping
+
+from pyroute2 import AsyncIPRoute
 
 from ..config import DEFAULT_OVERLAY
+from ..dataplane.base import PeerMapping
+from ..iptables import firewall_binary
 from ..settings import Settings, add_flags
 from .judge import judge, overlay_problems
+from .kernel import KernelView, read_kernel
 from .probe import probe
 from .report import exit_status, format_report
 
@@ -36,30 +42,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="overlay to plan a slice of (default: %(default)s)")
     parser.add_argument("--settings", action="store_true",
                         help="check only the settings; exit status 1 when one is invalid")
-    parser.add_argument("--serve-refusal", action="store_true",
-                        help="with --settings: when a setting is invalid, keep answering "
-                             "Docker on --socket with the problem instead of exiting (the "
-                             "managed plugin's entry point)")
+    parser.add_argument("--kernel-json", action="store_true",
+                        help="print the fan's objects in the kernel as JSON, what the report "
+                             "compares with the state, and exit")
 
 
-def run(settings: Settings, args: argparse.Namespace) -> int:
+def run(settings: Settings, args: argparse.Namespace,
+        mappings: Mapping[str, PeerMapping]) -> int:
+    """`fan-driver check`; `mappings`: the peer mappings (cli.peer_mappings),
+    whose tunnel devices the state's networks use."""
     if args.settings:
-        return check_settings(settings, args.overlay, args.serve_refusal)
+        return check_settings(settings, args.overlay)
+    if args.kernel_json:
+        print(json.dumps(asyncio.run(kernel_view(settings.iptables)).to_json()))
+        return 0
     items = judge(settings, asyncio.run(probe(Path(settings.state_dir), settings.iptables)),
-                  args.overlay)
+                  args.overlay, mappings)
     print(format_report(items))
     return exit_status(items)
 
 
-def check_settings(settings: Settings, overlay: str, serve_refusal: bool) -> int:
+async def kernel_view(iptables_setting: str) -> KernelView:
+    async with AsyncIPRoute() as ipr:
+        return await read_kernel(ipr, firewall_binary(iptables_setting))
+
+
+def check_settings(settings: Settings, overlay: str) -> int:
     problems = settings.problems() + overlay_problems(overlay)
     for problem in problems:
         print(f"fan-driver: {problem}", file=sys.stderr)
-    if problems and serve_refusal:
-        from .refusal import serve_refusal as refuse   # the drivers and aiohttp
-
-        print(f"fan-driver: refusing every request on {settings.socket} until the settings "
-              "are fixed", file=sys.stderr)
-        asyncio.run(refuse(Path(settings.socket), "fan-driver cannot start: " +
-                           "; ".join(problems)))
     return 1 if problems else 0

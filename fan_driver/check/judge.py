@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import errno as errno_mod
 from ipaddress import IPv4Network
-from typing import List, Optional
+from typing import List, Mapping, Optional
 
 from ..config import DEFAULT_OVERLAY, MIN_MTU, RECEIVE_PATHS, UnderlaySpec, parse_cidr
 from ..dataplane import choose, libbpf
+from ..dataplane.base import PeerMapping
 from ..errors import FanError
 from ..fanmap import FanMap, HostSlice
+from ..model import short_id
+from ..lookup import plan_for
 from ..hostfacts import KernelFeatures, resolve_underlay
 from ..settings import Settings
+from .drift import differences
 from .probe import IP_FORWARD, Iptables, Probe, PublishedPort, StateInfo
 from .report import FAIL, INFO, OK, WARN, Item
 
@@ -24,8 +28,11 @@ def overlay_problems(overlay: str) -> List[str]:
     return []
 
 
-def judge(settings: Settings, probe: Probe, overlay: str = str(DEFAULT_OVERLAY)) -> List[Item]:
-    """What `probe` means for a fan network on `overlay` with `settings`."""
+def judge(settings: Settings, probe: Probe, overlay: str = str(DEFAULT_OVERLAY),
+          mappings: Optional[Mapping[str, PeerMapping]] = None) -> List[Item]:
+    """What `probe` means for a fan network on `overlay` with `settings`; with
+    the peer mappings (cli.peer_mappings), whether the kernel holds what the
+    state says."""
     items: List[Item] = []
     add = lambda *a, **k: items.append(Item(*a, **k))  # noqa: E731
 
@@ -49,6 +56,8 @@ def judge(settings: Settings, probe: Probe, overlay: str = str(DEFAULT_OVERLAY))
     _judge_firewall(probe.iptables, probe.ip_forward, add)
     _judge_state(probe.state, add)
     _judge_ports(probe.ports, add)
+    if mappings is not None:
+        _judge_drift(probe, mappings, add)
     return items
 
 
@@ -238,3 +247,28 @@ def _port_problem(port: PublishedPort):
                 f"stop what holds the port, then {restart}; or publish another host port")
     return (f"{whose}, but it has no DNAT rule: it does not reach the container",
             f"start fan-driver if it is not running; {restart}")
+
+
+def _judge_drift(probe: Probe, mappings: Mapping[str, PeerMapping], add):
+    """The state against the kernel: a line per network (with its receive
+    path), then every difference with its fix."""
+    if probe.kernel is None or probe.stored is None:
+        if probe.state.exists and not probe.state.error:
+            add("drift", "kernel", INFO, "not compared: the kernel could not be read")
+        return
+    state = probe.stored
+    found = differences(state, probe.kernel, mappings)
+    for nid, net in sorted(state.networks.items()):
+        if net.pool_id not in state.pools:
+            continue
+        plan = plan_for(state, nid)
+        mine = sum(1 for d in found if d.network == short_id(nid))
+        add("drift", short_id(nid), INFO if mine else OK,
+            f"bridge {plan.bridge}, {net.encap}/{net.mapping} through "
+            f"{mappings[net.mapping].tunnel_device(plan)}, receive={net.receive}: "
+            f"{RECEIVE_PATHS[net.receive]}; "
+            + (f"{mine} difference(s) below" if mine else "the kernel holds what the state says"))
+    if not state.networks and not found:
+        add("drift", "kernel", OK, "no fan networks, and no fan objects in the kernel")
+    for difference in found:
+        add("drift", difference.network or "leftover", FAIL, difference.what, difference.fix)

@@ -1,6 +1,7 @@
 """Reading the host for `fan-driver check`: kernel features, interfaces and
-routes, iptables, ip_forward, the state file and what the kernel shows of each
-published port, as plain data (`Probe`) so that judging it is pure."""
+routes, iptables, ip_forward, the state file, what the kernel shows of each
+published port and the fan's objects in the kernel (kernel.py), as plain data
+(`Probe`) so that judging it is pure."""
 from __future__ import annotations
 
 import shutil
@@ -20,8 +21,9 @@ from ..dataplane.plan import MARK
 from ..dataplane.proxy import listener_of
 from ..errors import FanError
 from ..hostfacts import HostFacts, KernelFeatures
-from ..model import short_id
+from ..model import State, short_id
 from ..store import STATE_FILE, Store
+from .kernel import KernelView, read_kernel
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class Probe:
     ebpf_error: str = ""                    # why the eBPF probe failed
     netlink_error: str = ""                 # reading links or probing devices failed
     ports: Tuple[PublishedPort, ...] = ()
+    stored: Optional[State] = None          # the state, when it could be read
+    kernel: Optional[KernelView] = None     # the fan's objects in the kernel
 
 
 async def probe(state_dir: Path, iptables_setting: str = "auto") -> Probe:
@@ -85,18 +89,30 @@ async def probe(state_dir: Path, iptables_setting: str = "auto") -> Probe:
         ebpf_error = ebpf.probe_error() or ""
         return not ebpf_error
 
+    ipt = probe_iptables(iptables_setting)
+    kernel = None
     try:
         async with AsyncIPRoute() as ipr:
             facts = await host.read_facts(ipr)
             features = await host.probe_kernel(ipr, ebpf_works, ebpf.conntrack_supported)
+            kernel = await read_kernel(ipr, ipt.binary or iptables.HOST_IPTABLES)
     except Exception as exc:   # a report, not a crash: say what failed
         netlink_error = f"{type(exc).__name__}: {exc}"
-    ipt = probe_iptables(iptables_setting)
     return Probe(features=features, facts=facts, iptables=ipt,
                  state=probe_state(state_dir), ip_forward=_read(IP_FORWARD),
                  ebpf_error=ebpf_error, netlink_error=netlink_error,
                  ports=probe_ports(state_dir, ipt.binary) if ipt.binary and not ipt.error
-                 else ())
+                 else (), stored=_stored(state_dir), kernel=kernel)
+
+
+def _stored(state_dir: Path) -> Optional[State]:
+    """The state, or None when there is none or it cannot be read (probe_state says why)."""
+    if not (Path(state_dir) / STATE_FILE).exists():
+        return None
+    try:
+        return Store(Path(state_dir)).load()
+    except (FanError, OSError):
+        return None
 
 
 def _read(path: Path) -> Optional[str]:
@@ -154,11 +170,8 @@ def probe_ports(state_dir: Path, binary: str) -> Tuple[PublishedPort, ...]:
     """Each published port of the state with its DNAT rule (or none), its
     listener and a DNAT rule of others forwarding it; () when the state or
     the nat table cannot be read (the state and iptables items say why)."""
-    if not (Path(state_dir) / STATE_FILE).exists():
-        return ()
-    try:
-        state = Store(Path(state_dir)).load()
-    except (FanError, OSError):
+    state = _stored(state_dir)
+    if state is None:
         return ()
     code, out = iptables.run([binary, "-w", "-t", "nat", "-S"])
     if code != 0:

@@ -8,7 +8,7 @@ from typing import List, Sequence
 OK, INFO, WARN, FAIL = "ok", "info", "warn", "FAIL"
 SECTIONS = {"settings": "settings", "kernel": "kernel features",
             "plan": "what a fan network would get here", "firewall": "firewall",
-            "state": "state", "ports": "published ports"}
+            "state": "state", "ports": "published ports", "drift": "state vs kernel"}
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,16 @@ def format_report(items: Sequence[Item], columns: int = 100) -> str:
 
 
 def verdict(items: Sequence[Item]) -> str:
-    failed = [i for i in items if i.status == FAIL]
+    failed = [i for i in items if i.status == FAIL and i.section != "drift"]
     warned = [i for i in items if i.status == WARN]
+    drift = sum(1 for i in items if i.status == FAIL and i.section == "drift")
+    differ = (f"state and kernel differ: {drift} difference(s), each with its fix above"
+              if drift else "")
     if failed:
         return (f"NOT READY: {len(failed)} problem(s) keep fan networks from working "
-                f"here: {', '.join(i.name for i in failed)}")
+                f"here: {', '.join(i.name for i in failed)}" + (f"; {differ}" if differ else ""))
     note = f" ({len(warned)} warning(s): {', '.join(i.name for i in warned)})" if warned else ""
-    return f"ready: fan networks can be created here{note}"
+    return f"ready: fan networks can be created here{note}" + (f"; but {differ}" if differ else "")
 
 
 def exit_status(items: Sequence[Item]) -> int:

@@ -214,6 +214,28 @@ def _mark_of(line: str) -> Optional[str]:
     return line.split('--comment "', 1)[1].split('"', 1)[0]
 
 
+def saved_lines(rules: Iterable[Rule]) -> List[Tuple[str, str]]:
+    """(table, line) of each rule as iptables-save prints it: what `fan-driver
+    check` looks for."""
+    return [(table, _restore_line(["-A", chain, *spec])) for table, chain, spec in rules]
+
+
+def saved_line(line: str) -> str:
+    """An iptables-save (or `iptables -S`) line as saved_lines writes it."""
+    return _normalised(line)
+
+
+def mark_of(line: str) -> Optional[str]:
+    return _mark_of(line)
+
+
+def missing_jumps(listings: Dict[str, Sequence[str]]) -> List[Tuple[str, str, str]]:
+    """The CHAINS entries whose jump is not in place in `listings` (table ->
+    its lines): absent, or in filter FORWARD before DOCKER-USER's."""
+    return [(table, builtin, chain) for table, builtin, chain in CHAINS
+            if not _jump_in_place(builtin, chain, listings.get(table, ()))]
+
+
 class IptablesFirewall(Firewall):
     def __init__(self, binary: str = "iptables"):
         self.binary = binary

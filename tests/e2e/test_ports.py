@@ -327,7 +327,7 @@ def test_reboot_brings_the_ports_back(lab, lab_host, dockerd, plugin, web):
     lab_host.wipe_network()
     plugin.start()
     rules = consistency.kernel_view(lab_host)["rules"]
-    assert sum(1 for r in rules if "-j DNAT" in r) == published - 1   # not the 127.0.0.1 one
+    assert sum(1 for _, r in rules if "-j DNAT" in r) == published - 1   # not the 127.0.0.1 one
     dockerd.start()
     deadline = time.monotonic() + 90
     while "web" not in dockerd.cli("ps", "--format", "{{.Names}}").stdout.split():

@@ -140,6 +140,10 @@ class Swarm:
         """Wait until the service's tasks are gone; then every node's state,
         Docker and kernel agree."""
         self.converged(service, 0)
+        self.check_nodes()
+
+    def check_nodes(self) -> None:
+        """On every node, the plugin's state, Docker and the kernel agree."""
         for node in self.nodes.values():
             node.check()
 
@@ -412,13 +416,11 @@ def test_scale_up_and_down(swarm):
     swarm.manager.cli("service", "scale", "--detach", "web=9")
     web = swarm.converged("web", 9)
     assert_in_own_slices(web)
-    for node in swarm.nodes.values():
-        node.check()
+    swarm.check_nodes()
     swarm.manager.cli("service", "scale", "--detach", "web=2")
     web = swarm.converged("web", 2)
     assert_in_own_slices(web)
-    for node in swarm.nodes.values():
-        node.check()
+    swarm.check_nodes()
     node, task = one_task(swarm, "everywhere", "h28")
     resolves(node, task, "web", addresses(web))
 
@@ -434,8 +436,7 @@ def test_rolling_update_replaces_tasks_and_their_addresses(swarm):
         return found if not old_ids & {c for tasks in found.values() for c in tasks} else None
     web = wait_for("web's tasks replaced", replaced, timeout=120)
     assert_in_own_slices(web)
-    for node in swarm.nodes.values():
-        node.check()
+    swarm.check_nodes()
     node, task = one_task(swarm, "everywhere", "h59")
     resolves(node, task, "web", addresses(web))
 

@@ -5,33 +5,31 @@ crashes, restarts and load: it compares three views of one lab host.
     docker  fan networks, their running endpoints and addresses (docker network inspect)
     kernel  interfaces carrying our mark, bridge ports, routes through the fan's
             tunnel devices, eBPF filters on them and on the underlay devices'
-            ingress, iptables rules with our comment
+            ingress, iptables rules with our comment: as `fan-driver check` reads
+            them (fan_driver/check/kernel.py), run in the lab host
 
-check() raises AssertionError naming every mismatch and returns counts.
+The kernel against the state is `fan-driver check`'s own comparison
+(fan_driver/check/drift.py); this adds Docker's view and the state's
+bookkeeping. check() raises AssertionError naming every mismatch and returns
+counts.
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface
 from pathlib import Path
 
-from fan_driver.fanmap import FanMap, HostSlice
+from fan_driver.check.drift import differences
+from fan_driver.check.kernel import KernelView
+from fan_driver.cli import peer_mappings
 from fan_driver.dataplane.firewall import network_rules
-from fan_driver.dataplane.encap import ENCAPS
-from fan_driver.dataplane.mapping.ebpf import DECAP_PREF, PROGRAM_PREFIX, EbpfMapping
-from fan_driver.dataplane.mapping.routes import RoutesMapping
-from fan_driver.dataplane.plan import MARK
 from fan_driver.lookup import plan_for
 from fan_driver.model import Owner, State
 
-
-
-def shared_tunnel(name: str) -> bool:
-    """An external-mode device networks share: one per encapsulation, and for
-    VXLAN one per UDP port in use (fan-vxlan, fan-vxlan-4790)."""
-    return any(encap.is_external_device(name) for encap in ENCAPS.values())
+from .plugin import plugin_env
 
 
 def read_state(state_dir: Path) -> dict:
@@ -70,58 +68,27 @@ def kernel_snapshot(host, only_fan_rules: bool = False) -> dict:
     rules = sorted(line for line in host.run(["iptables-save"]).stdout.splitlines()
                    if ("fan" in line.lower() if only_fan_rules
                        else line.startswith("-A ")))
-    filters = sorted({f"{dev} pref {pref}" for (_, pref), dev in receive_filters(host).items()})
+    filters = sorted(f"{dev} pref {pref}" for dev, pref in kernel_view(host)["decaps"])
     return {"links": links, "routes": routes, "rules": rules, "filters": filters}
 
 
-def receive_filters(host) -> dict:
-    """The receive shortcuts' filters, ours on any addressed device's ingress:
-    {(an address of the device, pref): device}."""
-    found = {}
-    for link in json.loads(host.run(["ip", "-4", "-j", "addr", "show"]).stdout):
-        out = host.run(["tc", "-j", "filter", "show", "dev", link["ifname"], "ingress"]).stdout
-        prefs = {f["pref"] for f in json.loads(out or "[]") if f.get("kind") == "bpf"
-                 and str(f.get("options", {}).get("bpf_name", "")).startswith(PROGRAM_PREFIX)
-                 and f["pref"] >= DECAP_PREF}
-        for info in link.get("addr_info", ()):
-            found.update({(info["local"], pref): link["ifname"] for pref in prefs})
-    return found
-
-
 def kernel_view(host) -> dict:
-    links = json.loads(host.run(["ip", "-j", "-d", "link", "show"]).stdout)
-    marked = {link["ifname"]: link.get("ifalias", "") for link in links
-              if link.get("ifalias") == MARK or str(link.get("ifalias", "")).startswith(MARK + " ")}
-    ports = {}
-    for link in links:
-        if "master" in link:
-            ports.setdefault(link["master"], set()).add(link["ifname"])
-    routes = {}
-    for route in json.loads(host.run(["ip", "-4", "-j", "route", "show", "table", "all"]).stdout):
-        dev = route.get("dev", "")
-        if dev.startswith("fan"):
-            routes.setdefault(dev, []).append(route["dst"])
-    filters = {}
-    for dev in marked:
-        if shared_tunnel(dev):
-            out = host.run(["tc", "-j", "filter", "show", "dev", dev, "egress"]).stdout
-            filters[dev] = sorted({f["pref"] for f in json.loads(out or "[]") if f.get("kind") == "bpf"
-                                   and "options" in f})
-    saved = host.run(["iptables-save"]).stdout.splitlines()
-    rules = [line for line in saved if f'--comment "{MARK} ' in line]
-    chains = [line for line in saved if line.startswith(":FAN-") or "-j FAN-" in line]
-    named = [link["ifname"] for link in links if link["ifname"].startswith(("fve", "fvc"))]
-    return {"marked": marked, "ports": ports, "routes": routes, "filters": filters,
-            "decaps": receive_filters(host), "rules": rules, "chains": chains, "fv_links": named}
+    """The fan's objects in the host's kernel as `fan-driver check` reads them
+    (fan_driver.check.kernel.KernelView, as JSON)."""
+    return json.loads(host.run([sys.executable, "-m", "fan_driver", "check", "--kernel-json"],
+                               env=plugin_env()).stdout)
 
 
 def check(plugin, dockerd, host, allow_unclaimed: bool = False, driver: str = "fan") -> dict:
     """Assert that state, Docker and kernel agree; return counts of what is there.
+    The kernel against the state is `fan-driver check`'s comparison; here, in
+    addition, Docker against the state and the state's own bookkeeping.
     allow_unclaimed: addresses and pools marked "unclaimed" at a restart may
     still wait for their grace period to end."""
-    state, docker, kernel = (read_state(plugin.state_dir), docker_view(dockerd, driver),
-                             kernel_view(host))
-    problems = []
+    state, docker = read_state(plugin.state_dir), docker_view(dockerd, driver)
+    kernel = KernelView.from_json(kernel_view(host))
+    problems = [f"{d.what} (fix: {d.fix})"
+                for d in differences(State.from_json(state), kernel, peer_mappings())]
 
     def expect(cond, what):
         if not cond:
@@ -131,11 +98,10 @@ def check(plugin, dockerd, host, allow_unclaimed: bool = False, driver: str = "f
     expect(set(nets) == set(docker),
            f"fan networks: state {sorted(n[:12] for n in nets)} docker "
            f"{sorted(n[:12] for n in docker)}")
-    wanted_links, all_ips, wanted_rules = set(), [], 0
+    all_ips = []
     for nid, net in nets.items():
         pool = pools.get(net["pool_id"])
-        expect(pool is not None, f"network {nid[:12]}: pool {net['pool_id']} missing")
-        if pool is None:
+        if pool is None:   # a difference above
             continue
         eps = {eid: str(IPv4Interface(ep["address"]).ip) for eid, ep in net["endpoints"].items()}
         all_ips += list(eps.values())
@@ -153,25 +119,6 @@ def check(plugin, dockerd, host, allow_unclaimed: bool = False, driver: str = "f
         expect(set(held) >= set(eps.values()),
                f"pool {net['pool_id']}: endpoint addresses not allocated: "
                f"{set(eps.values()) - set(held)}")
-        # the bridge and its ports
-        overlay = net["pool_id"].split(":", 1)[1]
-        bridge = HostSlice(FanMap(IPv4Network(overlay), IPv4Network(pool["underlay"])),
-                           IPv4Address(pool["underlay_address"])).bridge_name
-        wanted_links.add(bridge)
-        veths = {"fve" + eid[:12] for eid in eps}
-        wanted_links |= veths
-        expect(bridge in kernel["marked"], f"bridge {bridge} missing or unmarked")
-        expect(kernel["ports"].get(bridge, set()) == veths,
-               f"bridge {bridge} ports {sorted(kernel['ports'].get(bridge, set()))} "
-               f"!= endpoints {sorted(veths)}")
-        wanted = network_rule_count(state, nid)
-        wanted_rules += wanted + sum(port_rule_count(ep) for ep in net["endpoints"].values())
-        expect(sum(1 for r in kernel["rules"] if f'"{MARK} {nid[:12]}"' in r) == wanted,
-               f"network {nid[:12]}: rules {[r for r in kernel['rules'] if nid[:12] in r]}")
-        for eid, ep in net["endpoints"].items():
-            found = sum(1 for r in kernel["rules"] if f'"{MARK} {nid[:12]} {eid[:12]}"' in r)
-            expect(found == port_rule_count(ep),
-                   f"endpoint {eid[:12]}: {found} port rules for {ep.get('ports', [])}")
     if not allow_unclaimed:
         lonely = [pid for pid in pools if pid not in {n["pool_id"] for n in nets.values()}]
         expect(not lonely, f"pools without a network: {lonely}")
@@ -179,60 +126,14 @@ def check(plugin, dockerd, host, allow_unclaimed: bool = False, driver: str = "f
     docker_ips = [ip for n in docker.values() for ip in n["endpoints"].values()]
     dupes += [ip for ip, n in Counter(docker_ips).items() if n > 1]
     expect(not dupes, f"addresses held twice: {dupes}")
-    # tunnels: per-peer routes networks have a device of their own (its
-    # routes, one per peer, are programmed in the background); the others
-    # share one device per encapsulation in use, one route and one filter per
-    # network on it (VXLAN: one device per UDP port in use)
-    loaded = State.from_json(state)
-    per_peer = {nid for nid, n in nets.items() if n["mapping"] == "routes"}
-    wanted_links |= {RoutesMapping().tunnel_device(plan_for(loaded, nid)) for nid in per_peer}
-    shared = {nid: n for nid, n in nets.items() if nid not in per_peer}
-    device_of = {nid: EbpfMapping().tunnel_device(plan_for(loaded, nid)) for nid in shared}
-    tunnels = {name for name in kernel["marked"] if shared_tunnel(name)}
-    wanted_links |= tunnels
-    expect(tunnels == set(device_of.values()),
-           f"tunnel devices {sorted(tunnels)} for networks on {sorted(set(device_of.values()))}")
-    overlays = sorted((device_of[nid], n["pool_id"].split(":", 1)[1]) for nid, n in shared.items())
-    routed = sorted((dev, dst) for dev in tunnels for dst in kernel["routes"].get(dev, []))
-    expect(routed == overlays, f"overlay routes {routed} != {overlays}")
-    prefs = sorted(n["tc_pref"] for n in shared.values())
-    filtered = sorted(p for dev in tunnels for p in kernel["filters"].get(dev, []))
-    expect(filtered == prefs, f"eBPF filter prefs {filtered} != {prefs}")
-    # one receive shortcut per VXLAN network with the eBPF mapping that receives
-    # straight from the underlay, on its underlay device
-    decaps = sorted((pools[n["pool_id"]]["underlay_address"], DECAP_PREF + n["tc_pref"])
-                    for n in nets.values() if n["pool_id"] in pools
-                    and (n["encap"], n["mapping"]) == ("vxlan", "ebpf")
-                    and n.get("receive", "tunnel") != "tunnel")
-    expect(sorted(kernel["decaps"]) == decaps,
-           f"receive filters on underlay devices {sorted(kernel['decaps'].items())} != {decaps}")
-    stray_routes = {dev: r for dev, r in kernel["routes"].items()
-                    if dev not in tunnels and dev not in wanted_links}
-    expect(not stray_routes, f"routes through devices no network owns: {stray_routes}")
-    expect(set(kernel["marked"]) == wanted_links,
-           f"marked interfaces: orphans {sorted(set(kernel['marked']) - wanted_links)}, "
-           f"missing {sorted(wanted_links - set(kernel['marked']))}")
-    expect(set(kernel["fv_links"]) <= wanted_links,
-           f"endpoint interfaces left in the host: {sorted(set(kernel['fv_links']) - wanted_links)}")
-    expect(len(kernel["rules"]) == wanted_rules, f"{len(kernel['rules'])} marked rules for "
-           f"{len(nets)} networks, {wanted_rules} wanted: {kernel['rules']}")
-    if not nets:
-        expect(not kernel["chains"], f"our chains left: {kernel['chains']}")
     assert not problems, "state, Docker and kernel disagree:\n  " + "\n  ".join(problems)
     return {"networks": len(nets), "endpoints": len(all_ips),
             "addresses": sum(len(p["addresses"]) for p in pools.values()),
-            "interfaces": len(kernel["marked"]), "rules": len(kernel["rules"])}
+            "interfaces": len(kernel.marked), "rules": len(kernel.rules)}
 
 
 def network_rule_count(state: dict, network_id: str) -> int:
     return len(network_rules(plan_for(State.from_json(state), network_id), "tunnel"))
-
-
-def port_rule_count(endpoint: dict) -> int:
-    """A DNAT per published port not on loopback, and then one ACCEPT and one
-    hairpin MASQUERADE for the endpoint (fan_driver.dataplane.firewall.port_rules)."""
-    dnat = sum(1 for b in endpoint.get("ports", ()) if not IPv4Address(b["host_ip"]).is_loopback)
-    return dnat + 2 if dnat else 0
 
 
 def _short(eps: dict) -> dict:

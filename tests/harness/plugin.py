@@ -175,6 +175,13 @@ class PluginProcess(ChildProcess):
                          cwd=REPO_ROOT, env=plugin_env(self.env), timeout=60)
         return result.stdout
 
+    def check(self, *args: str) -> subprocess.CompletedProcess:
+        """`python -m fan_driver check --state-dir <state_dir>`, run in the
+        host's namespace; its exit status is the caller's to judge."""
+        return run_cmd(["ip", "netns", "exec", self.host.name, self.python, "-m", "fan_driver",
+                        "check", "--state-dir", str(self.state_dir), *args],
+                       check=False, cwd=REPO_ROOT, env=plugin_env(self.env), timeout=120)
+
     def log_tail(self, lines: int = 40) -> str:
         return tail(self.log_path, lines)
 

@@ -5,6 +5,7 @@ a marked rule edited or added by hand is put right at the next check."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 
 import pytest
@@ -74,6 +75,24 @@ def test_rules_as_written_are_the_lines_iptables_prints(netns, backend, internal
     assert len(save(netns.ns, backend)) >= 10
 
 
+@pytest.mark.parametrize("internal", [False, True], ids=["plain", "internal"])
+def test_what_check_reads_back_is_what_the_rule_builders_make(netns, backend, internal):
+    """`fan-driver check` compares iptables-save with saved_lines of the same
+    builders: the lines match, and every jump is in place."""
+    read = run_in(netns.ns, f"""
+    from collections import Counter
+    from fan_driver.check.kernel import read_iptables
+    from fan_driver.dataplane.firewall import missing_jumps, saved_lines
+    await ensure(IptablesFirewall("{backend}"), {internal})
+    rules, chains, hooks, error = read_iptables("{backend}")
+    wanted = [line for _, built in rule_sets({internal}) for line in saved_lines(built)]
+    return [error, Counter(map(tuple, rules)) == Counter(wanted), len(rules),
+            missing_jumps(hooks), len(chains)]""", SETUP)
+    error, same, count, missing, chains = read
+    assert (error, same, missing, chains) == ("", True, [], 6), read
+    assert count >= 10
+
+
 @pytest.mark.parametrize("change", ["-R", "-A"], ids=["edited", "added"])
 def test_a_rule_edited_or_added_by_hand_is_put_right(netns, backend, change):
     run_in(netns.ns, f"""
@@ -83,7 +102,7 @@ def test_a_rule_edited_or_added_by_hand_is_put_right(netns, backend, change):
     chain, rest = accept.split()[1], accept.split(maxsplit=2)[2]
     edited = rest.replace("-j ACCEPT", "-j DROP")
     position = ["1"] if change == "-R" else []
-    sh("ip", "netns", "exec", netns.ns, backend, change, chain, *position, *split_rule(edited))
+    sh("ip", "netns", "exec", netns.ns, backend, change, chain, *position, *shlex.split(edited))
     assert save(netns.ns, backend) != wanted
     run_in(netns.ns, f"""
     await ensure(IptablesFirewall("{backend}"), False)""", SETUP)
@@ -140,12 +159,3 @@ def test_a_swarm_networks_marks_parse_back_and_stay_apart(netns, backend):
     swarm = ["fan-driver r81e5w37k1jx", "fan-driver r81e5w37k1jx eeeeeeeeeeee"]
     assert marks == [["fan-driver 555555555555", "fan-driver 555555555555 eeeeeeeeeeee",
                       *swarm], swarm]
-
-
-def split_rule(text: str) -> list:
-    """An `iptables -S` rule's words, the quoted comment kept as one."""
-    head, quoted, tail = text.partition('"')
-    if not quoted:
-        return text.split()
-    comment, _, tail = tail.partition('"')
-    return [*head.split(), comment, *tail.split()]

@@ -8,7 +8,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from fan_driver.check.judge import judge
 from fan_driver.check.probe import Iptables, Probe, PublishedPort, StateInfo
-from fan_driver.check.refusal import refusal_app
+from fan_driver.refusal import refusal_app
 from fan_driver.check.report import FAIL, INFO, OK, WARN, Item, exit_status, format_report
 from fan_driver.cli import main, parse_args
 from fan_driver.hostfacts import HostFacts, Interface, KernelFeatures

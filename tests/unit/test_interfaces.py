@@ -10,7 +10,7 @@ import typing
 
 import pytest
 
-from fan_driver.check.refusal import _RefusingIpam, _RefusingNetwork
+from fan_driver.refusal import _RefusingIpam, _RefusingNetwork
 from fan_driver.cli import peer_mappings
 from fan_driver.config import PEER_MAPPINGS
 from fan_driver.dataplane import LinuxDataplane

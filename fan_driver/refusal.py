@@ -7,15 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NoReturn
 
-from ..drivers import IpamDriverApi, NetworkDriverApi
-from ..errors import FanError
-from ..ipam import IpamDriver
-from ..network import NetworkDriver
-from ..protocol import (AddressGranted, AddressRelease, AddressRequest, CreateEndpoint,
+from .drivers import IpamDriverApi, NetworkDriverApi
+from .errors import FanError
+from .ipam import IpamDriver
+from .network import NetworkDriver
+from .protocol import (AddressGranted, AddressRelease, AddressRequest, CreateEndpoint,
                         CreateNetwork, EndpointCreated, EndpointInfo, EndpointRef,
                         ExternalConnectivity, GatewayAllocation, GatewayCheck, JoinInfo,
                         NetworkRef, PoolGranted, PoolRef, PoolRequest)
-from ..server import make_app, serve_until_stopped
+from .server import make_app, serve_until_stopped
 
 
 class _Refusing:
