@@ -657,17 +657,28 @@ def test_swarms_overlay_on_its_default_port_and_the_fan_on_its_own_both_carry_tr
     nodes = {"a": manager, "b": worker}
     manager.cli("network", "create", "-d", "overlay", "--attachable", "swarm-overlay")
     fan_network(swarm, "-o", "encap=vxlan", "-o", f"vxlan_port={FAN_PORT}")
+    overlay_refused = ""
     try:
-        overlay = {k: attached(n, f"ov-{k}", "swarm-overlay", swarm.image)
-                   for k, n in nodes.items()}
         fan = {k: attached(n, f"fan-{k}", NET, swarm.image) for k, n in nodes.items()}
         for k, n in nodes.items():
             assert IPv4Address(fan[k]) in n.slice, (n.name, fan[k])
             assert f"dstport {FAN_PORT} " in n.host.run(
                 ["ip", "-d", "link", "show", f"fan-vxlan-{FAN_PORT}"]).stdout
         for here, there in (("a", "b"), ("b", "a")):
-            ping(nodes[here], f"ov-{here}", overlay[there])
             ping(nodes[here], f"fan-{here}", fan[there])
+        try:
+            overlay = {k: attached(n, f"ov-{k}", "swarm-overlay", swarm.image)
+                       for k, n in nodes.items()}
+        except AssertionError as exc:
+            # Docker 28 here: the attachment never completes on this kernel,
+            # which has no IPVS (the overlay's load balancer needs it)
+            overlay_refused = ipvs_missing(manager) and str(exc).splitlines()[0]
+            if not overlay_refused:
+                raise
+        else:
+            for here, there in (("a", "b"), ("b", "a")):
+                ping(nodes[here], f"ov-{here}", overlay[there])
+                ping(nodes[here], f"fan-{here}", fan[there])
         for node in nodes.values():
             node.check()
     finally:
@@ -677,3 +688,7 @@ def test_swarms_overlay_on_its_default_port_and_the_fan_on_its_own_both_carry_tr
     for node in swarm.nodes.values():
         node.cli("network", "rm", "fan-config")
         assert_clean(swarm, node)
+    if overlay_refused:
+        pytest.skip(f"the fan on {FAN_PORT} carried traffic beside swarm on 4789, but Docker "
+                    f"{manager.dockerd.version} could not attach a container to a swarm "
+                    f"overlay network on this kernel without IPVS: {overlay_refused}")
