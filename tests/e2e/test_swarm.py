@@ -686,7 +686,9 @@ def test_swarms_overlay_on_its_default_port_and_the_fan_on_its_own_both_carry_tr
             n.cli("rm", "-f", f"ov-{k}", f"fan-{k}", check=False)
     manager.cli("network", "rm", NET, "swarm-overlay")
     for node in swarm.nodes.values():
-        node.cli("network", "rm", "fan-config")
+        # the node's instance of the swarm network goes moments after its removal
+        wait_for(f"{node.name}: fan-config no longer in use", lambda node=node: node.cli(
+            "network", "rm", "fan-config", check=False).returncode == 0, timeout=30)
         assert_clean(swarm, node)
     if overlay_refused:
         pytest.skip(f"the fan on {FAN_PORT} carried traffic beside swarm on 4789, but Docker "
