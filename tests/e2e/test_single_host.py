@@ -76,7 +76,7 @@ def test_network_create_builds_bridge_tunnel_and_route(fan_net, lab_host, plugin
                          "--state-dir", str(plugin.state_dir)]).stdout
     receive = "conntrack" if ebpf.conntrack_supported() else "tunnel"
     assert re.search(rf"{BRIDGE}\s+{re.escape(SUBNET)}\s+172\.30\.0\.28/16\s+{re.escape(SLICE)}"
-                     rf"\s+vxlan/ebpf\s+{receive}\s+1450\s+0", show), show
+                     rf"\s+vxlan/ebpf\s+4789\s+{receive}\s+1450\s+0", show), show
 
 
 def test_containers_get_slice_addresses_and_reach_each_other(dockerd, trio):
