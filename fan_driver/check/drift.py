@@ -1,6 +1,6 @@
 """Comparing the plugin's state with what the kernel holds (pure): every
 difference with its fix. What the kernel must hold comes from the plans
-(network.plan_for), the peer mappings' tunnel devices and the firewall's own
+(lookup.plan_for), the peer mappings' tunnel devices and the firewall's own
 rule builders, so that this check cannot disagree with what the plugin makes."""
 from __future__ import annotations
 
