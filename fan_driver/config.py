@@ -164,12 +164,10 @@ def _int_option(options: Mapping, key: str, default, minimum: int,
     if key not in options:
         return default
     value = str(options[key])
-    if maximum is not None:
-        if not _is_number(value) or not minimum <= int(value) <= maximum:
-            raise FanError(f"option {key}={value!r} must be a whole number from {minimum} "
-                           f"to {maximum}")
-    elif not _is_number(value) or int(value) < minimum:
-        raise FanError(f"option {key}={value!r} must be a whole number of at least {minimum}")
+    if (not _is_number(value) or int(value) < minimum
+            or (maximum is not None and int(value) > maximum)):
+        bound = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+        raise FanError(f"option {key}={value!r} must be a whole number {bound}")
     return int(value)
 
 

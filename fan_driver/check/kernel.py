@@ -15,11 +15,10 @@ from .. import iptables
 from ..dataplane import bpf
 from ..dataplane.mapping.ebpf import DECAP_PREF, PROGRAM_PREFIX
 from ..dataplane.firewall import CHAINS, mark_of, saved_line
-from ..dataplane.netlink import Rtnl, dumped, ipv4_routes, is_ours
+from ..dataplane.netlink import LOCAL_TABLE, Rtnl, dumped, ipv4_routes, is_ours
 from ..dataplane.encap import ENCAPS
 from ..model import ENDPOINT_IFNAME_PREFIX, Endpoint
 
-LOCAL_TABLE = 255   # the kernel's own routes for each address
 CONTAINER_IFNAME_PREFIX = Endpoint.container_ifname("")
 ENDPOINT_PREFIXES = (ENDPOINT_IFNAME_PREFIX, CONTAINER_IFNAME_PREFIX)
 HOOKED = {builtin for _, builtin, _ in CHAINS}

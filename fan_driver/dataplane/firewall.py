@@ -201,13 +201,14 @@ def _restore_line(args: Sequence[str]) -> str:
                     for before, a in zip(["", *args], args))
 
 
-def _normalised(line: str) -> str:
+def saved_line(line: str) -> str:
+    """An iptables-save (or `iptables -S`) line as saved_lines writes it."""
     for printed, written in PROTOCOL_NAMES.items():
         line = line.replace(printed, written)
     return line
 
 
-def _mark_of(line: str) -> Optional[str]:
+def mark_of(line: str) -> Optional[str]:
     """The fan mark in an `iptables -S` line, or None."""
     if '--comment "' + MARK + " " not in line:
         return None
@@ -218,15 +219,6 @@ def saved_lines(rules: Iterable[Rule]) -> List[Tuple[str, str]]:
     """(table, line) of each rule as iptables-save prints it: what `fan-driver
     check` looks for."""
     return [(table, _restore_line(["-A", chain, *spec])) for table, chain, spec in rules]
-
-
-def saved_line(line: str) -> str:
-    """An iptables-save (or `iptables -S`) line as saved_lines writes it."""
-    return _normalised(line)
-
-
-def mark_of(line: str) -> Optional[str]:
-    return _mark_of(line)
 
 
 def missing_jumps(listings: Dict[str, Sequence[str]]) -> List[Tuple[str, str, str]]:
@@ -318,7 +310,7 @@ class IptablesFirewall(Firewall):
         listings = await asyncio.gather(*(self._run(table, "-S") for table in tables))
         if any(code != 0 for code, _ in listings):
             return None
-        return {table: [_normalised(line) for line in out.splitlines()]
+        return {table: [saved_line(line) for line in out.splitlines()]
                 for table, (_, out) in zip(tables, listings)}
 
     async def _complete(self, mark: str, rules: Sequence[Rule]) -> bool:
@@ -338,7 +330,7 @@ class IptablesFirewall(Firewall):
         found: Dict[Tuple[str, str], List[str]] = {}
         for table, table_lines in lines.items():
             for line in table_lines:
-                if line.startswith("-A ") and _mark_of(line) == mark:
+                if line.startswith("-A ") and mark_of(line) == mark:
                     found.setdefault((table, line.split()[1]), []).append(line)
         return found == wanted
 
@@ -367,7 +359,7 @@ class IptablesFirewall(Firewall):
         ours = {chain for _, _, chain in CHAINS}
         return {table: ["-D" + line[2:] for line in table_lines
                         if line.startswith("-A ") and line.split()[1] in ours
-                        and selected(_mark_of(line) or "")]
+                        and selected(mark_of(line) or "")]
                 for table, table_lines in lines.items()}
 
     async def _drop_empty_chains(self) -> None:
@@ -386,9 +378,9 @@ class IptablesFirewall(Firewall):
         """Every fan mark on a rule in our chains: `fan-driver <network>` on a
         network's rules, `fan-driver <network> <endpoint>` on published ports."""
         ours = {chain for _, _, chain in CHAINS}
-        return {_mark_of(line) for table_lines in (await self._listings() or {}).values()
+        return {mark_of(line) for table_lines in (await self._listings() or {}).values()
                 for line in table_lines
-                if line.startswith("-A ") and line.split()[1] in ours and _mark_of(line)}
+                if line.startswith("-A ") and line.split()[1] in ours and mark_of(line)}
 
     async def foreign_dnat(self) -> List[ForeignDnat]:
         """The nat table's DNAT rules that are not ours (dnat.py): host ports

@@ -22,6 +22,7 @@ from .plan import MARK
 
 GONE = (errno.ENODEV, errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
 MAIN_TABLE = 254
+LOCAL_TABLE = 255   # the kernel's own routes for each address
 
 
 # An endpoint's host-side veth (model.Endpoint.host_ifname). The kernel takes no

@@ -12,7 +12,7 @@ from fan_driver.check.probe import probe_state
 from fan_driver.config import UnderlaySpec
 from fan_driver.config import VXLAN_PORT
 from fan_driver.dataplane.mapping.ebpf import PROGRAM_PREFIX, EbpfMapping
-from fan_driver.dataplane.firewall import (_mark_of, _restore_line,
+from fan_driver.dataplane.firewall import (mark_of, _restore_line,
                                            network_rules, port_rules)
 from fan_driver.dataplane.netlink import is_ours
 from fan_driver.dataplane.encap import VXLAN
@@ -47,7 +47,7 @@ def plan(network_id: str) -> NetworkPlan:
 
 
 def marks_as_iptables_prints_them(rules) -> set:
-    return {_mark_of(_restore_line(["-A", chain, *spec])) for _, chain, spec in rules}
+    return {mark_of(_restore_line(["-A", chain, *spec])) for _, chain, spec in rules}
 
 
 def test_a_swarm_networks_names():
