@@ -40,7 +40,12 @@ class Store:
     def open(self) -> State:
         """Claim the directory for this serving plugin and read the state (empty when new)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.directory, 0o700)   # also one made before, or by someone else
+        try:
+            os.chmod(self.directory, 0o700)   # also one made before, or by someone else
+        except OSError as exc:
+            raise FanError(f"state directory {self.directory} cannot be made private (mode "
+                           f"0700): {exc.strerror}; give it to the user the plugin runs as "
+                           "(root)") from None
         fd = os.open(self.directory / LOCK_FILE,
                      os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
