@@ -14,7 +14,7 @@ from . import check
 from .config import UnderlaySpec
 from .dataplane.base import PeerMapping
 from .errors import FanError
-from .model import short_id
+from .model import State, short_id
 from .settings import Settings, add_flags
 from .store import Store
 
@@ -42,6 +42,12 @@ def main(argv=None) -> int:
     try:
         if args.command == "serve":
             problems = settings.problems()
+            store = Store(Path(settings.state_dir))
+            if not problems:
+                try:
+                    state = store.open()
+                except FanError as exc:   # before anything touches the kernel
+                    problems = [str(exc)]
             if problems and args.refuse_when_invalid:
                 return refuse(Path(settings.socket), problems)
             if problems:
@@ -50,7 +56,7 @@ def main(argv=None) -> int:
             logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                                 format="%(levelname)s %(name)s: %(message)s")
             log.setLevel(settings.log_level.upper())
-            asyncio.run(serve(settings))
+            asyncio.run(serve(settings, store, state))
         elif args.command == "check":
             return check.run(settings, args, peer_mappings())
         else:
@@ -84,7 +90,8 @@ def peer_mappings() -> Dict[str, PeerMapping]:
     return {m.name: m for m in (KernelMapping(), EbpfMapping(), RoutesMapping())}
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, store: Store, state: State) -> None:
+    """Serve Docker on the settings' socket from the state `store` has opened."""
     from pyroute2 import AsyncIPRoute
 
     from . import host, iptables, server
@@ -100,8 +107,6 @@ async def serve(settings: Settings) -> None:
     default_underlay = UnderlaySpec.parse(settings.underlay)
     faults = Faults.from_env()   # FAN_CRASH_AT, for crash tests; a no-op when unset
     firewall = IptablesFirewall(iptables.firewall_binary(settings.iptables))
-    store = Store(Path(settings.state_dir))
-    state = store.open()
     async with AsyncIPRoute() as ipr:
         features = await host.probe_kernel(ipr, ebpf.supported, ebpf.conntrack_supported)
         log.info("kernel: %s", features.describe())

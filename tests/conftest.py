@@ -42,6 +42,7 @@ from tests.harness import images, sidroot
 from tests.harness.consistency import read_state
 from tests.harness.dockerd import FLAVOURS
 from tests.harness.procs import env_with_sbin, run_cmd
+from fan_driver.store import LAST_GOOD_FILE, STATE_FILE
 
 E2E_DIR = Path(__file__).resolve().parent / "e2e"
 HOLDER = pytest.StashKey[dict]()
@@ -214,7 +215,8 @@ def _start_over_after(daemon, proc) -> None:
         return
     tail = proc.log_tail(80)
     proc.stop()
-    (proc.state_dir / "state.json").replace(proc.state_dir / "state.json.left")
+    for name in (STATE_FILE, LAST_GOOD_FILE):
+        (proc.state_dir / name).replace(proc.state_dir / f"{name}.left")
     proc.start()     # its restore removes the kernel objects no state accounts for
     pytest.fail(f"{daemon.label} went away leaving networks or pools in the plugin: {left}; "
                 f"the plugin starts over empty\nplugin log:\n{tail}")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from fan_driver.store import LAST_GOOD_FILE, STATE_FILE
 from tests.e2e.test_ports import ask, start_server
 from tests.harness import Dockerd, Lab, ensure_busybox, managed
 from tests.harness.consistency import kernel_snapshot
@@ -169,7 +170,7 @@ def trio_running(mp):
 
 
 def state_file(mp) -> dict:
-    return json.loads((mp.state_dir / "state.json").read_text())
+    return json.loads((mp.state_dir / STATE_FILE).read_text())
 
 
 # --- the tests, in order -----------------------------------------------------------------
@@ -473,6 +474,38 @@ def test_an_invalid_setting_is_a_clear_error_not_a_hang(mp):
         mp.cli("plugin", "disable", "-f", PLUGIN, check=False)
         mp.cli("plugin", "set", PLUGIN, "FAN_UNDERLAY=default/16", "FAN_ENCAP=auto")
         mp.cli("plugin", "enable", PLUGIN)
+    assert_new_container_works(mp, set(before.values()))
+
+
+def test_a_damaged_state_file_is_a_clear_error_and_its_last_good_copy_repairs_it(mp):
+    """Nothing in the kernel is removed while the file cannot be read; the
+    error names the file and the copy, as the plugin sees them (its state
+    mount)."""
+    before = addresses(mp)
+    path, last_good = mp.state_dir / STATE_FILE, mp.state_dir / LAST_GOOD_FILE
+    good = path.read_text()
+    mp.cli("plugin", "disable", "-f", PLUGIN)
+    path.write_text(good[: len(good) // 2])
+    try:
+        mp.cli("plugin", "enable", PLUGIN, timeout=60)
+        run = mp.cli("run", "--rm", "--net", "fan", "busybox", "true", check=False, timeout=60)
+        assert run.returncode != 0
+        inside = "/var/lib/fan-driver"
+        for fragment in ("fan-driver cannot start", f"state file {inside}/{STATE_FILE} is corrupt",
+                         f"copy {inside}/{LAST_GOOD_FILE}"):
+            assert fragment in run.stderr, run.stderr
+        ping(mp, TRIO[0], before[TRIO[1]])    # the data path was left alone
+        assert last_good.read_text() == good
+        mp.cli("plugin", "disable", "-f", PLUGIN)
+        path.write_text(last_good.read_text())
+        mp.cli("plugin", "enable", PLUGIN)
+    finally:
+        if path.read_text() != good:
+            mp.cli("plugin", "disable", "-f", PLUGIN, check=False)
+            path.write_text(good)
+            mp.cli("plugin", "enable", PLUGIN)
+    assert addresses(mp) == before
+    assert_trio_connected(mp)
     assert_new_container_works(mp, set(before.values()))
 
 

@@ -21,7 +21,8 @@ import pytest
 
 from fan_driver import faults
 from fan_driver.reconcile import UNCLAIMED_GRACE
-from tests.harness import consistency
+from fan_driver.store import LAST_GOOD_FILE, STATE_FILE
+from tests.harness import PluginError, consistency
 from tests.harness.dockerd import docker_bg
 from tests.harness.netlab import busybox_path
 
@@ -503,6 +504,40 @@ def test_only_marked_interfaces_and_rules_are_ever_removed(dockerd, plugin, lab_
         host.run(["iptables", "-D", *foreign_rule], check=False)
         for name in ("fan-251-0-28", "fve0123456789a", "fan-stranger"):
             host.run(["ip", "link", "del", name], check=False)
+    consistency.settled(plugin, dockerd, lab_host)
+
+
+def test_a_damaged_state_file_stops_the_plugin_before_it_touches_the_kernel(
+        dockerd, plugin, lab_host, fan):
+    """A state file cut short (a full disk, a hand edit): the plugin refuses to
+    start, naming the file and the last good copy beside it, and removes
+    nothing (a plugin that read it as empty would sweep every fan object);
+    with the copy put back it carries on where it stopped."""
+    anchor = ip_of(dockerd, "anchor")
+    before = consistency.kernel_snapshot(lab_host)
+    path, last_good = plugin.state_dir / STATE_FILE, plugin.state_dir / LAST_GOOD_FILE
+    good = path.read_text()
+    plugin.stop()
+    path.write_text(good[: len(good) // 2])
+    try:
+        with pytest.raises(PluginError) as refused:
+            plugin.start(timeout=20)
+        assert plugin.returncode == 1
+        assert f"state file {path} is corrupt" in str(refused.value)
+        assert f"copy {last_good}" in str(refused.value)
+        assert consistency.kernel_snapshot(lab_host) == before
+        ping(dockerd, "anchor", GATEWAY)
+        assert last_good.read_text() == good
+        path.write_text(last_good.read_text())   # the fix the message names
+        plugin.start()
+    finally:
+        if not plugin.running:
+            path.write_text(good)
+            plugin.start()
+    assert ip_of(dockerd, "anchor") == anchor
+    run(dockerd, "after-repair")
+    ping(dockerd, "after-repair", anchor)
+    dockerd.cli("rm", "-f", "after-repair")
     consistency.settled(plugin, dockerd, lab_host)
 
 

@@ -1,7 +1,10 @@
-"""The state file: atomic saves, loud failures on corruption, one serving process per
-directory, changes from several processes each seen and none lost."""
+"""The state file: atomic saves, loud failures on corruption, the last good state kept
+beside it, private files, one serving process per directory, changes from several
+processes each seen and none lost."""
 import asyncio
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import pytest
 from fan_driver.errors import FanError
 from fan_driver.ledger import Ledger
 from fan_driver.model import Endpoint, Network, Owner, Pool, State
-from fan_driver.store import STATE_FILE, Store
+from fan_driver.store import LAST_GOOD_FILE, STATE_FILE, Store
 
 
 def sample_state() -> State:
@@ -58,7 +61,8 @@ def test_save_replaces_the_whole_file_and_leaves_no_temporary(store):
     store.save(State())
 
     assert store.load() == State()
-    assert sorted(p.name for p in store.directory.iterdir()) == ["lock", STATE_FILE]
+    assert sorted(p.name for p in store.directory.iterdir()) == ["lock", STATE_FILE,
+                                                                  LAST_GOOD_FILE]
     assert json.loads((store.directory / STATE_FILE).read_text())["version"] == 1
 
 
@@ -73,7 +77,10 @@ def test_a_save_that_fails_midway_leaves_the_old_file(store):
         store.save(broken)
 
     assert (store.directory / STATE_FILE).read_bytes() == before
+    assert (store.directory / LAST_GOOD_FILE).read_bytes() == before
     assert store.load() == sample_state()
+    assert sorted(p.name for p in store.directory.iterdir()) == ["lock", STATE_FILE,
+                                                                  LAST_GOOD_FILE]
 
 
 @pytest.mark.parametrize("text", ['{"pools": {', "", "not json", b"\xff\xfe{}"])
@@ -105,6 +112,80 @@ def test_json_of_the_wrong_shape_is_reported_as_corrupt(store, text):
     # AttributeError / TypeError out of State.from_json instead.
     with pytest.raises(FanError, match="corrupt"):
         store.load()
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_the_directory_and_every_file_are_the_owners_alone(store):
+    store.directory.mkdir(parents=True, mode=0o755)
+    os.chmod(store.directory, 0o755)    # made before, or by another tool
+
+    store.open()
+    store.save(sample_state())
+
+    assert mode(store.directory) == 0o700
+    assert {p.name: mode(p) for p in store.directory.iterdir()} == {
+        "lock": 0o600, STATE_FILE: 0o600, LAST_GOOD_FILE: 0o600}
+
+
+def test_a_symlink_planted_where_a_temporary_file_goes_is_not_followed(store, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    store.directory.mkdir(parents=True)
+    # the name a save once used, and one of the names it uses now
+    (store.directory / "state.tmp").symlink_to(victim)
+    (store.directory / f".{STATE_FILE}.x1y2z3.tmp").symlink_to(victim)
+
+    store.open()
+    store.save(sample_state())
+
+    assert victim.read_text() == "precious"
+    assert not (store.directory / f".{STATE_FILE}.x1y2z3.tmp").is_symlink()
+    assert store.load() == sample_state()
+
+
+def test_a_save_cut_short_leaves_a_temporary_file_that_the_next_open_removes(store):
+    store.directory.mkdir(parents=True)
+    (store.directory / f".{STATE_FILE}.abc123.tmp").write_text('{"pools": {')
+
+    store.open()
+
+    assert sorted(p.name for p in store.directory.iterdir()) == ["lock"]
+
+
+def test_the_last_good_state_is_kept_beside_the_file(store):
+    store.open()
+    store.save(sample_state())
+    assert (store.directory / LAST_GOOD_FILE).read_text() == \
+        (store.directory / STATE_FILE).read_text()
+    store.save(State())
+    store.close()
+    (store.directory / STATE_FILE).write_text('{"pools": {')   # damaged in place
+    path, last_good = store.directory / STATE_FILE, store.directory / LAST_GOOD_FILE
+
+    with pytest.raises(FanError) as err:
+        Store(store.directory).open()
+
+    message = str(err.value)
+    assert str(path) in message and f"copy {last_good}" in message
+    assert "Nothing in the kernel was changed" in message
+    last_good.replace(path)
+    assert Store(store.directory).load() == State()
+
+
+def test_a_missing_file_with_its_last_good_copy_beside_it_is_refused(store):
+    store.open()
+    store.save(sample_state())
+    store.close()
+    (store.directory / STATE_FILE).unlink()
+
+    with pytest.raises(FanError) as err:
+        Store(store.directory).open()
+
+    assert "is missing" in str(err.value)
+    assert str(store.directory / LAST_GOOD_FILE) in str(err.value)
 
 
 def test_second_open_on_the_same_directory_is_refused_while_the_first_holds_it(store):
