@@ -80,6 +80,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from tests.harness import unixhttp
 from tests.harness.procs import run_cmd, stop_popen, wait_answering
+from tests.harness.rulecounters import packets_of, rule_packets
 
 HOSTS = {"h27": "172.30.0.27", "h28": "172.30.0.28", "h509": "172.30.5.9"}
 OUTSIDE = "172.30.255.254"
@@ -244,21 +245,7 @@ def forget_tunnel_flows(netns: str, a: str, b: str) -> int:
 
 def raw_rules(host: str) -> list[tuple[str, int]]:
     """The raw table's rules of `host` with their packet counters."""
-    out = ns(host, "iptables", "-w", "-t", "raw", "-S", "-v")
-    rules = []
-    for line in out.splitlines():
-        found = re.search(r" -c (\d+) \d+", line)
-        if line.startswith("-A ") and found:
-            rules.append((line[:found.start()] + line[found.end():], int(found.group(1))))
-    return rules
-
-
-def counter(rules: list[tuple[str, int]], *parts: str) -> int | None:
-    """Packets of the first rule whose line has every one of `parts` (regexes)."""
-    for line, packets in rules:
-        if all(re.search(part, line) for part in parts):
-            return packets
-    return None
+    return rule_packets(ns(host, "iptables", "-w", "-t", "raw", "-S", "-v"))
 
 
 # --- the plugin protocol -------------------------------------------------------
@@ -798,9 +785,9 @@ class Run:
             ns("h28", "iptables", "-w", "-t", "raw", "-D", *count_rule, check_rc=False)
             sh(f"ip -n outside addr del {FOREIGN}/32 dev eth0", check_rc=False)
         tags = [tag for tag, _ in got]
-        foreign = delta(counter(h28_before, *foreign_rule), counter(h28_after, *foreign_rule))
-        counted = delta(counter(h28_before, *counted_rule), counter(h28_after, *counted_rule))
-        routed = delta(counter(h27_before, *routed_rule), counter(h27_after, *routed_rule))
+        foreign = delta(packets_of(h28_before, *foreign_rule), packets_of(h28_after, *foreign_rule))
+        counted = delta(packets_of(h28_before, *counted_rule), packets_of(h28_after, *counted_rule))
+        routed = delta(packets_of(h27_before, *routed_rule), packets_of(h27_after, *routed_rule))
         decapsulated = rx_after - rx_before
         detail = (f"arrived in c28 (tag, inner source): {got}; not sent: {unsent}; "
                   f"h28 raw drops of tunnel traffic "
