@@ -14,6 +14,7 @@ cannot send tunnel traffic to another underlay host or to this host's tunnels.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -22,15 +23,18 @@ import pytest
 
 from fan_driver.dataplane.encap import TUNNEL_UDP_PORTS
 from fan_driver.config import VXLAN_PORT
+from fan_driver.dataplane.firewall import TUNNEL_CHAIN
 from tests.harness import consistency
 from tests.harness.nsclient import container_pid, ns_python
+from tests.harness.rulecounters import packets_of, rule_packets
 
 pytestmark = pytest.mark.e2e
 
 HOST = "172.30.0.28"
 OUTSIDE = "172.30.255.254"
+UNDERLAY = "172.30.0.0/16"
 FAN = ["network", "create", "-d", "fan", "--ipam-driver", "fan",
-       "--ipam-opt", "underlay=172.30.0.0/16"]
+       "--ipam-opt", f"underlay={UNDERLAY}"]
 # fan-b finds its peers by per-peer routes (a /20 underlay keeps them few)
 ROUTES_FAN = ["network", "create", "-d", "fan", "--ipam-driver", "fan",
               "--ipam-opt", "underlay=172.30.0.0/20", "-o", "mapping=routes"]
@@ -46,6 +50,14 @@ NETWORKS = {
     "iso-late": ("iso-late-c", ["network", "create", "iso-late"]),
     "bridge": ("iso-default-c", None),
 }
+# Hand-made VXLAN for fan-a (VNI: the overlay's leading 24 bits, 250.0.0.0/8)
+# to a UDP listener in its container; an inner source in the slice that the
+# outside's underlay address owns, 250.255.254.0/24, so the outside may send it;
+# an address outside the underlay (TEST-NET-2), given to the outside for one test.
+FAN_A_VNI = 0xFA0000
+TUNNEL_LISTENER = 9999
+OUTSIDE_SLICE_SOURCE = "250.255.254.7"
+FOREIGN = "198.51.100.7"
 PUBLISH = {"fan-a": ["-p", f"{PUBLISHED}:{PORT}"], "iso-early": ["-p", f"{BRIDGE_PUBLISHED}:{PORT}"]}
 
 # Answers each TCP connection with the network's name, forever.
@@ -227,11 +239,11 @@ def test_isolation_after_a_reboot_with_dockerd_rules_after_the_fans(bed, dockerd
 
 # --- the tunnel: only this host's own encapsulation reaches it ------------------------------
 
-def vxlan_datagram(vni: int, inner_src: str, inner_dst: str, port: int) -> bytes:
+def vxlan_datagram(vni: int, inner_src: str, inner_dst: str, port: int,
+                   payload: bytes) -> bytes:
     """VXLAN (flags: VNI valid) carrying an Ethernet frame with an IPv4/UDP datagram."""
     def ip(text: str) -> bytes:
         return bytes(int(b) for b in text.split("."))
-    payload = b"injected"
     udp = struct.pack("!HHHH", 40000, port, 8 + len(payload), 0) + payload
     header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
                          ip(inner_src), ip(inner_dst))
@@ -243,68 +255,120 @@ def vxlan_datagram(vni: int, inner_src: str, inner_dst: str, port: int) -> bytes
     return struct.pack("!II", 0x08000000, vni << 8) + frame
 
 
-# Sends argv[1] (hex) to argv[2]:argv[3] over UDP, argv[4] times.
+# Sends argv[1] (hex) to argv[2]:argv[3] over UDP, argv[4] times, from argv[5]
+# if given (else the address the route picks).
 SEND = r"""
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+if len(sys.argv) > 5:
+    s.bind((sys.argv[5], 0))
 for _ in range(int(sys.argv[4])):
     s.sendto(bytes.fromhex(sys.argv[1]), (sys.argv[2], int(sys.argv[3])))
 """
-# Counts UDP datagrams to argv[1] for argv[2] seconds; prints the count.
-COUNT = r"""
-import socket, sys, time
+# Takes UDP datagrams to argv[1] for argv[2] seconds; prints them as a JSON
+# list (bytes as latin-1, so that any datagram prints).
+RECEIVE = r"""
+import json, socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
-s.settimeout(0.2); count = 0; end = time.monotonic() + float(sys.argv[2])
+s.settimeout(0.2); got = []; end = time.monotonic() + float(sys.argv[2])
 print("listening", flush=True)
 while time.monotonic() < end:
     try:
-        s.recv(2000); count += 1
+        got.append(s.recv(2000).decode("latin-1"))
     except OSError:
         pass
-print(count, flush=True)
+print(json.dumps(got), flush=True)
 """
 
 
-def counting(prefix: list, port: int, seconds: float) -> subprocess.Popen:
-    proc = subprocess.Popen([*prefix, sys.executable, "-c", COUNT, str(port), str(seconds)],
+def listening(prefix: list, port: int, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", RECEIVE, str(port), str(seconds)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "listening"
     return proc
 
 
-def received(proc: subprocess.Popen) -> int:
+def received(proc: subprocess.Popen) -> list[str]:
     out, _ = proc.communicate(timeout=30)
-    return int(out.strip())
+    return json.loads(out)
+
+
+def in_container(bed, container: str) -> list[str]:
+    return ["nsenter", "-t", str(container_pid(bed.dockerd, container)), "-n"]
+
+
+def send_vxlan(lab, payload: bytes, inner_source: str, target: str,
+               outer_source: str = OUTSIDE) -> None:
+    """One VXLAN datagram for fan-a's `target` from the outside namespace."""
+    datagram = vxlan_datagram(FAN_A_VNI, inner_source, target, TUNNEL_LISTENER, payload)
+    lab.outside.run([sys.executable, "-c", SEND, datagram.hex(), HOST, str(VXLAN_PORT), "1",
+                     outer_source])
 
 
 @pytest.mark.parametrize("sender", ["fan-a", "iso-early"])
-def test_containers_cannot_send_tunnel_traffic(bed, lab, sender):
+def test_containers_cannot_send_tunnel_traffic(bed, lab, lab_host, sender):
     """To another underlay host (the outside namespace, listening on the VXLAN
     ports) and to this host's own tunnel, carrying a datagram for a fan-a
-    container: nothing arrives."""
+    container: nothing arrives. In the same seconds each listener takes what
+    may reach it: the lab host's own datagram on each port outside, and the
+    outside's VXLAN from its own slice in the fan-a container."""
     container = NETWORKS[sender][0]
     target = address(bed.dockerd, "iso-fan-a", "fan-a")
-    datagram = vxlan_datagram(0xFA0000, target.rsplit(".", 1)[0] + ".200", target, 9999)
+    datagram = vxlan_datagram(FAN_A_VNI, target.rsplit(".", 1)[0] + ".200", target,
+                              TUNNEL_LISTENER, b"from a container")
     pid = str(container_pid(bed.dockerd, container))
-    outside = [counting(["ip", "netns", "exec", lab.outside.name], port, 4)
+    outside = [listening(["ip", "netns", "exec", lab.outside.name], port, 4)
                for port in TUNNEL_UDP_PORTS]
-    inside = counting(["nsenter", "-t", str(container_pid(bed.dockerd, "iso-fan-a")), "-n"],
-                      9999, 4)
+    inside = listening(in_container(bed, "iso-fan-a"), TUNNEL_LISTENER, 4)
     for where in (OUTSIDE, HOST, "250.0.28.1"):
         for port in TUNNEL_UDP_PORTS:
             subprocess.run(["nsenter", "-t", pid, "-n", sys.executable, "-c", SEND,
                             datagram.hex(), where, str(port), "5"], check=True, timeout=30)
-    assert [received(p) for p in outside] == [0, 0], "tunnel traffic left a container"
-    assert received(inside) == 0, "a container's VXLAN datagram reached a fan container"
+    # the host's own datagrams leave through OUTPUT, which the routed-tunnel rule spares
+    for port in TUNNEL_UDP_PORTS:
+        lab_host.run([sys.executable, "-c", SEND, b"from the lab host".hex(), OUTSIDE,
+                      str(port), "1"])
+    send_vxlan(lab, b"from the outside", OUTSIDE_SLICE_SOURCE, target)
+    assert [received(p) for p in outside] == [["from the lab host"]] * len(TUNNEL_UDP_PORTS), \
+        "tunnel traffic left a container, or the lab host's own did not arrive"
+    assert received(inside) == ["from the outside"], \
+        "a container's VXLAN datagram reached a fan container, or the outside's did not"
 
 
-def test_the_outside_reaches_the_same_container_through_the_tunnel_only_as_a_fan_host(bed, lab):
-    """The sender with this underlay's address but no slice of its own in the
-    fan (172.30.255.254 owns 250.255.254.0/24): it cannot speak for this host's
-    slice, whose address it puts as inner source."""
+def foreign_vxlan_drops(lab_host) -> int:
+    """Packets dropped by the raw rule against fan-a's VXLAN from outside the underlay."""
+    rules = rule_packets(lab_host.run(["iptables", "-w", "-t", "raw", "-S", TUNNEL_CHAIN,
+                                       "-v"]).stdout)
+    packets = packets_of(rules, rf"^-A {TUNNEL_CHAIN} ! -s {re.escape(UNDERLAY)} ",
+                         rf"={FAN_A_VNI:#x}\b", r"-j DROP$")
+    assert packets is not None, f"no raw rule against fan-a's VXLAN from outside: {rules}"
+    return packets
+
+
+def test_the_outside_reaches_the_same_container_through_the_tunnel_only_as_a_fan_host(
+        bed, lab, lab_host):
+    """VXLAN for one fan-a container: (a) from an address outside the underlay
+    (its inner source the outside's own slice), dropped by the fan's raw rule;
+    (b) from the outside's underlay address 172.30.255.254, which owns
+    250.255.254.0/24, speaking for this host's slice; (c) from that address
+    and its own slice. Only (c) arrives."""
     target = address(bed.dockerd, "iso-fan-a", "fan-a")
-    inside = counting(["nsenter", "-t", str(container_pid(bed.dockerd, "iso-fan-a")), "-n"],
-                      9999, 3)
-    spoofed = vxlan_datagram(0xFA0000, "250.0.28.200", target, 9999)
-    lab.outside.run([sys.executable, "-c", SEND, spoofed.hex(), HOST, str(VXLAN_PORT), "5"])
-    assert received(inside) == 0, "an underlay host spoke for another host's slice"
+    # The lab host would take (a)'s source on eth0 (its route back goes out
+    # there; `ip route get` fails as rp_filter would drop it): only the fan
+    # stands in (a)'s way.
+    accepted = lab_host.run(["ip", "route", "get", HOST, "from", FOREIGN, "iif", "eth0"])
+    assert accepted.stdout.startswith(f"local {HOST} from {FOREIGN} "), accepted.stdout
+    lab.outside.run(["ip", "addr", "add", f"{FOREIGN}/32", "dev", "eth0"])
+    try:
+        inside = listening(in_container(bed, "iso-fan-a"), TUNNEL_LISTENER, 3)
+        drops_before = foreign_vxlan_drops(lab_host)
+        send_vxlan(lab, b"a", OUTSIDE_SLICE_SOURCE, target, outer_source=FOREIGN)
+        send_vxlan(lab, b"b", "250.0.28.200", target)
+        send_vxlan(lab, b"c", OUTSIDE_SLICE_SOURCE, target)
+        arrived = received(inside)
+        dropped = foreign_vxlan_drops(lab_host) - drops_before
+    finally:
+        lab.outside.run(["ip", "addr", "del", f"{FOREIGN}/32", "dev", "eth0"], check=False)
+    assert arrived == ["c"], f"arrived: {arrived} (a: from outside the underlay, " \
+        "b: an underlay host speaking for another's slice, c: for its own)"
+    assert dropped == 1, f"the raw rule against VXLAN from outside the underlay dropped {dropped}"

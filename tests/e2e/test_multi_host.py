@@ -141,6 +141,9 @@ def test_overlay_traffic_takes_the_ebpf_shortcut_past_ip_forwarding(fan_hosts, c
 
 UDP_TIMEOUT = "net.netfilter.nf_conntrack_udp_timeout"
 FORGET_CONNTRACK = "from pyroute2 import Conntrack; Conntrack().flush()"
+# The receiver's INPUT rule against h27's VXLAN
+DROP_H27_VXLAN = ["INPUT", "-s", EXTRA_HOSTS["h27"].split("/")[0], "-p", "udp",
+                  "--dport", str(VXLAN_PORT), "-j", "DROP"]
 
 
 def test_a_host_firewall_rule_keeps_a_sender_from_every_container(fan_hosts, containers):
@@ -151,22 +154,63 @@ def test_a_host_firewall_rule_keeps_a_sender_from_every_container(fan_hosts, con
     the rule goes."""
     hosts = {h.name: h for h in fan_hosts[0]}
     receiver, sender, other = hosts["h59"], hosts["h27"], hosts["h28"]
-    rule = ["INPUT", "-s", EXTRA_HOSTS["h27"].split("/")[0], "-p", "udp", "--dport", str(VXLAN_PORT),
-            "-j", "DROP"]
     timeout = receiver.host.run(["sysctl", "-n", UDP_TIMEOUT]).stdout.strip()
     receiver.host.run(["sysctl", "-qw", f"{UDP_TIMEOUT}=3"])
     receiver.host.run([sys.executable, "-c", FORGET_CONNTRACK])   # entries made with 30 s
     try:
         sender.exec("ping", "-c", "2", "-W", "2", containers["h59"])
-        receiver.host.run(["iptables", "-I", *rule])
+        receiver.host.run(["iptables", "-I", *DROP_H27_VXLAN])
         time.sleep(4)
         out = sender.exec("ping", "-c", "3", "-W", "2", containers["h59"], check=False).stdout
         assert " 0 packets received" in out, out
         other.exec("ping", "-c", "1", "-W", "2", containers["h59"])
     finally:
-        receiver.host.run(["iptables", "-D", *rule], check=False)
+        receiver.host.run(["iptables", "-D", *DROP_H27_VXLAN], check=False)
         receiver.host.run(["sysctl", "-qw", f"{UDP_TIMEOUT}={timeout}"])
     sender.exec("ping", "-c", "1", "-W", "2", containers["h59"])
+
+
+def test_a_host_firewall_rule_older_than_the_network_keeps_a_sender_out(fan_hosts, containers):
+    """A rule in the receiver's INPUT against a sender's VXLAN, there before a
+    network is created: nothing of that sender reaches the new network's
+    container, another sender does, and the sender too once the rule goes.
+    Removed, the network leaves nothing behind."""
+    hosts = {h.name: h for h in fan_hosts[0]}
+    receiver, sender, other = hosts["h59"], hosts["h27"], hosts["h28"]
+    network, subnet = "fanfw", "243.0.0.0/8"
+    before = {h.name: fan_left(h) for h in hosts.values()}
+    receiver.host.run(["iptables", "-I", *DROP_H27_VXLAN])
+    # earlier tests' flows between the same hosts left conntrack entries; one
+    # whose source port the new flow repeated would admit it past INPUT
+    receiver.host.run([sys.executable, "-c", FORGET_CONNTRACK])
+    try:
+        addresses = {}
+        for h in hosts.values():
+            h.cli("network", "create", "-d", "fan", "--ipam-driver", "fan", "--subnet", subnet,
+                  network)
+            addresses[h.name] = h.start_container(f"{network}-{h.name}", network)[1]
+        target = addresses[receiver.name]
+
+        def ping(h: FanHost, count: int = 1) -> subprocess.CompletedProcess:
+            return h.cli("exec", f"{network}-{h.name}", "ping", "-c", str(count), "-W", "3",
+                         target, check=False)
+
+        try:
+            blocked = ping(sender, count=3)
+            assert " 0 packets received" in blocked.stdout, blocked.stdout
+            assert ping(other).returncode == 0, "another sender did not reach the container"
+        finally:
+            receiver.host.run(["iptables", "-D", *DROP_H27_VXLAN], check=False)
+        assert ping(sender).returncode == 0, "the sender did not reach it once the rule went"
+    finally:
+        for h in hosts.values():
+            h.cli("rm", "-f", f"{network}-{h.name}", check=False)
+            h.cli("network", "rm", network, check=False)
+    # Only what was added counts: removing a network also drops the fan's chains
+    # left empty (FAN-INPUT and FAN-PORTS hold nothing for the module's network),
+    # which that network's creation had made.
+    left = {h.name: fan_added(h, before[h.name]) for h in hosts.values()}
+    assert not any(left.values()), left
 
 
 def test_large_packets_do_not_vanish(fan_hosts, containers):
@@ -293,6 +337,19 @@ def vxlan_port_of(h: FanHost, device: str) -> int:
 
 def fan_left(h: FanHost) -> dict:
     return kernel_snapshot(h.host, only_fan_rules=True)
+
+
+def fan_added(h: FanHost, before: dict) -> dict:
+    """{key: lines} the fan's kernel state on `h` has that `before` had not;
+    waited for, boundedly (veths go after dockerd's answer, peers in bulk)."""
+    deadline = time.monotonic() + 60
+    while True:
+        after = fan_left(h)
+        added = {key: sorted(set(after[key]) - set(before[key])) for key in after
+                 if set(after[key]) - set(before[key])}
+        if not added or time.monotonic() > deadline:
+            return added
+        time.sleep(0.5)
 
 
 @pytest.mark.parametrize("mapping", ["ebpf", "routes"])

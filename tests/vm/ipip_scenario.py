@@ -41,6 +41,9 @@ dedicated `fanr-ipip` device and one onlink route per peer) the checks are:
                         fan_receive; (routes) (b) is reported only
     container-ipip-dropped  IPIP a container sends to another host's underlay
                         address is dropped on its own host (raw, routed)
+    host-input-rule     a rule in h28's INPUT dropping IPIP from h27 keeps h27's
+                        containers from c28, h509's still reach it, h27's again
+                        once the rule goes
     routes-programmed,  (routes) all peers programmed, and every route is
     routes-match-fan-rule  `<peer slice> via <peer> onlink`, one per other host
     device              `ip -d link show` of the fan device is what the mode
@@ -80,6 +83,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from tests.harness import unixhttp
 from tests.harness.procs import run_cmd, stop_popen, wait_answering
+from tests.harness.rulecounters import packets_of, rule_packets
 
 HOSTS = {"h27": "172.30.0.27", "h28": "172.30.0.28", "h509": "172.30.5.9"}
 OUTSIDE = "172.30.255.254"
@@ -244,21 +248,7 @@ def forget_tunnel_flows(netns: str, a: str, b: str) -> int:
 
 def raw_rules(host: str) -> list[tuple[str, int]]:
     """The raw table's rules of `host` with their packet counters."""
-    out = ns(host, "iptables", "-w", "-t", "raw", "-S", "-v")
-    rules = []
-    for line in out.splitlines():
-        found = re.search(r" -c (\d+) \d+", line)
-        if line.startswith("-A ") and found:
-            rules.append((line[:found.start()] + line[found.end():], int(found.group(1))))
-    return rules
-
-
-def counter(rules: list[tuple[str, int]], *parts: str) -> int | None:
-    """Packets of the first rule whose line has every one of `parts` (regexes)."""
-    for line, packets in rules:
-        if all(re.search(part, line) for part in parts):
-            return packets
-    return None
+    return rule_packets(ns(host, "iptables", "-w", "-t", "raw", "-S", "-v"))
 
 
 # --- the plugin protocol -------------------------------------------------------
@@ -527,6 +517,7 @@ class Run:
         with Timer(f"{m} tunnel firewall and trust checks"):
             self.check_tunnel_firewall()
             self.check_ipip_trust()
+            self.check_host_input_rule()
         if m == "routes":
             self.wait_all_routes(expected)
         self.check_device(expected)
@@ -798,9 +789,9 @@ class Run:
             ns("h28", "iptables", "-w", "-t", "raw", "-D", *count_rule, check_rc=False)
             sh(f"ip -n outside addr del {FOREIGN}/32 dev eth0", check_rc=False)
         tags = [tag for tag, _ in got]
-        foreign = delta(counter(h28_before, *foreign_rule), counter(h28_after, *foreign_rule))
-        counted = delta(counter(h28_before, *counted_rule), counter(h28_after, *counted_rule))
-        routed = delta(counter(h27_before, *routed_rule), counter(h27_after, *routed_rule))
+        foreign = delta(packets_of(h28_before, *foreign_rule), packets_of(h28_after, *foreign_rule))
+        counted = delta(packets_of(h28_before, *counted_rule), packets_of(h28_after, *counted_rule))
+        routed = delta(packets_of(h27_before, *routed_rule), packets_of(h27_after, *routed_rule))
         decapsulated = rx_after - rx_before
         detail = (f"arrived in c28 (tag, inner source): {got}; not sent: {unsent}; "
                   f"h28 raw drops of tunnel traffic "
@@ -823,6 +814,39 @@ class Run:
               f"+{routed}; the genuine peer's arrived: {'c' in tags}; not sent: {unsent}; "
               f"h27's protocol-4 "
               f"conntrack entries with {me} forgotten before: {forgotten}")
+
+    def check_host_input_rule(self) -> None:
+        """A rule in h28's INPUT dropping IPIP from h27 keeps h27's containers from
+        c28 while h509's still reach it; once the rule goes, h27's reach it again.
+        The flows are live (the pings and transfer above): IPIP to this host has no
+        receive shortcut, every packet passes INPUT, and a DROP inserted first
+        matches ESTABLISHED packets too, so the rule applies at once without
+        forgetting the portless protocol-4 conntrack entries."""
+        m = self.mode
+        target = self.containers["c28"]["addr"].split("/")[0]
+        rule = ["INPUT", "-s", HOSTS["h27"], "-p", str(socket.IPPROTO_IPIP), "-j", "DROP"]
+
+        def reaches(cname: str, tries: int = 3) -> bool:
+            for _ in range(tries):
+                if "ttl=" in ns(cname, "busybox", "ping", "-c", "1", "-W", "2", target,
+                                check_rc=False):
+                    return True
+            return False
+
+        h27s = [c for c, host in CONTAINERS.items() if host == "h27"]
+        ns("h28", "iptables", "-w", "-I", *rule)
+        try:
+            blocked = {c: reaches(c, tries=2) for c in h27s}
+            third = reaches("c509")
+            dropped = packets_of(rule_packets(ns("h28", "iptables", "-w", "-S", "INPUT", "-v")),
+                                 rf"^-A INPUT -s {re.escape(HOSTS['h27'])}/32 ", r"-j DROP$")
+        finally:
+            ns("h28", "iptables", "-w", "-D", *rule, check_rc=False)
+        again = {c: reaches(c) for c in h27s}
+        check(m, "host-input-rule",
+              not any(blocked.values()) and third and all(again.values()) and bool(dropped),
+              f"with h28's INPUT dropping protocol 4 from h27, reached c28: {blocked}, "
+              f"c509: {third}; the rule dropped {dropped}; once it went, reached c28: {again}")
 
     def link_json(self, host: str, name: str) -> dict | None:
         out = ipn(host, "-d", "-s", "-j", "link", "show", "dev", name, check_rc=False)

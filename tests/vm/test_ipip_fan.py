@@ -10,9 +10,10 @@ peer mappings, one after the other:
 
 and checks pings between every ordered pair of containers (routed TTL), a
 10 MiB TCP transfer across hosts, the tunnel's firewall rules and trust rule
-with hand-made IPIP datagrams, the devices and per-host kernel object
-counts, dockerd's teardown order, and that encap=auto picks ipip. The
-scenario itself is tests/vm/ipip_scenario.py, which runs inside the guest.
+with hand-made IPIP datagrams, a host INPUT rule against a peer's IPIP, the
+devices and per-host kernel object counts, dockerd's teardown order, and that
+encap=auto picks ipip. The scenario itself is tests/vm/ipip_scenario.py, which
+runs inside the guest.
 
 No skips: a guest that cannot be built or booted fails with the reason.
 FAN_VM_ROUTES_UNDERLAY overrides the routes-mode underlay: 172.30.0.0/21
@@ -36,10 +37,10 @@ GUEST_TIMEOUT = 1200
 
 CHECKS = {
     "ebpf": ["slices", "addresses", "ping", "transfer", "tunnel-firewall", "ipip-trust",
-             "container-ipip-dropped", "device", "auto-chooses-ipip", "shared-device-survives",
-             "teardown"],
+             "container-ipip-dropped", "host-input-rule", "device", "auto-chooses-ipip",
+             "shared-device-survives", "teardown"],
     "routes": ["slices", "addresses", "lab-peer-routes", "ping", "transfer", "tunnel-firewall",
-               "ipip-trust", "container-ipip-dropped", "routes-programmed",
+               "ipip-trust", "container-ipip-dropped", "host-input-rule", "routes-programmed",
                "routes-match-fan-rule", "device", "teardown"],
     "all": ["plugin-logs-clean"],
 }
