@@ -9,7 +9,9 @@ ports reached through the host's address still work, also after the plugin
 restarts and after a simulated reboot (where dockerd starts after the plugin,
 so its rules land in FORWARD after the fan's). A rule in DOCKER-USER applies to
 a fan container's traffic to outside the overlay. Containers, fan or bridge,
-cannot send tunnel traffic to another underlay host or to this host's tunnels.
+cannot send tunnel traffic to another underlay host or to this host's tunnels;
+VXLAN from outside a network's underlay reaches none of its containers, under
+either peer mapping.
 """
 from __future__ import annotations
 
@@ -18,12 +20,16 @@ import re
 import struct
 import subprocess
 import sys
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
 from fan_driver.dataplane.encap import TUNNEL_UDP_PORTS
-from fan_driver.config import VXLAN_PORT
+from fan_driver.dataplane.encap.vxlan import vtep_mac
+from fan_driver.config import ROUTES_VXLAN_PORT, VXLAN_PORT
 from fan_driver.dataplane.firewall import TUNNEL_CHAIN
+from fan_driver.fanmap import FanMap
 from tests.harness import consistency
 from tests.harness.nsclient import container_pid, ns_python
 from tests.harness.rulecounters import packets_of, rule_packets
@@ -35,9 +41,13 @@ OUTSIDE = "172.30.255.254"
 UNDERLAY = "172.30.0.0/16"
 FAN = ["network", "create", "-d", "fan", "--ipam-driver", "fan",
        "--ipam-opt", f"underlay={UNDERLAY}"]
-# fan-b finds its peers by per-peer routes (a /20 underlay keeps them few)
+# fan-b finds its peers by per-peer routes (a /20 underlay keeps them few),
+# over VXLAN even where encap=auto would take IPIP: the tunnel tests speak VXLAN
+ROUTES_UNDERLAY = "172.30.0.0/20"
+ROUTES_OVERLAY = "241.0.0.0/8"
 ROUTES_FAN = ["network", "create", "-d", "fan", "--ipam-driver", "fan",
-              "--ipam-opt", "underlay=172.30.0.0/20", "-o", "mapping=routes"]
+              "--ipam-opt", f"underlay={ROUTES_UNDERLAY}", "-o", "mapping=routes",
+              "-o", "encap=vxlan"]
 PORT = 7000
 PUBLISHED = 8470          # fan-a's container, published on the host
 BRIDGE_PUBLISHED = 8471   # the early bridge's container, published on the host
@@ -45,17 +55,35 @@ BRIDGE_PUBLISHED = 8471   # the early bridge's container, published on the host
 NETWORKS = {
     "iso-early": ("iso-early-c", ["network", "create", "iso-early"]),
     "fan-a": ("iso-fan-a", [*FAN, "--subnet", "250.0.0.0/8", "fan-a"]),
-    "fan-b": ("iso-fan-b", [*ROUTES_FAN, "--subnet", "241.0.0.0/8", "fan-b"]),
+    "fan-b": ("iso-fan-b", [*ROUTES_FAN, "--subnet", ROUTES_OVERLAY, "fan-b"]),
     "fan-int": ("iso-fan-int", [*FAN, "--internal", "--subnet", "242.0.0.0/8", "fan-int"]),
     "iso-late": ("iso-late-c", ["network", "create", "iso-late"]),
     "bridge": ("iso-default-c", None),
 }
-# Hand-made VXLAN for fan-a (VNI: the overlay's leading 24 bits, 250.0.0.0/8)
-# to a UDP listener in its container; an inner source in the slice that the
-# outside's underlay address owns, 250.255.254.0/24, so the outside may send it;
-# an address outside the underlay (TEST-NET-2), given to the outside for one test.
-FAN_A_VNI = 0xFA0000
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """How hand-made VXLAN for a network's containers reaches this host."""
+    vni: int                # the overlay's leading 24 bits
+    port: int
+    underlay: str
+    macs: tuple[str, str]   # the inner frame's (destination, source)
+
+
+# Hand-made VXLAN to a UDP listener in a network's container. fan-b's own
+# kernel device takes only frames to its MAC (else they are for another host);
+# they come from the peer's VTEP MAC, as a fan host sends them.
+FAN_A_TUNNEL = Tunnel(0xFA0000, VXLAN_PORT, UNDERLAY, ("0e:fa:fa:00:1c:02", "0e:fa:fa:00:1c:01"))
+# fan-b's fan host for the routes test: an underlay address of fan-b's (the
+# outside's 172.30.255.254 is not in its /20), given to the outside for that test
+ROUTES_PEER = "172.30.0.99"
+FAN_B_TUNNEL = Tunnel(0xF10000, ROUTES_VXLAN_PORT, ROUTES_UNDERLAY,
+                      (vtep_mac(IPv4Address(HOST)), vtep_mac(IPv4Address(ROUTES_PEER))))
 TUNNEL_LISTENER = 9999
+# For fan-a: an inner source in the slice that the outside's underlay address
+# owns, 250.255.254.0/24, so the outside may send it; an address outside the
+# underlay (TEST-NET-2), given to the outside for one test.
 OUTSIDE_SLICE_SOURCE = "250.255.254.7"
 FOREIGN = "198.51.100.7"
 PUBLISH = {"fan-a": ["-p", f"{PUBLISHED}:{PORT}"], "iso-early": ["-p", f"{BRIDGE_PUBLISHED}:{PORT}"]}
@@ -239,7 +267,7 @@ def test_isolation_after_a_reboot_with_dockerd_rules_after_the_fans(bed, dockerd
 
 # --- the tunnel: only this host's own encapsulation reaches it ------------------------------
 
-def vxlan_datagram(vni: int, inner_src: str, inner_dst: str, port: int,
+def vxlan_datagram(tunnel: Tunnel, inner_src: str, inner_dst: str, port: int,
                    payload: bytes) -> bytes:
     """VXLAN (flags: VNI valid) carrying an Ethernet frame with an IPv4/UDP datagram."""
     def ip(text: str) -> bytes:
@@ -251,8 +279,9 @@ def vxlan_datagram(vni: int, inner_src: str, inner_dst: str, port: int,
     while checksum > 0xFFFF:
         checksum = (checksum & 0xFFFF) + (checksum >> 16)
     header = header[:10] + struct.pack("!H", ~checksum & 0xFFFF) + header[12:]
-    frame = bytes.fromhex("0efafa001c02" "0efafa001c01" "0800") + header + udp
-    return struct.pack("!II", 0x08000000, vni << 8) + frame
+    macs = b"".join(bytes.fromhex(mac.replace(":", "")) for mac in tunnel.macs)
+    frame = macs + bytes.fromhex("0800") + header + udp
+    return struct.pack("!II", 0x08000000, tunnel.vni << 8) + frame
 
 
 # Sends argv[1] (hex) to argv[2]:argv[3] over UDP, argv[4] times, from argv[5]
@@ -298,10 +327,10 @@ def in_container(bed, container: str) -> list[str]:
 
 
 def send_vxlan(lab, payload: bytes, inner_source: str, target: str,
-               outer_source: str = OUTSIDE) -> None:
-    """One VXLAN datagram for fan-a's `target` from the outside namespace."""
-    datagram = vxlan_datagram(FAN_A_VNI, inner_source, target, TUNNEL_LISTENER, payload)
-    lab.outside.run([sys.executable, "-c", SEND, datagram.hex(), HOST, str(VXLAN_PORT), "1",
+               outer_source: str = OUTSIDE, tunnel: Tunnel = FAN_A_TUNNEL) -> None:
+    """One VXLAN datagram for `target` from the outside namespace."""
+    datagram = vxlan_datagram(tunnel, inner_source, target, TUNNEL_LISTENER, payload)
+    lab.outside.run([sys.executable, "-c", SEND, datagram.hex(), HOST, str(tunnel.port), "1",
                      outer_source])
 
 
@@ -314,7 +343,7 @@ def test_containers_cannot_send_tunnel_traffic(bed, lab, lab_host, sender):
     outside's VXLAN from its own slice in the fan-a container."""
     container = NETWORKS[sender][0]
     target = address(bed.dockerd, "iso-fan-a", "fan-a")
-    datagram = vxlan_datagram(FAN_A_VNI, target.rsplit(".", 1)[0] + ".200", target,
+    datagram = vxlan_datagram(FAN_A_TUNNEL, target.rsplit(".", 1)[0] + ".200", target,
                               TUNNEL_LISTENER, b"from a container")
     pid = str(container_pid(bed.dockerd, container))
     outside = [listening(["ip", "netns", "exec", lab.outside.name], port, 4)
@@ -335,13 +364,13 @@ def test_containers_cannot_send_tunnel_traffic(bed, lab, lab_host, sender):
         "a container's VXLAN datagram reached a fan container, or the outside's did not"
 
 
-def foreign_vxlan_drops(lab_host) -> int:
-    """Packets dropped by the raw rule against fan-a's VXLAN from outside the underlay."""
+def foreign_vxlan_drops(lab_host, tunnel: Tunnel = FAN_A_TUNNEL) -> int:
+    """Packets dropped by the raw rule against a network's VXLAN from outside its underlay."""
     rules = rule_packets(lab_host.run(["iptables", "-w", "-t", "raw", "-S", TUNNEL_CHAIN,
                                        "-v"]).stdout)
-    packets = packets_of(rules, rf"^-A {TUNNEL_CHAIN} ! -s {re.escape(UNDERLAY)} ",
-                         rf"={FAN_A_VNI:#x}\b", r"-j DROP$")
-    assert packets is not None, f"no raw rule against fan-a's VXLAN from outside: {rules}"
+    packets = packets_of(rules, rf"^-A {TUNNEL_CHAIN} ! -s {re.escape(tunnel.underlay)} ",
+                         rf"--dport {tunnel.port} ", rf"={tunnel.vni:#x}\b", r"-j DROP$")
+    assert packets is not None, f"no raw rule against VXLAN from outside {tunnel}: {rules}"
     return packets
 
 
@@ -371,4 +400,37 @@ def test_the_outside_reaches_the_same_container_through_the_tunnel_only_as_a_fan
         lab.outside.run(["ip", "addr", "del", f"{FOREIGN}/32", "dev", "eth0"], check=False)
     assert arrived == ["c"], f"arrived: {arrived} (a: from outside the underlay, " \
         "b: an underlay host speaking for another's slice, c: for its own)"
+    assert dropped == 1, f"the raw rule against VXLAN from outside the underlay dropped {dropped}"
+
+
+def test_the_routes_tunnel_takes_an_underlay_host_and_drops_the_outside(bed, lab, lab_host):
+    """VXLAN for fan-b's container, which the kernel's own device of the
+    network decapsulates (mapping=routes): (a) from the outside's address
+    172.30.255.254, outside fan-b's underlay, dropped by the fan's raw rule;
+    (b) from the underlay address 172.30.0.99 speaking for its own slice;
+    (c) from that address speaking for another host's slice. (b) and (c)
+    arrive: under routes the fan enforces the outer source and the VNI, not
+    the slice (README, "The tunnel's trust")."""
+    target = address(bed.dockerd, "iso-fan-b", "fan-b")
+    fan = FanMap(IPv4Network(ROUTES_OVERLAY), IPv4Network(ROUTES_UNDERLAY))
+    own_slice_source = str(fan.slice_for(IPv4Address(ROUTES_PEER))[7])
+    other_slice_source = str(fan.slice_for(IPv4Address("172.30.0.5"))[7])
+    # The lab host would take (b)'s outer source on eth0: rp_filter does not stand in its way.
+    accepted = lab_host.run(["ip", "route", "get", HOST, "from", ROUTES_PEER, "iif", "eth0"])
+    assert accepted.stdout.startswith(f"local {HOST} from {ROUTES_PEER} "), accepted.stdout
+    lab.outside.run(["ip", "addr", "add", f"{ROUTES_PEER}/32", "dev", "eth0"])
+    try:
+        inside = listening(in_container(bed, "iso-fan-b"), TUNNEL_LISTENER, 3)
+        drops_before = foreign_vxlan_drops(lab_host, FAN_B_TUNNEL)
+        send_vxlan(lab, b"a", own_slice_source, target, tunnel=FAN_B_TUNNEL)
+        send_vxlan(lab, b"b", own_slice_source, target, outer_source=ROUTES_PEER,
+                   tunnel=FAN_B_TUNNEL)
+        send_vxlan(lab, b"c", other_slice_source, target, outer_source=ROUTES_PEER,
+                   tunnel=FAN_B_TUNNEL)
+        arrived = received(inside)
+        dropped = foreign_vxlan_drops(lab_host, FAN_B_TUNNEL) - drops_before
+    finally:
+        lab.outside.run(["ip", "addr", "del", f"{ROUTES_PEER}/32", "dev", "eth0"], check=False)
+    assert arrived == ["b", "c"], f"arrived: {arrived} (a: from outside the underlay, " \
+        "b: an underlay host for its own slice, c: for another's)"
     assert dropped == 1, f"the raw rule against VXLAN from outside the underlay dropped {dropped}"
