@@ -68,14 +68,15 @@ def main(argv=None) -> int:
 
 
 def refuse(socket: Path, problems: List[str]) -> int:
-    """serve's guard: a managed plugin whose process exits is reported by
-    `docker plugin enable` only as a socket it could not dial, after seconds of
-    retries; answering every request with the problem shows it where it is used."""
+    """serve's guard against invalid settings or an unreadable state: a managed
+    plugin whose process exits is reported by `docker plugin enable` only as a
+    socket it could not dial, after seconds of retries; answering every request
+    with the problem shows it where it is used."""
     from .refusal import serve_refusal
 
     for problem in problems:
         print(f"fan-driver: {problem}", file=sys.stderr)
-    print(f"fan-driver: refusing every request on {socket} until the settings are fixed",
+    print(f"fan-driver: refusing every request on {socket} until that is fixed",
           file=sys.stderr)
     asyncio.run(serve_refusal(socket, "fan-driver cannot start: " + "; ".join(problems)))
     return 1

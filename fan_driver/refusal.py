@@ -1,5 +1,6 @@
-"""The managed plugin's guard: with an invalid setting, keep the plugin socket
-up and answer every Docker request with the problem and its fix. A managed
+"""The managed plugin's guard: with an invalid setting or a state file it
+cannot read, keep the plugin socket up and answer every Docker request with
+the problem and its fix. A managed
 plugin whose process exits is reported by `docker plugin enable` only as a
 socket it could not dial, after seconds of retries."""
 from __future__ import annotations

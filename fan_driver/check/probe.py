@@ -98,21 +98,13 @@ async def probe(state_dir: Path, iptables_setting: str = "auto") -> Probe:
             kernel = await read_kernel(ipr, ipt.binary or iptables.HOST_IPTABLES)
     except Exception as exc:   # a report, not a crash: say what failed
         netlink_error = f"{type(exc).__name__}: {exc}"
+    stored, state_info = read_state(state_dir)
     return Probe(features=features, facts=facts, iptables=ipt,
-                 state=probe_state(state_dir), ip_forward=_read(IP_FORWARD),
+                 state=state_info, ip_forward=_read(IP_FORWARD),
                  ebpf_error=ebpf_error, netlink_error=netlink_error,
-                 ports=probe_ports(state_dir, ipt.binary) if ipt.binary and not ipt.error
-                 else (), stored=_stored(state_dir), kernel=kernel)
-
-
-def _stored(state_dir: Path) -> Optional[State]:
-    """The state, or None when there is none or it cannot be read (probe_state says why)."""
-    if not (Path(state_dir) / STATE_FILE).exists():
-        return None
-    try:
-        return Store(Path(state_dir)).load()
-    except (FanError, OSError):
-        return None
+                 ports=probe_ports(stored, ipt.binary)
+                 if stored is not None and ipt.binary and not ipt.error else (),
+                 stored=stored, kernel=kernel)
 
 
 def _read(path: Path) -> Optional[str]:
@@ -142,14 +134,16 @@ def probe_iptables(iptables_setting: str = "auto") -> Iptables:
     return Iptables(version=version.strip(), forward_policy=policy, fan_chains=chains, **found)
 
 
-def probe_state(state_dir: Path) -> StateInfo:
+def read_state(state_dir: Path) -> Tuple[Optional[State], StateInfo]:
+    """The state, read once (None when there is none or it cannot be read),
+    and what the report says of it."""
     directory = str(state_dir)
-    if not (Path(state_dir) / STATE_FILE).exists():
-        return StateInfo(directory=directory, exists=False)
     try:
         state = Store(Path(state_dir)).load()
     except (FanError, OSError) as exc:
-        return StateInfo(directory=directory, error=str(exc))
+        return None, StateInfo(directory=directory, error=str(exc))
+    if not (Path(state_dir) / STATE_FILE).exists():
+        return None, StateInfo(directory=directory, exists=False)
     lines, overlays = [], []
     for nid, net in sorted(state.networks.items()):
         pool = state.pools.get(net.pool_id)
@@ -163,16 +157,14 @@ def probe_state(state_dir: Path) -> StateInfo:
                      f"{f', UDP port {net.vxlan_port}' if net.vxlan_port else ''}, MTU {net.mtu}, "
                      f"{len(net.endpoints)} endpoint(s), receive={net.receive}: "
                      f"{RECEIVE_PATHS[net.receive]}")
-    return StateInfo(directory=directory, networks=tuple(lines), overlays=tuple(overlays))
+    return state, StateInfo(directory=directory, networks=tuple(lines),
+                            overlays=tuple(overlays))
 
 
-def probe_ports(state_dir: Path, binary: str) -> Tuple[PublishedPort, ...]:
+def probe_ports(state: State, binary: str) -> Tuple[PublishedPort, ...]:
     """Each published port of the state with its DNAT rule (or none), its
-    listener and a DNAT rule of others forwarding it; () when the state or
-    the nat table cannot be read (the state and iptables items say why)."""
-    state = _stored(state_dir)
-    if state is None:
-        return ()
+    listener and a DNAT rule of others forwarding it; () when the nat table
+    cannot be read (the iptables item says why)."""
     code, out = iptables.run([binary, "-w", "-t", "nat", "-S"])
     if code != 0:
         return ()

@@ -8,7 +8,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from hypothesis import given
 
 from fan_driver import cli
-from fan_driver.check.probe import probe_state
+from fan_driver.check.probe import read_state
 from fan_driver.config import UnderlaySpec
 from fan_driver.config import VXLAN_PORT
 from fan_driver.dataplane.mapping.ebpf import PROGRAM_PREFIX, EbpfMapping
@@ -117,7 +117,7 @@ def test_show_and_check_give_each_networks_vxlan_port(tmp_path, capsys):
     header, *rows = capsys.readouterr().out.splitlines()
     column = header.split().index("PORT")
     assert [row.split()[column] for row in rows] == ["-", "4790"]
-    lines = probe_state(tmp_path).networks
+    lines = read_state(tmp_path)[1].networks
     assert "vxlan/ebpf, UDP port 4790, MTU 1450" in lines[1] and "UDP port" not in lines[0]
 
 

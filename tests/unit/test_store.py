@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fan_driver.check.probe import StateInfo, read_state
 from fan_driver.errors import FanError
 from fan_driver.ledger import Ledger
 from fan_driver.model import Endpoint, Network, Owner, Pool, State
@@ -378,3 +379,19 @@ async def test_a_process_changing_at_the_same_time_loses_no_change(store):
     assert sum(owner == "here" for owner in addresses.values()) == count
     async with ledger.read() as state:
         assert state.pools["fan:250.0.0.0/8"].addresses == addresses
+
+
+def test_check_reads_the_state_as_serve_does(store):
+    """fan-driver check reads the state once, and refuses what serve refuses:
+    a missing file beside its last good copy is an error, not "no state"."""
+    assert read_state(store.directory) == (None, StateInfo(str(store.directory), exists=False))
+    store.open()
+    store.save(sample_state())
+    store.close()
+    stored, info = read_state(store.directory)
+    assert stored == sample_state() and len(info.networks) == 1 and not info.error
+    (store.directory / STATE_FILE).unlink()
+
+    stored, info = read_state(store.directory)
+
+    assert stored is None and "is missing" in info.error
