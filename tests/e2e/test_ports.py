@@ -21,8 +21,6 @@ from fan_driver import faults
 from tests.harness.dockerd import docker_bg
 from tests.harness.fanhosts import CREATE, start_host
 from tests.harness import consistency
-from tests.harness.plugin import REPO_ROOT, plugin_env
-from tests.harness.procs import run_cmd
 
 pytestmark = pytest.mark.e2e
 
@@ -407,12 +405,6 @@ def plugin_network(plugin) -> str:
     return network[:12]
 
 
-def fan_check(plugin) -> str:
-    return run_cmd(["ip", "netns", "exec", plugin.host.name, plugin.python, "-m", "fan_driver",
-                    "check", "--state-dir", str(plugin.state_dir)], check=False, cwd=REPO_ROOT,
-                   env=plugin_env(plugin.env), timeout=120).stdout
-
-
 def test_reboot_leaves_a_port_a_host_process_took_to_it(lab, lab_host, dockerd, plugin, web):
     """After a reboot, a port some process bound before the plugin started is
     not DNATed away from it; the endpoint's other ports come back; the port
@@ -437,7 +429,7 @@ def test_reboot_leaves_a_port_a_host_process_took_to_it(lab, lab_host, dockerd, 
         assert (f"endpoint {endpoint[:12]}: 0.0.0.0:8140->80/tcp not restored: host port "
                 f"8140/tcp is already in use by python3") in log, log
         assert f"(pid {blocker.pid}, listening on the host)" in log, log
-        report = fan_check(plugin)
+        report = plugin.check().stdout
         flat = " ".join(report.split())   # as wrapped for a terminal
         assert "warn port 0.0.0.0:8140" in flat, report
         assert (f"endpoint {endpoint[:12]} of fan network {plugin_network(plugin)} publishes "
@@ -451,7 +443,7 @@ def test_reboot_leaves_a_port_a_host_process_took_to_it(lab, lab_host, dockerd, 
         plugin.stop()
         plugin.start()
         assert dnat_for(lab_host, 8140) and dnat_for(lab_host, 8141)
-        assert "port 0.0.0.0:8140" not in fan_check(plugin)
+        assert "port 0.0.0.0:8140" not in plugin.check().stdout
     finally:
         if blocker is not None:
             blocker.kill()

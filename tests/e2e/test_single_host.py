@@ -72,8 +72,7 @@ def test_network_create_builds_bridge_tunnel_and_route(fan_net, lab_host, plugin
     assert tunnel["linkinfo"]["info_data"].get("external") is True
     routes = lab_host.run(["ip", "route", "show", "250.0.0.0/8"]).stdout
     assert "dev fan-vxlan" in routes
-    show = lab_host.run([sys.executable, "-m", "fan_driver", "show",
-                         "--state-dir", str(plugin.state_dir)]).stdout
+    show = plugin.show()
     receive = "conntrack" if ebpf.conntrack_supported() else "tunnel"
     assert re.search(rf"{BRIDGE}\s+{re.escape(SUBNET)}\s+172\.30\.0\.28/16\s+{re.escape(SLICE)}"
                      rf"\s+vxlan/ebpf\s+4789\s+{receive}\s+1450\s+0", show), show

@@ -167,20 +167,21 @@ class PluginProcess(ChildProcess):
             raise PluginError(f"Plugin.Activate: HTTP {status}: {body}")
         return body
 
-    def show(self, *args: str) -> str:
-        """Output of `python -m fan_driver show --state-dir <state_dir>`, run in
+    def _command(self, command: str, *args: str, check: bool,
+                 timeout: float) -> subprocess.CompletedProcess:
+        """`python -m fan_driver <command> --state-dir <state_dir> ...`, run in
         the host's namespace."""
-        result = run_cmd(["ip", "netns", "exec", self.host.name, self.python, "-m", "fan_driver",
-                          "show", "--state-dir", str(self.state_dir), *args],
-                         cwd=REPO_ROOT, env=plugin_env(self.env), timeout=60)
-        return result.stdout
+        return run_cmd(["ip", "netns", "exec", self.host.name, self.python, "-m", "fan_driver",
+                        command, "--state-dir", str(self.state_dir), *args],
+                       check=check, cwd=REPO_ROOT, env=plugin_env(self.env), timeout=timeout)
+
+    def show(self, *args: str) -> str:
+        """Output of `fan-driver show`."""
+        return self._command("show", *args, check=True, timeout=60).stdout
 
     def check(self, *args: str) -> subprocess.CompletedProcess:
-        """`python -m fan_driver check --state-dir <state_dir>`, run in the
-        host's namespace; its exit status is the caller's to judge."""
-        return run_cmd(["ip", "netns", "exec", self.host.name, self.python, "-m", "fan_driver",
-                        "check", "--state-dir", str(self.state_dir), *args],
-                       check=False, cwd=REPO_ROOT, env=plugin_env(self.env), timeout=120)
+        """`fan-driver check`; its exit status is the caller's to judge."""
+        return self._command("check", *args, check=False, timeout=120)
 
     def log_tail(self, lines: int = 40) -> str:
         return tail(self.log_path, lines)
