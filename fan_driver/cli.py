@@ -15,6 +15,7 @@ from .config import UnderlaySpec
 from .dataplane.base import PeerMapping
 from .errors import FanError
 from .model import State, short_id
+from .reconcile import UNCLAIMED_GRACE
 from .settings import Settings, add_flags
 from .store import Store
 
@@ -30,10 +31,22 @@ def parse_args(argv) -> argparse.Namespace:
         "--refuse-when-invalid", action="store_true",
         help="when a setting is invalid, keep answering Docker on --socket with the problem "
              "and its fix instead of exiting (the managed plugin's entry point)")
+    serve_parser.add_argument(
+        "--unclaimed-grace", type=seconds, default=UNCLAIMED_GRACE, metavar="SECONDS",
+        help="after a start, how long pools and addresses handed out before it and not in "
+             f"use are kept for Docker to claim (default: {UNCLAIMED_GRACE:.0f}, the time "
+             "Docker retries a call)")
     add_flags(sub.add_parser("show", help="one line per fan network"), ("state_dir",))
     check.add_arguments(sub.add_parser(
         "check", help="what this host supports and what the plugin would do here"))
     return parser.parse_args(argv)
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
 
 
 def main(argv=None) -> int:
@@ -56,7 +69,7 @@ def main(argv=None) -> int:
             logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                                 format="%(levelname)s %(name)s: %(message)s")
             log.setLevel(settings.log_level.upper())
-            asyncio.run(serve(settings, store, state))
+            asyncio.run(serve(settings, store, state, args.unclaimed_grace))
         elif args.command == "check":
             return check.run(settings, args, peer_mappings())
         else:
@@ -91,7 +104,8 @@ def peer_mappings() -> Dict[str, PeerMapping]:
     return {m.name: m for m in (KernelMapping(), EbpfMapping(), RoutesMapping())}
 
 
-async def serve(settings: Settings, store: Store, state: State) -> None:
+async def serve(settings: Settings, store: Store, state: State,
+                unclaimed_grace: float = UNCLAIMED_GRACE) -> None:
     """Serve Docker on the settings' socket from the state `store` has opened."""
     from pyroute2 import AsyncIPRoute
 
@@ -121,7 +135,7 @@ async def serve(settings: Settings, store: Store, state: State) -> None:
                                 faults=faults)
         ipam = IpamDriver(ledger, read_facts, default_underlay, network=network, faults=faults)
         # Kept to the end: it holds the delayed release of what no one claimed.
-        reconciler = Reconciler(ledger, dataplane, faults=faults)
+        reconciler = Reconciler(ledger, dataplane, faults=faults, grace=unclaimed_grace)
         await reconciler.restore()
         log.info("serving on %s, state in %s", settings.socket, settings.state_dir)
         await server.serve_until_stopped(server.make_app(network, ipam), Path(settings.socket))

@@ -32,9 +32,11 @@ POINTS = (
     "delete_network:after_state", "delete_network:after_kernel",
     "delete_endpoint:after_state", "delete_endpoint:after_kernel",
     "leave:before_reply",
-    # The IPAM only writes state.
+    # The IPAM only writes state. A crash before a release writes it is a
+    # release lost, as when a dockerd restart stops a managed plugin first.
     "request_pool:after_state", "release_pool:after_state",
-    "request_address:after_state", "release_address:after_state",
+    "request_address:after_state", "release_address:before_state",
+    "release_address:after_state",
     # Start-up reconciliation.
     "restore:after_orphans", "restore:after_network",
 )

@@ -45,7 +45,11 @@ def capacity(pool: Pool) -> int:
 def allocate(pool: Pool, requested: Optional[IPv4Address],
              name: Optional[str] = None) -> IPv4Address:
     """The address for a container, in this order:
-    1. exactly the one asked for (`--ip`), or an error saying why it cannot be had;
+    1. exactly the one asked for (`--ip`), or an error saying why it cannot be
+       had; one held only as unclaimed (handed out before the plugin restarted,
+       in use by no endpoint since) is had: it is its container coming back,
+       e.g. after a dockerd restart that stopped the plugin before Docker
+       released it;
     2. the address `name` last had, when it is free (Docker 29 and later name
        the container): a container keeps its address across restarts;
     3. the lowest free address that no name remembers;
@@ -64,7 +68,7 @@ def allocate(pool: Pool, requested: Optional[IPv4Address],
         if requested in excluded:
             raise FanError(f"address {requested} is reserved for the host in slice {net} "
                            f"(host_reserve={pool.host_reserve}); choose another")
-        if str(requested) in pool.addresses:
+        if pool.addresses.get(str(requested), Owner.UNCLAIMED) != Owner.UNCLAIMED:
             raise FanError(f"address {requested} is already in use in slice {net}")
         return requested
     # Remembered addresses were all handed out here: in the slice, not reserved.
@@ -202,6 +206,7 @@ class IpamDriver(IpamDriverApi):
 
     async def release_address(self, request: AddressRelease) -> None:
         pid, ip = request.pool_id, str(request.address)
+        self.faults.check("release_address:before_state")
         async with self.ledger.change() as state:
             pool = state.pools.get(pid)
             if pool is None:

@@ -11,6 +11,7 @@ Figures (timings, counts) are printed at the end of the module.
 from __future__ import annotations
 
 import json
+import signal
 import statistics
 import threading
 import time
@@ -20,10 +21,11 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from fan_driver import faults
-from fan_driver.reconcile import UNCLAIMED_GRACE
+from fan_driver.model import Owner
 from fan_driver.store import LAST_GOOD_FILE, STATE_FILE
 from tests.harness import PluginError, consistency
 from tests.harness.dockerd import docker_bg
+from tests.harness.procs import send_signal
 from tests.harness.netlab import busybox_path
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +37,9 @@ UNDERLAY = "172.30.0.0/16"
 OUTSIDE = "172.30.255.254"
 CRASH_NET, CRASH_SUBNET = "crashnet", "251.0.0.0/8"
 CRASH_ENV = faults.ENV
-GRACE = UNCLAIMED_GRACE
+# The plugin's --unclaimed-grace here: the tests wait it out (30 s by default);
+# dockerd's retries after the plugin's restarts arrive well within it.
+GRACE = 10.0
 LOAD = 100            # concurrent `docker run`s
 BURST = 100           # concurrent raw RequestAddress calls, then as many releases
 
@@ -81,6 +85,16 @@ def containers_on(dockerd, net) -> list:
     return out.split()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _short_grace(plugin):
+    usual = plugin.extra_args
+    plugin.extra_args = (*usual, "--unclaimed-grace", str(GRACE))
+    plugin.restart()
+    yield
+    plugin.extra_args = usual
+    plugin.restart()
+
+
 @pytest.fixture(scope="module")
 def fan(dockerd, plugin, lab_host):
     create_network(dockerd, "fan")
@@ -91,7 +105,7 @@ def fan(dockerd, plugin, lab_host):
         ids = containers_on(dockerd, net)
         if ids:
             dockerd.cli("rm", "-f", *ids, check=False, timeout=300)
-        dockerd.cli("network", "rm", net, check=False)
+        dockerd.cli("network", "rm", net, check=net == "fan")
     consistency.check(plugin, dockerd, lab_host)
 
 
@@ -332,6 +346,48 @@ def test_reboot_restores_the_fan_and_restarted_containers_work(dockerd, plugin, 
         consistency.settled(plugin, dockerd, lab_host)
     finally:
         dockerd.cli("rm", "-f", *names, check=False)
+    consistency.settled(plugin, dockerd, lab_host)
+
+
+def test_a_fixed_address_whose_release_was_lost_comes_back_with_its_container(
+        dockerd, plugin, lab_host, fan):
+    """dockerd releases its containers' addresses on the way down. When the
+    plugin is gone before a release arrives (a dockerd restart stops a
+    managed plugin too; here the plugin dies on it, and dockerd, retrying,
+    gives up at its shutdown timeout), dockerd, started again, brings the
+    container back asking for its --ip: it gets it, though the plugin still
+    held it."""
+    pinned = str(SLICE.network_address + 77)
+    run(dockerd, "keeper", "fan", "--ip", pinned, "--restart", "always", "--stop-timeout", "1")
+    dockerd.cli("stop", "-t", "1", "anchor")
+    try:
+        plugin.stop()
+        plugin.env[CRASH_ENV] = "release_address:before_state"
+        plugin.start()
+        send_signal(dockerd.pid, signal.SIGTERM)     # stops keeper: Leave, DeleteEndpoint, ...
+        assert plugin.proc.wait(timeout=60) == 137, "no ReleaseAddress came"
+        dockerd.proc.wait(timeout=60)                # ... and the release is lost
+        dockerd.stop()
+        plugin.kill()
+    finally:
+        del plugin.env[CRASH_ENV]
+    try:
+        plugin.start()
+        owners = consistency.read_state(plugin.state_dir)["pools"][f"fan:{SUBNET}"]["addresses"]
+        assert owners[pinned] == Owner.UNCLAIMED, owners
+        dockerd.start()
+        deadline = time.monotonic() + 60
+        while not json.loads(dockerd.cli("inspect", "keeper").stdout)[0]["State"]["Running"]:
+            assert time.monotonic() < deadline, dockerd.failure_log()
+            time.sleep(0.5)
+        assert ip_of(dockerd, "keeper") == pinned
+        dockerd.cli("start", "anchor")
+        ping(dockerd, "keeper", ip_of(dockerd, "anchor"))
+        ping(dockerd, "anchor", pinned)
+        consistency.settled(plugin, dockerd, lab_host)
+    finally:
+        dockerd.cli("rm", "-f", "keeper", check=False)
+        dockerd.cli("start", "anchor", check=False)
     consistency.settled(plugin, dockerd, lab_host)
 
 

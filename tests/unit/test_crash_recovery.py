@@ -20,7 +20,8 @@ from fan_driver.ipam import IpamDriver
 from fan_driver.model import Endpoint, Network, Owner, Pool, State
 from fan_driver.network import NetworkDriver
 from fan_driver.protocol import GATEWAY_REQUEST
-from fan_driver.reconcile import Reconciler
+from fan_driver.cli import parse_args
+from fan_driver.reconcile import UNCLAIMED_GRACE, Reconciler
 from fan_driver.store import STATE_FILE, Store
 
 from tests.unit.docker_calls import (create_endpoint, create_network, delete_endpoint,
@@ -266,6 +267,35 @@ async def test_what_docker_claims_in_the_grace_period_stays(drivers, ledger):
     await asyncio.wait_for(reconciler._sweep, 5)
     addresses = ledger.state.pools[PID].addresses
     assert addresses[pending.split("/")[0]] == EID and addresses[other] == ""
+
+
+async def test_an_address_whose_release_was_lost_is_had_again_by_its_container(drivers,
+                                                                               ledger):
+    """A dockerd restart can stop the plugin between DeleteEndpoint and
+    ReleaseAddress: the container that comes back asks for its --ip again."""
+    network, ipam, dataplane = drivers
+    pinned = (await create(network, ipam)).split("/")[0]
+    await delete_endpoint(network, NID, EID)              # ... and no ReleaseAddress
+    in_flight = (await request_address(ipam, PID, "", None))["Address"].split("/")[0]
+    reconciler = Reconciler(ledger, dataplane, grace=0.05)
+    await reconciler.restore()
+    assert (await request_address(ipam, PID, pinned, None))["Address"].startswith(pinned + "/")
+    await create_endpoint(network, NID, EID2, {"Address": f"{pinned}/24"})
+    with pytest.raises(FanError, match=f"address {pinned} is already in use"):
+        await request_address(ipam, PID, pinned, None)
+    # A new container is not given one that is still unclaimed.
+    fresh = (await request_address(ipam, PID, "", None))["Address"].split("/")[0]
+    assert fresh not in (pinned, in_flight)
+    await asyncio.wait_for(reconciler._sweep, 5)
+    addresses = ledger.state.pools[PID].addresses
+    assert addresses[pinned] == EID2 and in_flight not in addresses
+
+
+def test_the_grace_period_is_a_serve_flag():
+    assert parse_args(["serve"]).unclaimed_grace == UNCLAIMED_GRACE
+    assert parse_args(["serve", "--unclaimed-grace", "2.5"]).unclaimed_grace == 2.5
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "--unclaimed-grace", "-1"])
 
 
 async def test_a_pool_left_by_a_crash_does_not_block_the_next_create(drivers, ledger):
