@@ -41,7 +41,7 @@ from tests.harness import (Dockerd, Lab, PluginError, PluginProcess, ensure_busy
 from tests.harness import images, sidroot
 from tests.harness.consistency import read_state
 from tests.harness.dockerd import FLAVOURS
-from tests.harness.procs import env_with_sbin, run_cmd
+from tests.harness.procs import ChildProcess, env_with_sbin, run_cmd
 from fan_driver.store import LAST_GOOD_FILE, STATE_FILE
 
 E2E_DIR = Path(__file__).resolve().parent / "e2e"
@@ -273,12 +273,20 @@ def pytest_runtest_makereport(item, call):
             waited = sum(holder["lock_waits"])
             holder["lock_waits"].clear()
         holder["durations"][key] = holder["durations"].get(key, 0.0) + report.duration - waited
-    if report.when != "call" or not report.failed or HOLDER not in item.config.stash:
-        return
-    holder = item.config.stash[HOLDER]
-    for key in ("dockerd", "plugin"):
-        if holder.get(key) is not None:
-            report.sections.append((f"{key} log tail", holder[key].log_tail(60)))
+    if report.when == "call" and report.failed:
+        for name, process in _processes_of(item).items():
+            report.sections.append((f"{name} log", process.failure_log()))
+
+
+def _processes_of(item) -> dict:
+    """The dockerds and plugins a test used: its fixtures' values, or what they
+    hold as `dockerd` (a lab of a module's own), by fixture name."""
+    found: dict = {}
+    for name, value in getattr(item, "funcargs", {}).items():
+        for label, candidate in ((name, value), (f"{name}.dockerd", getattr(value, "dockerd", None))):
+            if isinstance(candidate, ChildProcess) and all(candidate is not p for p in found.values()):
+                found[label] = candidate
+    return found
 
 
 def pytest_terminal_summary(terminalreporter, config):

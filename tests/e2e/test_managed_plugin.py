@@ -81,10 +81,6 @@ class ManagedLab:
         """plugin/build.sh against our dockerd; returns its step timings."""
         return managed.build(self.dockerd, self.workdir, *args)
 
-    def plugin_log(self, lines: int = 30) -> str:
-        """The plugin's own lines of the dockerd log (its stderr), without debug."""
-        return managed.plugin_log(self.dockerd, lines)
-
 
 @pytest.fixture(scope="module")
 def mp(docker_flavour, harness_timings, dockerd_versions, lab_lock_waits):
@@ -110,11 +106,14 @@ def mp(docker_flavour, harness_timings, dockerd_versions, lab_lock_waits):
 
 
 @pytest.fixture(autouse=True)
-def _plugin_log_on_failure(request, mp):
-    failed = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed:
-        sys.__stderr__.write(f"\n--- plugin lines of the dockerd log ---\n{mp.plugin_log()}\n")
+def _trio_running(mp):
+    """Each test begins with the trio running, once it exists: a container that
+    one test leaves stopped fails that test, not every test after it."""
+    states = dict(line.split() for line in mp.cli(
+        "ps", "-a", "--format", "{{.Names}} {{.State}}").stdout.splitlines())
+    stopped = [name for name in TRIO if states.get(name, "running") != "running"]
+    if stopped:
+        mp.cli("start", *stopped)
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -164,9 +163,13 @@ def wait_for(what, predicate, timeout=90):
 
 
 def trio_running(mp):
-    out = mp.cli("ps", "--format", "{{.Names}}", check=False).stdout.split()
-    missing = [n for n in TRIO if n not in out]
-    return True if not missing else f"not running: {missing}"
+    """True, or each container not running with Docker's word on why (a start
+    that failed leaves its error in the container's state)."""
+    found = mp.cli("inspect", *TRIO, check=False).stdout
+    states = {c["Name"].lstrip("/"): c["State"] for c in json.loads(found or "[]")}
+    down = {name: f"{s['Status']}, exit code {s['ExitCode']}, error {s['Error']!r}"
+            for name, s in states.items() if not s["Running"]}
+    return True if states and not down else f"not running: {down or 'dockerd not answering'}"
 
 
 def state_file(mp) -> dict:
@@ -261,8 +264,8 @@ def test_a_plain_plugin_named_fan_gives_no_dependable_short_name(mp):
             (version, shadowed.stderr)
         mp.cli("volume", "ls")          # scans every plain plugin: registers `fan`
         mp.cli(*short)
-        mp.cli("run", "-d", "--name", "mp-short", "--restart", "always", "--net", "short",
-               "busybox", "sleep", "36000")
+        mp.cli("run", "-d", "--name", "mp-short", "--restart", "always", "--init",
+               "--net", "short", "busybox", "sleep", "36000")
         mp.dockerd.restart()            # restores containers before anything scans again
         state = json.loads(mp.cli("inspect", "mp-short").stdout)[0]["State"]
         assert state["Running"] is False, state
@@ -295,7 +298,8 @@ def test_single_host_fan_network(mp):
     assert "fan-vxlan" in host.run(["ip", "route", "show", SUBNET]).stdout
 
     for name, ip in PINNED.items():
-        mp.cli("run", "-d", "--name", name, "--restart", "always", "--net", "fan",
+        # --init: PID 1 passes SIGTERM on, so dockerd restarts do not wait 10 s.
+        mp.cli("run", "-d", "--name", name, "--restart", "always", "--init", "--net", "fan",
                *(["--ip", ip] if ip else []), "busybox", "sleep", "36000")
     found = addresses(mp)
     assert found == {"mp-a": "250.0.28.11", "mp-b": "250.0.28.12", "mp-c": "250.0.28.2"}

@@ -56,7 +56,9 @@ def fan_net(dockerd, lab_host):
 def trio(dockerd, fan_net):
     names = ["fan-a", "fan-b", "fan-c"]
     for name in names:
-        run_container(dockerd, name)
+        # --init: its PID 1 passes dockerd's SIGTERM on (busybox sleep as PID 1
+        # ignores it), so a dockerd restart does not wait 10 s for them.
+        run_container(dockerd, name, "--init")
     yield names
     remove_containers(dockerd, *names)
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -56,6 +57,12 @@ from .procs import (ChildProcess, CommandError, cmdline, env_with_sbin, kill_pid
 CGROUP_ROOT = "/sys/fs/cgroup"
 DEFAULT_NETWORKS = {"bridge", "host", "none"}
 # flavour -> what it is, for test output
+# dockerd log lines worth a failed test's report: warnings and errors (a
+# managed plugin's output arrives as level=error, its debug lines among them),
+# and the daemon's own milestones around them.
+NOTEWORTHY = re.compile(r'level=(warning|fatal)|level=error msg="(?!DEBUG )'
+                        r'|msg="(Starting up|Processing signal|Loading containers|'
+                        r'Daemon shutdown complete|Container failed to exit)')
 FLAVOURS = {"host": "this machine's docker.io", "sid": "Debian unstable's docker.io"}
 
 
@@ -309,8 +316,11 @@ class Dockerd(ChildProcess):
                        env=env_with_sbin({"DOCKER_HOST": self.base_url,
                                           "DOCKER_CONFIG": str(self.cli_config)}))
 
-    def log_tail(self, lines: int = 40) -> str:
-        return tail(self.log_path, lines)
+    def failure_log(self) -> str:
+        """Its warnings and errors, among them a failed container start, and its
+        plugins' own lines but their debug ones: the debug lines of its
+        iptables calls would bury them."""
+        return tail(self.log_path, 80, keep=lambda line: bool(NOTEWORTHY.search(line)))
 
     def reset(self) -> None:
         """Remove every container, volume and non-default network (images stay)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import unixhttp
 from .netlab import Host
-from .procs import (ChildProcess, env_with_sbin, run_cmd, send_signal, stop_popen, tail,
+from .procs import (ChildProcess, env_with_sbin, run_cmd, send_signal, stop_popen,
                     wait_answering)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -182,9 +182,6 @@ class PluginProcess(ChildProcess):
     def check(self, *args: str) -> subprocess.CompletedProcess:
         """`fan-driver check`; its exit status is the caller's to judge."""
         return self._command("check", *args, check=False, timeout=120)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return tail(self.log_path, lines)
 
     def __repr__(self) -> str:
         return f"PluginProcess(host={self.host.name}, pid={self.pid}, socket={self.socket_path})"

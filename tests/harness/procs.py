@@ -6,7 +6,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 # dockerd, ip and iptables live in sbin; a pyenv or venv PATH may lack it.
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -159,15 +159,18 @@ def pids_in_ns(kind: str, ident: str) -> list[int]:
     return [pid for pid in all_pids() if ns_inode(pid, kind) == ident]
 
 
-def tail(path: str | Path, lines: int = 40, width: int = 400) -> str:
-    """The last `lines` lines of a log, each cut to `width` characters."""
+def tail(path: str | Path, lines: int = 40, width: int = 400,
+         keep: Callable[[str], bool] | None = None) -> str:
+    """The last `lines` lines of a log (of those `keep` accepts, when given),
+    each cut to `width` characters."""
     try:
         text = Path(path).read_text(errors="replace")
     except OSError as exc:
         return f"(no log: {exc})"
+    kept = [line for line in text.splitlines() if keep is None or keep(line)]
     return "\n".join(line if len(line) <= width else
                      f"{line[:width]} ...[{len(line) - width} more chars]"
-                     for line in text.splitlines()[-lines:])
+                     for line in kept[-lines:])
 
 
 def mountinfo() -> list[dict]:
@@ -205,8 +208,16 @@ def remove_cgroup_trees(name: str) -> None:
 
 
 class ChildProcess:
-    """A lab process we started (`proc`, None until started)."""
+    """A lab process we started (`proc`, None until started), logging to log_path."""
     proc: subprocess.Popen | None = None
+    log_path: Path
+
+    def log_tail(self, lines: int = 40) -> str:
+        return tail(self.log_path, lines)
+
+    def failure_log(self) -> str:
+        """What a failed test that used this process shows of its log."""
+        return self.log_tail(60)
 
     @property
     def pid(self) -> int | None:
