@@ -670,7 +670,9 @@ def test_swarms_overlay_on_its_default_port_and_the_fan_on_its_own_both_carry_tr
         for here, there in (("a", "b"), ("b", "a")):
             ping(nodes[here], f"fan-{here}", fan[there])
         try:
-            overlay = {k: attached(n, f"ov-{k}", "swarm-overlay", swarm.image)
+            # One attempt each (an attempt that times out takes 20 s): the
+            # manager has just answered the fan's attachments.
+            overlay = {k: attached(n, f"ov-{k}", "swarm-overlay", swarm.image, timeout=15)
                        for k, n in nodes.items()}
         except AssertionError as exc:
             # Docker 28 here: the attachment never completes on this kernel,
