@@ -33,12 +33,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from tests.harness import (Dockerd, Lab, PluginError, PluginProcess, ensure_busybox,
                            missing_requirements, plugin_available)
-from tests.harness import images, sidroot
+from tests.harness import images, managed, sidroot
 from tests.harness.consistency import read_state
 from tests.harness.dockerd import FLAVOURS
 from tests.harness.procs import ChildProcess, env_with_sbin, run_cmd
@@ -168,6 +169,17 @@ def docker_flavour(request, root_required, harness_timings) -> str:
             pytest.skip(f"docker-sid ({FLAVOURS['sid']}) cannot run here: {exc}")
         harness_timings["docker-sid root (mmdebstrap; 0 = cached)"] = root.build_seconds
     return flavour
+
+
+@pytest.fixture(scope="session")
+def built_plugin() -> Iterator[managed.BuiltPlugin]:
+    """The managed plugin as first built from this tree in the session, kept
+    for every later dockerd that only needs it installed."""
+    built = managed.BuiltPlugin(Path(tempfile.mkdtemp(prefix="fanlab-built-plugin-")))
+    try:
+        yield built
+    finally:
+        shutil.rmtree(built.workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

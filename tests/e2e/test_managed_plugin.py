@@ -178,7 +178,7 @@ def state_file(mp) -> dict:
 
 # --- the tests, in order -----------------------------------------------------------------
 
-def test_build_create_and_enable_from_the_dockerfile(mp):
+def test_build_create_and_enable_from_the_dockerfile(mp, built_plugin):
     started = time.monotonic()
     steps = mp.build("--state-dir", str(mp.state_dir), "--set", "FAN_LOG_LEVEL=debug")
     mp.record("build.sh (wheels, build, export, create, enable)", time.monotonic() - started)
@@ -201,6 +201,7 @@ def test_build_create_and_enable_from_the_dockerfile(mp):
     assert "FAN_LOG_LEVEL=debug" in info["Settings"]["Env"]
     # The image is kept: it also runs `fan-driver check`.
     mp.cli("image", "inspect", IMAGE)
+    built_plugin.keep(mp.dockerd)      # what the swarm's nodes install
 
 
 # What `-d fan` and `--ipam-driver fan` (the short name of plugin fan:latest)

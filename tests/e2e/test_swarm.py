@@ -1,9 +1,11 @@
 """Swarm services on a fan network.
 
 Three lab hosts (prefix fanlab-sw-), each with its own dockerd of the session's
-flavour and the managed plugin: built once by plugin/build.sh on the manager
-and created from the same image on the workers (tests/harness/managed.py);
-swarm only uses managed plugins, installed on every node.
+flavour and the managed plugin: built once by plugin/build.sh (the managed
+plugin's module builds it first in a whole run; alone, this module builds it on
+the manager) and created from the same image's filesystem on every other node
+(tests/harness/managed.py); swarm only uses managed plugins, installed on every
+node.
 
     every node   docker network create --config-only --ipam-driver fan:latest
                    --subnet 250.0.0.0/8 --ipam-opt underlay=172.30.0.0/16 fan-config
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -164,7 +165,7 @@ def start_swarm(lab: Lab, flavour: str, workdir: Path, record) -> dict:
 
 
 @pytest.fixture(scope="module")
-def swarm(docker_flavour, harness_timings, dockerd_versions, lab_lock_waits):
+def swarm(docker_flavour, harness_timings, dockerd_versions, lab_lock_waits, built_plugin):
     why = managed.unavailable()
     if why:
         pytest.skip(why)
@@ -188,21 +189,23 @@ def swarm(docker_flavour, harness_timings, dockerd_versions, lab_lock_waits):
                     node.cli("load", "-i", str(saved))
             image = manager.cli("image", "inspect", "-f", "{{.Id}}", "busybox").stdout.strip()
 
-            built, imported = managed.import_base(manager.dockerd)
-            timings["base tarball (mmdebstrap; 0 = cached)"] = built
-            timings["base image import"] = imported
-            t = time.monotonic()
-            managed.build(manager.dockerd, workdir, "--state-dir", str(manager.state_dir))
-            timings["build.sh on the manager"] = time.monotonic() - t
-            t = time.monotonic()
-            plugin = managed.plugin_dir(manager.dockerd, workdir / "plugin")
-            timings["plugin directory from the image"] = time.monotonic() - t
+            unbuilt = list(nodes.values())
+            if built_plugin.directory is None:    # the first build of the session
+                built, imported = managed.import_base(manager.dockerd)
+                timings["base tarball (mmdebstrap; 0 = cached)"] = built
+                timings["base image import"] = imported
+                t = time.monotonic()
+                managed.build(manager.dockerd, workdir, "--state-dir", str(manager.state_dir))
+                timings["build.sh on the manager"] = time.monotonic() - t
+                t = time.monotonic()
+                built_plugin.keep(manager.dockerd)
+                timings["plugin directory from the image"] = time.monotonic() - t
+                unbuilt.remove(manager)
             t = time.monotonic()
             with ThreadPoolExecutor() as pool:
-                list(pool.map(lambda n: managed.install_plugin_dir(n.dockerd, plugin, n.state_dir),
-                              [n for n in nodes.values() if n is not manager]))
-            shutil.rmtree(plugin)
-            timings["plugin created on the workers"] = time.monotonic() - t
+                list(pool.map(lambda n: managed.install_plugin_dir(
+                    n.dockerd, built_plugin.directory, n.state_dir), unbuilt))
+            timings[f"plugin created on {len(unbuilt)} nodes"] = time.monotonic() - t
 
             t = time.monotonic()
             ip = str(manager.host.ip)
@@ -667,7 +670,9 @@ def test_swarms_overlay_on_its_default_port_and_the_fan_on_its_own_both_carry_tr
         for here, there in (("a", "b"), ("b", "a")):
             ping(nodes[here], f"fan-{here}", fan[there])
         try:
-            overlay = {k: attached(n, f"ov-{k}", "swarm-overlay", swarm.image)
+            # One attempt each (an attempt that times out takes 20 s): the
+            # manager has just answered the fan's attachments.
+            overlay = {k: attached(n, f"ov-{k}", "swarm-overlay", swarm.image, timeout=15)
                        for k, n in nodes.items()}
         except AssertionError as exc:
             # Docker 28 here: the attachment never completes on this kernel,

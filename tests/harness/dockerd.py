@@ -56,13 +56,13 @@ from .procs import (ChildProcess, CommandError, cmdline, env_with_sbin, kill_pid
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 DEFAULT_NETWORKS = {"bridge", "host", "none"}
-# flavour -> what it is, for test output
 # dockerd log lines worth a failed test's report: warnings and errors (a
 # managed plugin's output arrives as level=error, its debug lines among them),
 # and the daemon's own milestones around them.
 NOTEWORTHY = re.compile(r'level=(warning|fatal)|level=error msg="(?!DEBUG )'
                         r'|msg="(Starting up|Processing signal|Loading containers|'
                         r'Daemon shutdown complete|Container failed to exit)')
+# flavour -> what it is, for test output
 FLAVOURS = {"host": "this machine's docker.io", "sid": "Debian unstable's docker.io"}
 
 

@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -115,6 +116,21 @@ def install_plugin_dir(dockerd, directory: Path, state_dir: Path, *sets: str) ->
     dockerd.cli("plugin", "create", PLUGIN, str(directory), timeout=300)
     dockerd.cli("plugin", "set", PLUGIN, f"state.source={state_dir}", *sets)
     dockerd.cli("plugin", "enable", PLUGIN, timeout=120)
+
+
+@dataclass
+class BuiltPlugin:
+    """The plugin directory of the first build.sh run of a test session: later
+    dockerds (whatever their version: the plugin does not depend on it) install
+    it from here, as `docker plugin install` would from a registry, instead of
+    building it again."""
+    workdir: Path
+    directory: Path | None = None
+
+    def keep(self, dockerd) -> None:
+        """Keep what build.sh has just built in `dockerd`, unless one is kept."""
+        if self.directory is None:
+            self.directory = plugin_dir(dockerd, self.workdir / "plugin")
 
 
 def remove_plugins(dockerd) -> None:
