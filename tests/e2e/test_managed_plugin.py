@@ -169,7 +169,9 @@ def trio_running(mp):
     states = {c["Name"].lstrip("/"): c["State"] for c in json.loads(found or "[]")}
     down = {name: f"{s['Status']}, exit code {s['ExitCode']}, error {s['Error']!r}"
             for name, s in states.items() if not s["Running"]}
-    return True if states and not down else f"not running: {down or 'dockerd not answering'}"
+    if len(states) == len(TRIO) and not down:
+        return True
+    return f"not running: {down or 'dockerd not answering'}"
 
 
 def state_file(mp) -> dict:
